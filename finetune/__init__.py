@@ -1,0 +1,1 @@
+"""The trainer: config -> components -> loop -> artifacts."""

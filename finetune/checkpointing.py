@@ -1,0 +1,74 @@
+"""Resumable checkpoints: written whole or not at all, rotated only after the new one is complete.
+
+A checkpoint is `output_dir/checkpoint-<step>/`: accelerate's state (weights, optimizer, LR scheduler,
+registered objects such as the EMA, and one RNG file per process) plus `manifest.json`, written last.
+It is assembled in a temporary folder and renamed into place, so a crash leaves no half checkpoint
+under a real name.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (with a manifest) in `output_dir`, oldest first."""
+    folder = Path(output_dir)
+    found = [p for p in folder.glob("checkpoint-*") if _NAME.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLike) -> Path | None:
+    """The folder to resume from: `latest` is the newest complete checkpoint (None if there is none)."""
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume_from_checkpoint={resume_from_checkpoint!r}: no such folder")
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"train.resume_from_checkpoint={resume_from_checkpoint!r} has no {MANIFEST}, so it was not written "
+            "completely; resume from an earlier checkpoint or use `latest`"
+        )
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    with open(Path(path) / MANIFEST) as f:
+        return json.load(f)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, extra: dict,
+                    total_limit: int | None = None, keep: Path | None = None) -> Path:
+    """Save the full training state as `checkpoint-<step>` atomically, then rotate old checkpoints, never
+    removing `keep` (the one this run resumed from). Every process must call it."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        manifest = {"step": step, "world_size": accelerator.num_processes,
+                    "files": sorted(p.name for p in tmp.iterdir()), **extra}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            old = [p for p in list_checkpoints(output_dir) if p != final and p != keep]
+            for path in old[: max(0, len(old) - (total_limit - 1))]:
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return final

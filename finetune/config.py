@@ -1,0 +1,416 @@
+"""The run configuration: one typed dataclass per section, a strict YAML loader and dotted overrides.
+
+A YAML file is an instance of `Config`; `section.key=value` on the command line overrides one leaf.
+Every problem (unknown key, wrong type, value out of range) is collected and reported at once, before
+anything is built.
+"""
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more problems with a config; the message lists them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _check(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass
+class ModelConfig:
+    """What is trained: a pixel-space text-conditioned UNet, its text encoder, tokenizer and noise schedule."""
+
+    pretrained_model_name_or_path: str | None = None
+    """A pipeline folder or Hub id to start from; null builds every component from the fields below."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `pretrained_model_name_or_path`."""
+    variant: str | None = None
+    """Weight variant to load (e.g. fp16) from `pretrained_model_name_or_path`."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """UNet channels per resolution level (from scratch)."""
+    layers_per_block: int = 1
+    """ResNet layers per UNet level (from scratch)."""
+    cross_attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    """Per level, whether the UNet cross-attends to the text there (from scratch); same length as block_out_channels."""
+    attention_head_dim: int = 8
+    """Channels per attention head in the UNet (from scratch)."""
+    norm_num_groups: int = 8
+    """GroupNorm groups in the UNet; must divide every entry of block_out_channels (from scratch)."""
+    text_hidden_size: int = 64
+    """Width of the text encoder, which is also the UNet's cross-attention dimension (from scratch)."""
+    text_layers: int = 2
+    """Transformer layers in the text encoder (from scratch)."""
+    text_heads: int = 4
+    """Attention heads in the text encoder (from scratch)."""
+    max_caption_tokens: int = 16
+    """Captions are padded / truncated to this many tokens, including begin and end tokens (from scratch)."""
+    train_text_encoder: bool = True
+    """Train the text encoder with the UNet; false keeps it frozen."""
+    num_train_timesteps: int = 1000
+    """T, the number of forward-process steps (from scratch)."""
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    """Noise schedule of the forward process (from scratch)."""
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    """What the UNet learns to predict: the noise, the velocity, or the clean image."""
+
+    def __post_init__(self):
+        problems = []
+        if self.pretrained_model_name_or_path is None:
+            if not self.block_out_channels or any(c <= 0 for c in self.block_out_channels):
+                problems.append(f"model.block_out_channels: got {self.block_out_channels}; need positive integers")
+            elif any(c % self.norm_num_groups for c in self.block_out_channels):
+                problems.append(
+                    f"model.norm_num_groups: got {self.norm_num_groups}, which does not divide every entry of "
+                    f"model.block_out_channels={self.block_out_channels}; pick a common divisor"
+                )
+            if len(self.cross_attention_levels) != len(self.block_out_channels):
+                problems.append(
+                    f"model.cross_attention_levels: got {len(self.cross_attention_levels)} entries but "
+                    f"model.block_out_channels has {len(self.block_out_channels)}; give one true/false per level"
+                )
+            if not any(self.cross_attention_levels):
+                problems.append("model.cross_attention_levels: all false, so the text never reaches the UNet; "
+                                "set at least one level to true")
+            if self.text_hidden_size % self.text_heads:
+                problems.append(f"model.text_heads: got {self.text_heads}, which does not divide "
+                                f"model.text_hidden_size={self.text_hidden_size}")
+            if any(c % self.attention_head_dim for c, a in zip(self.block_out_channels, self.cross_attention_levels)
+                   if a):
+                problems.append(f"model.attention_head_dim: got {self.attention_head_dim}, which does not divide "
+                                "the channels of every cross-attention level")
+        for name in ("layers_per_block", "attention_head_dim", "norm_num_groups", "text_hidden_size", "text_layers",
+                     "text_heads", "num_train_timesteps"):
+            if getattr(self, name) < 1:
+                problems.append(f"model.{name}: got {getattr(self, name)}; must be >= 1")
+        if self.max_caption_tokens < 3:
+            problems.append(f"model.max_caption_tokens: got {self.max_caption_tokens}; must be >= 3 "
+                            "(begin token, at least one word, end token)")
+        _check(problems)
+
+
+@dataclass
+class FilterConfig:
+    """LAION metadata filters: a sample whose metadata fails one is dropped before decoding."""
+
+    min_width: int | None = None
+    """Drop images narrower than this (pixels)."""
+    min_height: int | None = None
+    """Drop images shorter than this (pixels)."""
+    max_pwatermark: float | None = None
+    """Drop samples whose watermark probability is above this."""
+    max_punsafe: float | None = None
+    """Drop samples whose NSFW probability is above this."""
+    min_aesthetic: float | None = None
+    """Drop samples whose aesthetic score is below this."""
+    min_similarity: float | None = None
+    """Drop samples whose CLIP image-text similarity is below this."""
+
+    def __post_init__(self):
+        problems = []
+        for name in ("max_pwatermark", "max_punsafe"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                problems.append(f"data.filters.{name}: got {value}; must be a probability in [0, 1]")
+        for name in ("min_width", "min_height"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"data.filters.{name}: got {value}; must be >= 1")
+        _check(problems)
+
+
+@dataclass
+class DataConfig:
+    """Where the image-text pairs come from and how they become tensors."""
+
+    source: Literal["builtin", "webdataset", "imagefolder"] = "builtin"
+    """`builtin`: the rendered-shapes set (written on first use); `webdataset`: tar shards;
+    `imagefolder`: a folder of images with `metadata.jsonl` (HF datasets imagefolder)."""
+    path: str | None = None
+    """builtin: the folder to write/read it (default: ~/.cache/finetune/shapes); webdataset: a shard path, brace
+    pattern (`shards-{000000..000009}.tar`) or URL; imagefolder: the folder."""
+    num_samples: int = 6000
+    """builtin: how many samples to generate (the epoch length)."""
+    resolution: int = 32
+    """Images are resized (shorter side) and cropped to this square size."""
+    center_crop: bool = True
+    """Crop the centre; false crops at a random position."""
+    random_flip: bool = False
+    """Flip half of the images horizontally."""
+    caption_dropout: float = 0.1
+    """Share of captions replaced by the empty caption, so the model also learns the unconditional
+    prediction that classifier-free guidance needs."""
+    caption_column: str = "text"
+    """imagefolder: the metadata column holding the caption; webdataset: the json field used when a sample
+    has no `.txt`."""
+    image_column: str = "image"
+    """imagefolder: the column holding the image."""
+    shuffle_buffer: int = 1000
+    """webdataset/builtin: samples held in the shuffle buffer."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 decodes in the training process)."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """LAION metadata filters."""
+
+    def __post_init__(self):
+        problems = []
+        if self.source in ("webdataset", "imagefolder") and not self.path:
+            problems.append(f"data.path: required when data.source={self.source!r}; give the shards or folder")
+        if self.resolution < 8 or self.resolution % 8:
+            problems.append(f"data.resolution: got {self.resolution}; must be a multiple of 8, at least 8")
+        if not 0 <= self.caption_dropout < 1:
+            problems.append(f"data.caption_dropout: got {self.caption_dropout}; must be in [0, 1)")
+        if self.num_samples < 1:
+            problems.append(f"data.num_samples: got {self.num_samples}; must be >= 1")
+        if self.shuffle_buffer < 0 or self.num_workers < 0:
+            problems.append("data.shuffle_buffer and data.num_workers must be >= 0")
+        _check(problems)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the UNet's cross-attention (the text-conditioning path)."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of the full model."""
+    rank: int = 4
+    """Adapter rank r."""
+    alpha: float | None = None
+    """Adapter scale numerator (scale = alpha / rank); null means alpha = rank."""
+
+    def __post_init__(self):
+        problems = []
+        if self.enabled:
+            problems.append("lora.enabled: LoRA training is not available in this version yet; set lora.enabled: "
+                            "false to train the full model")
+        if self.rank < 1:
+            problems.append(f"lora.rank: got {self.rank}; must be >= 1")
+        _check(problems)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: steps, batch, optimizer, precision, EMA, logging and checkpoints."""
+
+    output_dir: str = "outputs/shapes"
+    """Where the pipeline, checkpoints, samples, logs and the resolved config go."""
+    seed: int = 0
+    """Seeds weights, data order, noise and timesteps."""
+    max_train_steps: int = 1200
+    """Optimizer steps to train for."""
+    train_batch_size: int = 32
+    """Samples per process per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes accumulated into one optimizer step."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "cosine"
+    """Learning-rate schedule (diffusers' get_scheduler)."""
+    lr_warmup_steps: int = 100
+    """Linear warm-up steps of the learning rate."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 disables clipping)."""
+    cpu_threads: int | None = None
+    """Torch threads per process when training on CPU; null uses the machine's cores divided by the processes
+    on it (`accelerate launch` otherwise leaves each process one thread)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Autocast precision; bf16 runs on CPUs and recent GPUs, fp16 needs a GPU."""
+    use_ema: bool = True
+    """Keep an exponential moving average of the trained weights and export it."""
+    ema_max_decay: float = 0.999
+    """Upper bound of the EMA decay (with warm-up, diffusers' EMAModel)."""
+    logging_steps: int = 10
+    """Log loss, learning rate and gradient norm to tensorboard every this many steps."""
+    checkpointing_steps: int = 500
+    """Save a resumable checkpoint every this many steps (0 disables)."""
+    checkpoints_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest removed after a new one is complete)."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder to resume from, or `latest` for the newest in output_dir."""
+
+    def __post_init__(self):
+        problems = []
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"train.{name}: got {getattr(self, name)}; must be >= 1")
+        if self.learning_rate <= 0:
+            problems.append(f"train.learning_rate: got {self.learning_rate}; must be > 0")
+        if self.lr_warmup_steps < 0 or self.checkpointing_steps < 0 or self.max_grad_norm < 0:
+            problems.append("train.lr_warmup_steps, train.checkpointing_steps and train.max_grad_norm must be >= 0")
+        if not 0 < self.ema_max_decay < 1:
+            problems.append(f"train.ema_max_decay: got {self.ema_max_decay}; must be in (0, 1)")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            problems.append(f"train.cpu_threads: got {self.cpu_threads}; must be >= 1 or null")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            problems.append(f"train.checkpoints_total_limit: got {self.checkpoints_total_limit}; must be >= 1 or null")
+        _check(problems)
+
+
+@dataclass
+class ValidationConfig:
+    """Sample grids drawn during training, saved under output_dir/samples/ and logged to tensorboard."""
+
+    prompts: list[str] = field(default_factory=lambda: ["a red circle", "a green square", "a blue triangle"])
+    """Prompts to sample, one grid row each."""
+    validation_steps: int = 300
+    """Sample every this many steps (0: only after the last step)."""
+    num_images_per_prompt: int = 4
+    """Images per prompt (grid columns)."""
+    num_inference_steps: int = 50
+    """Reverse steps per sample."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance weight (1 disables guidance)."""
+    seed: int = 0
+    """Seed of the sampling noise, the same at every validation so grids are comparable."""
+
+    def __post_init__(self):
+        problems = []
+        if self.validation_steps < 0:
+            problems.append(f"validation.validation_steps: got {self.validation_steps}; must be >= 0")
+        if self.num_images_per_prompt < 1 or self.num_inference_steps < 1:
+            problems.append("validation.num_images_per_prompt and validation.num_inference_steps must be >= 1")
+        if self.guidance_scale < 0:
+            problems.append(f"validation.guidance_scale: got {self.guidance_scale}; must be >= 0")
+        _check(problems)
+
+
+@dataclass
+class HubConfig:
+    """Publishing the result to the Hugging Face Hub."""
+
+    push_to_hub: bool = False
+    """Upload output_dir at the end of training."""
+    hub_model_id: str | None = None
+    """The repository to push to (`user/name`)."""
+    private: bool = False
+    """Create the repository as private."""
+
+    def __post_init__(self):
+        problems = []
+        if self.push_to_hub:
+            problems.append("hub.push_to_hub: pushing is not available in this version yet; set it to false and "
+                            "upload output_dir with `huggingface-cli upload`")
+        _check(problems)
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to float where a float is wanted)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected a list of {_type_name(args[0])}")
+            return value
+        return [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from the mapping `raw`, appending every problem found to `problems`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'config'}: got {raw!r}; expected a mapping of keys to values")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs, before = {}, len(problems)
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            problems.append(f"{dotted}: unknown key; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+            continue
+        kwargs[key] = _convert(value, hints[key], dotted, problems)
+    if len(problems) > before:
+        return cls()
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        problems.extend(error.problems)
+        return cls()
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML: `1e-4`, `true`, `[32, 64]`, `null`)."""
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        if not sep or "." not in dotted:
+            raise ConfigError([f"override {item!r}: expected section.key=value, e.g. train.max_train_steps=100"])
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {part} is not a section"])
+        node[leaf] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate everything."""
+    raw = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    raw = apply_overrides(raw, list(overrides))
+    problems: list[str] = []
+    config = _build(Config, raw, "", problems)
+    _check(problems)
+    return config
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML; it loads back to an equal Config."""
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)

@@ -1,0 +1,201 @@
+"""Image-text data: sources, LAION metadata filters, transforms and caption handling.
+
+Every source yields raw samples (key, image bytes, caption, metadata); `ImageTextStream` turns them into
+training examples for one process (and one dataloader worker): its own disjoint part of the data, a
+seeded shuffle per epoch, filters, decoding (an unreadable sample is skipped and counted), transforms,
+caption dropout and tokenisation.
+"""
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..config import DataConfig, FilterConfig
+from . import shapes
+from .transforms import decode_rgb, to_tensor
+
+logger = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: bytes | None
+    caption: str | None
+    metadata: dict = field(default_factory=dict)
+
+
+class WebDatasetSource:
+    """Tar shards as img2dataset writes them: local paths, brace patterns, `pipe:` commands or URLs."""
+
+    def __init__(self, pattern: str, caption_field: str, num_samples: int | None = None):
+        self.shards = [s for part in pattern.split("::") for s in braceexpand.braceexpand(part)]
+        self.caption_field = caption_field
+        self.num_samples = num_samples  # unknown for a stream unless given
+
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
+        shards = list(self.shards)
+        order_rng.shuffle(shards)
+
+        def on_error(error: Exception) -> bool:
+            counts["unreadable shard data"] += 1
+            logger.warning("skipping unreadable shard data: %s", error)
+            return True
+
+        stream = wds.tarfile_samples(iter([{"url": url} for url in shards[part::parts]]), handler=on_error)
+        for sample in stream:
+            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            metadata = {}
+            if "json" in sample:
+                try:
+                    metadata = json.loads(sample["json"])
+                except ValueError:
+                    counts["bad metadata"] += 1
+            caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else metadata.get(self.caption_field)
+            yield RawSample(key=str(sample["__key__"]), image=image, caption=caption, metadata=metadata)
+
+
+class ImageFolderSource:
+    """A folder of images with `metadata.jsonl` / `metadata.csv` (`file_name` plus a caption column), read with
+    HF datasets' imagefolder builder."""
+
+    def __init__(self, path: str, image_column: str, caption_column: str):
+        import datasets
+
+        dataset = datasets.load_dataset("imagefolder", data_dir=path, split="train")
+        missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"data.path={path!r}: column(s) {missing} not found; the folder has {dataset.column_names}. "
+                "Set data.image_column / data.caption_column to the right names"
+            )
+        self.dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column, self.caption_column = image_column, caption_column
+        self.num_samples = len(self.dataset)
+
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
+        indices = list(range(len(self.dataset)))
+        order_rng.shuffle(indices)
+        for index in indices[part::parts]:
+            row = self.dataset[index]
+            image = row[self.image_column]
+            data = image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else None)
+            metadata = {k: v for k, v in row.items() if k != self.image_column}
+            yield RawSample(key=Path(image.get("path") or str(index)).name, image=data,
+                            caption=row[self.caption_column], metadata=metadata)
+
+
+def build_source(config: DataConfig, seed: int) -> WebDatasetSource | ImageFolderSource:
+    """The raw-sample source named by `data.source` (the built-in set is generated on first use)."""
+    if config.source == "builtin":
+        return WebDatasetSource(shapes.ensure_shards(config.path, config.num_samples), config.caption_column,
+                               config.num_samples)
+    if config.source == "webdataset":
+        return WebDatasetSource(config.path, config.caption_column)
+    return ImageFolderSource(config.path, config.image_column, config.caption_column)
+
+
+def caption_texts(config: DataConfig, source, limit: int = 100_000) -> list[str]:
+    """Captions to build a from-scratch tokenizer's vocabulary: the built-in set's whole grammar (purple
+    included, so a later fine-tune can teach it), or the first `limit` captions of the source."""
+    if config.source == "builtin":
+        return shapes.all_captions()
+    texts = []
+    for sample in source.samples(random.Random(0), 0, 1, Counter()):
+        if sample.caption:
+            texts.append(sample.caption)
+        if len(texts) >= limit:
+            break
+    return texts
+
+
+def failed_filter(metadata: dict, filters: FilterConfig) -> str | None:
+    """The name of the first LAION metadata filter this sample fails, or None. Missing fields pass."""
+    checks = [
+        ("min_width", "width", lambda v, limit: v >= limit),
+        ("min_height", "height", lambda v, limit: v >= limit),
+        ("max_pwatermark", "pwatermark", lambda v, limit: v <= limit),
+        ("max_punsafe", "punsafe", lambda v, limit: v <= limit),
+        ("min_aesthetic", "aesthetic", lambda v, limit: v >= limit),
+        ("min_similarity", "similarity", lambda v, limit: v >= limit),
+    ]
+    for name, column, passes in checks:
+        limit, value = getattr(filters, name), metadata.get(column)
+        if limit is not None and value is not None and not passes(value, limit):
+            return name
+    return None
+
+
+class ImageTextStream(IterableDataset):
+    """Training examples `{"pixel_values", "input_ids", "key"}` for process `rank` of `world_size`.
+
+    Each (process, worker) pair reads a disjoint part of the source; the order is a function of
+    (seed, epoch) only. Call `set_epoch` before iterating each epoch.
+    """
+
+    def __init__(self, source, config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
+        self.source, self.config, self.tokenizer = source, config, tokenizer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.counts: Counter = Counter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+
+    def _example(self, raw: RawSample, rng: random.Random) -> dict | None:
+        """Filter, decode and transform one raw sample; None (counted) when it is dropped or unreadable."""
+        dropped_by = failed_filter(raw.metadata, self.config.filters)
+        if dropped_by:
+            self.counts[f"dropped by {dropped_by}"] += 1
+            return None
+        if raw.image is None or raw.caption is None:
+            self.counts["missing image or caption"] += 1
+            return None
+        try:
+            image = decode_rgb(raw.image)
+            pixels = to_tensor(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
+            self.counts["unreadable image"] += 1
+            logger.warning("skipping unreadable image %r: %s", raw.key, error)
+            return None
+        caption = "" if rng.random() < self.config.caption_dropout else raw.caption
+        self.counts["used"] += 1
+        return {"pixel_values": pixels, "input_ids": self.tokenize([caption])[0], "key": raw.key}
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        part, parts = self.rank * num_workers + worker_id, self.world_size * num_workers
+        order_rng = random.Random(f"order-{self.seed}-{self.epoch}")
+        rng = random.Random(f"sample-{self.seed}-{self.epoch}-{part}")
+        buffer: list[RawSample] = []
+        for raw in self.source.samples(order_rng, part, parts, self.counts):
+            if len(buffer) < self.config.shuffle_buffer:
+                buffer.append(raw)
+                continue
+            index = rng.randrange(len(buffer))
+            buffer[index], raw = raw, buffer[index]
+            example = self._example(raw, rng)
+            if example is not None:
+                yield example
+        rng.shuffle(buffer)
+        for raw in buffer:
+            example = self._example(raw, rng)
+            if example is not None:
+                yield example

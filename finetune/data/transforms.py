@@ -1,0 +1,42 @@
+"""Image and caption transforms: decode safely, make RGB, resize, crop, flip, normalise; tokenise."""
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def decode_rgb(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
+    """Decode image bytes to an upright RGB image: EXIF rotation applied, transparency composited on white.
+    Refuses images above `max_pixels` from the header, before decoding the pixels."""
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    elif image.mode.startswith("I;16") or image.mode == "I":
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+              rng: random.Random) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, crop a square, maybe flip, scale to [-1, 1], (3, H, W) float32."""
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+    if center_crop:
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    else:
+        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

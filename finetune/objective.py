@@ -1,0 +1,34 @@
+"""The diffusion training objective: timesteps, noise, targets and the loss.
+
+Ho et al. 2020, Algorithm 1: take x_0, draw t ~ U{0..T-1} and eps ~ N(0, I), form
+x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps and regress the model's output on the target.
+Noise and timesteps come from the global torch RNG, which accelerate saves per process in checkpoints.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from pipelines import DDPMScheduler
+
+
+def sample_noise_and_timesteps(samples: torch.Tensor, num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps ~ N(0, I) shaped like `samples` and t ~ U{0, ..., T-1}, one per sample."""
+    noise = torch.randn(samples.shape, dtype=samples.dtype).to(samples.device)
+    timesteps = torch.randint(0, num_train_timesteps, (samples.shape[0],)).to(samples.device)
+    return noise, timesteps
+
+
+def training_target(scheduler: DDPMScheduler, samples: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model should output at x_t, by the scheduler's prediction type."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(samples, noise, timesteps)
+    return samples
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The simplified objective L_simple (eq. 14): mean squared error, computed in float32."""
+    return F.mse_loss(model_pred.float(), target.float())

@@ -1,0 +1,230 @@
+"""Train a text-conditioned DDPM: config -> accelerator -> models -> data -> optimizer -> resume -> loop -> export.
+
+    accelerate launch --config_file accelerate_config.yaml finetune/train.py --config configs/shapes.yaml \
+        [section.key=value ...] [--dry-run]
+"""
+
+import argparse
+import itertools
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/train.py`): import as the package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "finetune"
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from . import checkpointing
+from .config import Config, TrainConfig, load_config, save_config
+from .data import ImageTextStream, build_source, caption_texts
+from .models import Components, build_components, count_parameters, load_components
+from .objective import diffusion_loss, sample_noise_and_timesteps, training_target
+from .validation import log_validation
+
+logger = get_logger("finetune")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML run config (configs/*.yaml); omitted: the defaults")
+    parser.add_argument("--dry-run", action="store_true", help="validate, build everything, print a summary, exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_train_steps=100")
+    return parser.parse_args(argv)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator for this run; on CPU, also the thread count and a refusal of fp16."""
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+    )
+    if accelerator.device.type == "cpu":
+        if config.mixed_precision == "fp16":
+            raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (fast on recent CPUs) or no")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(config.cpu_threads or max(1, cores // accelerator.state.num_processes))
+    return accelerator
+
+
+def trainable_parameters(components: Components, train_text_encoder: bool) -> list[torch.nn.Parameter]:
+    components.text_encoder.requires_grad_(train_text_encoder)
+    params = list(components.unet.parameters())
+    return params + (list(components.text_encoder.parameters()) if train_text_encoder else [])
+
+
+def compute_loss(batch: dict, unet, text_encoder, scheduler, device: torch.device) -> torch.Tensor:
+    """One forward pass of the objective on a batch: encode text, noise the images, predict, regress."""
+    pixels = batch["pixel_values"].to(device, non_blocking=True)
+    text = text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[0]
+    noise, timesteps = sample_noise_and_timesteps(pixels, scheduler.config.num_train_timesteps)
+    noisy = scheduler.add_noise(pixels, noise, timesteps)
+    model_pred = unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+    return diffusion_loss(model_pred, training_target(scheduler, pixels, noise, timesteps))
+
+
+def pipeline_for_export(accelerator: Accelerator, components: Components, emas: list[EMAModel]):
+    """The pipeline with unwrapped models and, when EMA is on, the averaged weights copied in (the caller
+    restores the training weights with `ema.restore`)."""
+    unet, text_encoder = accelerator.unwrap_model(components.unet), accelerator.unwrap_model(components.text_encoder)
+    for ema, model in zip(emas, (unet, text_encoder)):
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    return Components(unet, components.scheduler, text_encoder, components.tokenizer).pipeline()
+
+
+def validate(accelerator, config: Config, components: Components, emas: list[EMAModel], step: int) -> None:
+    if accelerator.is_main_process:
+        pipeline = pipeline_for_export(accelerator, components, emas)
+        path = log_validation(pipeline, config.validation, step, config.train.output_dir, accelerator.trackers)
+        for ema, model in zip(emas, (pipeline.unet, pipeline.text_encoder)):
+            ema.restore(model.parameters())
+        logger.info(f"step {step}: samples in {path}")
+    accelerator.wait_for_everyone()
+
+
+def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
+    total = count_parameters(components.unet) + count_parameters(components.text_encoder)
+    trainable = sum(p.numel() for p in params)
+    size = source.num_samples or "streaming"
+    batch = config.train.train_batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
+    return (
+        f"unet {count_parameters(components.unet):,} params, text encoder "
+        f"{count_parameters(components.text_encoder):,}; trainable {trainable:,} ({trainable / total:.1%})\n"
+        f"data: {config.data.source} ({size} samples) at {config.data.resolution}px, vocabulary "
+        f"{len(components.tokenizer)} tokens\n"
+        f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
+        f"accumulation {config.train.gradient_accumulation_steps}, {accelerator.num_processes} processes) on "
+        f"{accelerator.device}, precision {accelerator.mixed_precision}, {torch.get_num_threads()} threads\n"
+        f"output: {config.train.output_dir}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    train = config.train
+
+    # Set up the accelerator, logging and seeds; record the resolved config.
+    accelerator = make_accelerator(train)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(train.seed)
+    if accelerator.is_main_process:
+        Path(train.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(config, Path(train.output_dir) / "config.yaml")
+
+    # Build the models (from scratch, or from a pretrained pipeline) and the data.
+    source = build_source(config.data, train.seed)
+    if config.model.pretrained_model_name_or_path:
+        components = load_components(config.model)
+    else:
+        components = build_components(config.model, config.data.resolution, caption_texts(config.data, source))
+    dataset = ImageTextStream(source, config.data, components.tokenizer, train.seed,
+                              accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=train.train_batch_size, drop_last=True, num_workers=config.data.num_workers,
+        persistent_workers=config.data.num_workers > 0, pin_memory=accelerator.device.type == "cuda",
+    )
+
+    # Build the optimizer, LR schedule and EMA.
+    params = trainable_parameters(components, config.model.train_text_encoder)
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                  weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    lr_scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
+                                 num_training_steps=train.max_train_steps)
+    trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
+    emas = [EMAModel(m.parameters(), decay=train.ema_max_decay, use_ema_warmup=True) for m in trained]
+    emas = emas if train.use_ema else []
+    for ema in emas:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    print(describe(config, components, params, source, accelerator)) if accelerator.is_main_process else None
+    if args.dry_run:
+        return
+    components.unet, components.text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+        components.unet, components.text_encoder, optimizer, lr_scheduler
+    )
+
+    # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
+    step, epoch, skip_batches, resumed_from = 0, 0, 0, None
+    if train.resume_from_checkpoint:
+        resumed_from = checkpointing.resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
+        if resumed_from is not None:
+            accelerator.load_state(str(resumed_from))
+            manifest = checkpointing.read_manifest(resumed_from)
+            step, epoch, skip_batches = manifest["step"], manifest["epoch"], manifest["batches_in_epoch"]
+            logger.info(f"resumed from {resumed_from} at step {step}", main_process_only=True)
+
+    # Train.
+    if accelerator.is_main_process:
+        accelerator.init_trackers("finetune", config={"max_train_steps": train.max_train_steps,
+                                                      "learning_rate": train.learning_rate})
+    progress = tqdm(total=train.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
+    while step < train.max_train_steps:
+        dataset.set_epoch(epoch)
+        batches_in_epoch = skip_batches
+        for batch in itertools.islice(loader, skip_batches, None):
+            batches_in_epoch += 1
+            with accelerator.accumulate(*trained):
+                loss = compute_loss(batch, components.unet, components.text_encoder, components.scheduler,
+                                    accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            micro_steps += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            for ema, model in zip(emas, trained):
+                ema.step(model.parameters())
+            if step % train.logging_steps == 0 or step == train.max_train_steps:
+                logs = {"loss": (loss_sum / micro_steps).item(), "lr": lr_scheduler.get_last_lr()[0]}
+                if train.max_grad_norm > 0:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                loss_sum.zero_()
+                micro_steps = 0
+            if train.checkpointing_steps and step % train.checkpointing_steps == 0:
+                checkpointing.save_checkpoint(accelerator, train.output_dir, step,
+                                              {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
+                                              train.checkpoints_total_limit, keep=resumed_from)
+            if config.validation.validation_steps and step % config.validation.validation_steps == 0:
+                validate(accelerator, config, components, emas, step)
+            if step >= train.max_train_steps:
+                break
+        epoch, skip_batches = epoch + 1, 0
+        if dataset.counts and accelerator.is_main_process:
+            logger.info(f"epoch {epoch} data: {dict(dataset.counts)}")
+    progress.close()
+
+    # Export: the pipeline (EMA weights when enabled) at output_dir, and a final sample grid.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        pipeline = pipeline_for_export(accelerator, components, emas)
+        pipeline.save_pretrained(train.output_dir)
+        grid = log_validation(pipeline, config.validation, step, train.output_dir, accelerator.trackers)
+        print(f"pipeline: {train.output_dir}\nsamples: {grid}\nconfig: {train.output_dir}/config.yaml\n"
+              f"tensorboard: tensorboard --logdir {train.output_dir}/logs")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
