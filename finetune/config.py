@@ -44,8 +44,9 @@ class ModelConfig:
     """ResNet layers per UNet level (from scratch)."""
     cross_attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
     """Per level, whether the UNet cross-attends to the text there (from scratch); same length as block_out_channels."""
-    attention_head_dim: int = 8
-    """Channels per attention head in the UNet (from scratch)."""
+    num_attention_heads: int = 2
+    """Attention heads in the UNet's attention blocks (from scratch; diffusers calls this `attention_head_dim`).
+    Few wide heads are much faster on CPU than many narrow ones."""
     norm_num_groups: int = 8
     """GroupNorm groups in the UNet; must divide every entry of block_out_channels (from scratch)."""
     text_hidden_size: int = 64
@@ -86,11 +87,11 @@ class ModelConfig:
             if self.text_hidden_size % self.text_heads:
                 problems.append(f"model.text_heads: got {self.text_heads}, which does not divide "
                                 f"model.text_hidden_size={self.text_hidden_size}")
-            if any(c % self.attention_head_dim for c, a in zip(self.block_out_channels, self.cross_attention_levels)
+            if any(c % self.num_attention_heads for c, a in zip(self.block_out_channels, self.cross_attention_levels)
                    if a):
-                problems.append(f"model.attention_head_dim: got {self.attention_head_dim}, which does not divide "
+                problems.append(f"model.num_attention_heads: got {self.num_attention_heads}, which does not divide "
                                 "the channels of every cross-attention level")
-        for name in ("layers_per_block", "attention_head_dim", "norm_num_groups", "text_hidden_size", "text_layers",
+        for name in ("layers_per_block", "num_attention_heads", "norm_num_groups", "text_hidden_size", "text_layers",
                      "text_heads", "num_train_timesteps"):
             if getattr(self, name) < 1:
                 problems.append(f"model.{name}: got {getattr(self, name)}; must be >= 1")
@@ -229,8 +230,8 @@ class TrainConfig:
     cpu_threads: int | None = None
     """Torch threads per process when training on CPU; null uses the machine's cores divided by the processes
     on it (`accelerate launch` otherwise leaves each process one thread)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Autocast precision; bf16 runs on CPUs and recent GPUs, fp16 needs a GPU."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision: `no` (fp32), `bf16` (CPUs with bf16 and recent GPUs), `fp16` (GPUs only)."""
     use_ema: bool = True
     """Keep an exponential moving average of the trained weights and export it."""
     ema_max_decay: float = 0.999

@@ -77,7 +77,7 @@ def build_components(config: ModelConfig, resolution: int, caption_texts: Iterab
         up_block_types=tuple(up),
         mid_block_type="UNetMidBlock2DCrossAttn" if any(config.cross_attention_levels) else None,
         cross_attention_dim=config.text_hidden_size,
-        attention_head_dim=config.attention_head_dim,
+        attention_head_dim=config.num_attention_heads,  # diffusers' name for the head count
         norm_num_groups=config.norm_num_groups,
     )
     assert len(down) == levels

@@ -99,9 +99,11 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 )
             if not isinstance(negative_prompt, (str, list)):
                 raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}")
+        # The UNet halves the size at every level but the last; a VAE divides it by its factor first.
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         for name, value in [("height", height), ("width", width)]:
-            if value is not None and (not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor):
-                raise ValueError(f"`{name}` must be a positive multiple of {self.vae_scale_factor}, got {value!r}")
+            if value is not None and (not isinstance(value, int) or value <= 0 or value % multiple):
+                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {value!r}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
