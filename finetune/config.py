@@ -7,6 +7,7 @@ anything is built.
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -322,6 +323,8 @@ class Config:
     hub: HubConfig = field(default_factory=HubConfig)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 # ---- loading -------------------------------------------------------------------------------------
 
 
@@ -352,6 +355,8 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return _build(tp, value, key, problems)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; it is clearly a number
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
     return value
@@ -366,15 +371,16 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs, before = {}, len(problems)
+    kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             problems.append(f"{dotted}: unknown key; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
             continue
-        kwargs[key] = _convert(value, hints[key], dotted, problems)
-    if len(problems) > before:
-        return cls()
+        before = len(problems)
+        converted = _convert(value, hints[key], dotted, problems)
+        if len(problems) == before:  # keep only well-typed values, so range checks still run on them
+            kwargs[key] = converted
     try:
         return cls(**kwargs)
     except ConfigError as error:

@@ -7,9 +7,9 @@
 import argparse
 import itertools
 import logging
-import math
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/train.py`): import as the package
@@ -94,6 +94,18 @@ def validate(accelerator, config: Config, components: Components, emas: list[EMA
     accelerator.wait_for_everyone()
 
 
+def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> None:
+    """Write the pipeline (EMA weights when enabled) to output_dir and a final sample grid; say where."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out = config.train.output_dir
+        pipeline = pipeline_for_export(accelerator, components, emas)
+        pipeline.save_pretrained(out)
+        grid = log_validation(pipeline, config.validation, step, out, accelerator.trackers)
+        print(f"pipeline: {out}\nsamples: {grid}\nconfig: {out}/config.yaml\n"
+              f"tensorboard: tensorboard --logdir {out}/logs")
+
+
 def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
     total = count_parameters(components.unet) + count_parameters(components.text_encoder)
     trainable = sum(p.numel() for p in params)
@@ -109,6 +121,36 @@ def describe(config: Config, components: Components, params, source, accelerator
         f"{accelerator.device}, precision {accelerator.mixed_precision}, {torch.get_num_threads()} threads\n"
         f"output: {config.train.output_dir}"
     )
+
+
+def build_optimization(train: TrainConfig, params: list, trained: list, accelerator: Accelerator):
+    """AdamW over `params`, the LR schedule, and one EMA per trained model (registered for checkpoints)."""
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                  weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    lr_scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
+                                 num_training_steps=train.max_train_steps)
+    emas = []
+    if train.use_ema:
+        emas = [EMAModel(m.parameters(), decay=train.ema_max_decay, use_ema_warmup=True) for m in trained]
+    for ema in emas:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    return optimizer, lr_scheduler, emas
+
+
+def resume(accelerator: Accelerator, train: TrainConfig) -> tuple[int, int, int, Path | None]:
+    """Restore the state of `train.resume_from_checkpoint`, if any: (step, epoch, batches seen in that epoch,
+    the checkpoint folder)."""
+    if not train.resume_from_checkpoint:
+        return 0, 0, 0, None
+    path = checkpointing.resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
+    if path is None:
+        logger.info("train.resume_from_checkpoint=latest: no checkpoint yet, starting fresh", main_process_only=True)
+        return 0, 0, 0, None
+    accelerator.load_state(str(path))
+    manifest = checkpointing.read_manifest(path)
+    logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
+    return manifest["step"], manifest["epoch"], manifest["batches_in_epoch"], path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,16 +181,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Build the optimizer, LR schedule and EMA.
     params = trainable_parameters(components, config.model.train_text_encoder)
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                                  weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
-    lr_scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
-                                 num_training_steps=train.max_train_steps)
     trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
-    emas = [EMAModel(m.parameters(), decay=train.ema_max_decay, use_ema_warmup=True) for m in trained]
-    emas = emas if train.use_ema else []
-    for ema in emas:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    optimizer, lr_scheduler, emas = build_optimization(train, params, trained, accelerator)
     print(describe(config, components, params, source, accelerator)) if accelerator.is_main_process else None
     if args.dry_run:
         return
@@ -157,14 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
-    step, epoch, skip_batches, resumed_from = 0, 0, 0, None
-    if train.resume_from_checkpoint:
-        resumed_from = checkpointing.resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
-        if resumed_from is not None:
-            accelerator.load_state(str(resumed_from))
-            manifest = checkpointing.read_manifest(resumed_from)
-            step, epoch, skip_batches = manifest["step"], manifest["epoch"], manifest["batches_in_epoch"]
-            logger.info(f"resumed from {resumed_from} at step {step}", main_process_only=True)
+    step, epoch, skip_batches, resumed_from = resume(accelerator, train)
 
     # Train.
     if accelerator.is_main_process:
@@ -172,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "learning_rate": train.learning_rate})
     progress = tqdm(total=train.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
+    log_start, log_step = time.perf_counter(), step
     while step < train.max_train_steps:
         dataset.set_epoch(epoch)
         batches_in_epoch = skip_batches
@@ -195,13 +223,15 @@ def main(argv: list[str] | None = None) -> None:
             for ema, model in zip(emas, trained):
                 ema.step(model.parameters())
             if step % train.logging_steps == 0 or step == train.max_train_steps:
-                logs = {"loss": (loss_sum / micro_steps).item(), "lr": lr_scheduler.get_last_lr()[0]}
+                now = time.perf_counter()
+                logs = {"loss": (loss_sum / micro_steps).item(), "lr": lr_scheduler.get_last_lr()[0],
+                        "step_time": (now - log_start) / (step - log_step)}
                 if train.max_grad_norm > 0:
                     logs["grad_norm"] = float(grad_norm)
                 accelerator.log(logs, step=step)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 loss_sum.zero_()
-                micro_steps = 0
+                micro_steps, log_start, log_step = 0, time.perf_counter(), step
             if train.checkpointing_steps and step % train.checkpointing_steps == 0:
                 checkpointing.save_checkpoint(accelerator, train.output_dir, step,
                                               {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
@@ -216,13 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     progress.close()
 
     # Export: the pipeline (EMA weights when enabled) at output_dir, and a final sample grid.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        pipeline = pipeline_for_export(accelerator, components, emas)
-        pipeline.save_pretrained(train.output_dir)
-        grid = log_validation(pipeline, config.validation, step, train.output_dir, accelerator.trackers)
-        print(f"pipeline: {train.output_dir}\nsamples: {grid}\nconfig: {train.output_dir}/config.yaml\n"
-              f"tensorboard: tensorboard --logdir {train.output_dir}/logs")
+    export(accelerator, config, components, emas, step)
     accelerator.end_training()
 
 

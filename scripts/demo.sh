@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job, from a fresh checkout: install, write the built-in dataset, train the default model
+# (about 11 minutes on two CPU cores), sample and score it, and say where everything went.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+"$PYTHON" -m pip install --quiet torch==2.13.0   # the CPU build; an unpinned torch pulls a CUDA build of several GB
+"$PYTHON" -m pip install --quiet -e .
+
+accelerate launch --config_file accelerate_config.yaml finetune/train.py --config configs/shapes.yaml "$@"
+OUT="$("$PYTHON" -c 'import sys; from finetune.config import load_config; print(load_config("configs/shapes.yaml", sys.argv[1:]).train.output_dir)' "$@")"
+"$PYTHON" -m finetune.evaluate "$OUT" --json "$OUT/evaluation.json"
+echo "evaluation: $OUT/evaluation.json"

@@ -1,0 +1,118 @@
+"""The config schema: shipped configs load, bad configs fail with messages that say what to do."""
+
+from pathlib import Path
+
+import pytest
+
+from finetune.config import Config, ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_shipped_configs_exist():
+    assert "shapes.yaml" in [p.name for p in SHIPPED]
+
+
+def test_defaults_load():
+    config = load_config(None)
+    assert config.train.output_dir and config.data.source == "builtin"
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(_write(tmp_path, "train:\n  learning_rat: 1e-4\n"))
+    message = str(error.value)
+    assert "train.learning_rat: unknown key" in message
+    assert "learning_rate" in message and "max_train_steps" in message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer: unknown key; valid keys: model, data, lora, train"):
+        load_config(_write(tmp_path, "optimizer:\n  lr: 1\n"))
+
+
+def test_all_errors_at_once(tmp_path):
+    text = ("model:\n  prediction_type: noise\ndata:\n  resolution: 30\n  resoluton: 32\n"
+            "train:\n  max_train_steps: ten\nvalidation:\n  guidance_scale: -2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(_write(tmp_path, text))
+    problems = error.value.problems
+    assert len(problems) == 5, problems
+    joined = "\n".join(problems)
+    assert "model.prediction_type: got 'noise'; allowed: 'epsilon', 'v_prediction', 'sample'" in joined
+    assert "data.resolution: got 30; must be a multiple of 8" in joined
+    assert "data.resoluton: unknown key" in joined
+    assert "train.max_train_steps: got 'ten' (str); expected int" in joined
+    assert "validation.guidance_scale: got -2.0; must be >= 0" in joined
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("train.learning_rate=0", "train.learning_rate: got 0.0; must be > 0"),
+    ("train.train_batch_size=true", "train.train_batch_size: got True (bool); expected int"),
+    ("data.caption_dropout=1.5", "data.caption_dropout: got 1.5; must be in [0, 1)"),
+    ("model.block_out_channels=[32, 48]", "model.cross_attention_levels: got 3 entries"),
+    ("model.norm_num_groups=7", "model.norm_num_groups: got 7"),
+    ("data.source=webdataset", "data.path: required when data.source='webdataset'"),
+    ("data.filters.max_pwatermark=2", "data.filters.max_pwatermark: got 2.0; must be a probability"),
+    ("train.mixed_precision=fp8", "train.mixed_precision: got 'fp8'; allowed: 'no', 'bf16', 'fp16'"),
+    ("validation.prompts=a red circle", "validation.prompts: got 'a red circle' (str); expected a list"),
+    ("train.nope=1", "train.nope: unknown key"),
+])
+def test_bad_values_name_key_value_and_fix(override, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert fragment in str(error.value)
+
+
+def test_overrides_apply_and_parse_yaml():
+    config = load_config(ROOT / "configs" / "shapes.yaml", [
+        "train.max_train_steps=7", "train.learning_rate=1e-4", "model.block_out_channels=[16, 32, 32]",
+        "data.filters.min_width=10", "train.checkpoints_total_limit=null",
+    ])
+    assert config.train.max_train_steps == 7 and config.train.learning_rate == 1e-4
+    assert config.model.block_out_channels == [16, 32, 32] and config.data.filters.min_width == 10
+    assert config.train.checkpoints_total_limit is None
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["max_train_steps=3"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(ROOT / "configs" / "shapes.yaml", ["train.seed=5"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def _leaves(cls, prefix):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], f"{prefix}.{f.name}")
+        else:
+            yield f"{prefix}.{f.name}"
+
+
+def test_readme_documents_every_key():
+    import dataclasses
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for section in dataclasses.fields(Config) for key in _leaves(section.type, section.name)
+               if f"`{key}`" not in readme]
+    assert not missing

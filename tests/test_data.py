@@ -1,0 +1,174 @@
+"""The built-in dataset generator, the stream that reads it, filters and bad data."""
+
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.config import DataConfig, FilterConfig
+from finetune.data import ImageTextStream, WebDatasetSource, build_source, caption_texts, failed_filter, shapes
+from finetune.data.transforms import decode_rgb, to_tensor
+from finetune.evaluate import judge
+from finetune.models import build_tokenizer
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_generator_is_deterministic(tmp_path):
+    a = shapes.write_shards(tmp_path / "a", 1200, seed=3)
+    b = shapes.write_shards(tmp_path / "b", 1200, seed=3)
+    c = shapes.write_shards(tmp_path / "c", 1200, seed=4)
+    assert [p.name for p in a] == ["00000.tar", "00001.tar"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert a[0].read_bytes() != c[0].read_bytes()
+
+
+def test_img2dataset_layout(tiny_shards):
+    members = _members(tiny_shards / "00000.tar")
+    keys = sorted({name.split(".")[0] for name in members})
+    assert len(keys) == 64 and keys[0] == "000000000" and keys[-1] == "000000063"
+    for key in keys:
+        metadata = json.loads(members[f"{key}.json"])
+        assert members[f"{key}.txt"].decode() == metadata["caption"]
+        for field in ("caption", "width", "height", "similarity", "pwatermark", "punsafe", "aesthetic"):
+            assert field in metadata
+        image = Image.open(io.BytesIO(members[f"{key}.png"]))
+        assert image.size == (metadata["width"], metadata["height"])
+
+
+def test_content_follows_the_spec():
+    samples = [shapes.render_sample(i, seed=0) for i in range(2000)]
+    metadata = [m for _, _, m in samples]
+    assert {m["color"] for m in metadata} == set(shapes.DEFAULT_COLORS)  # purple held out
+    assert {m["shape"] for m in metadata} == set(shapes.SHAPES)
+    assert len({caption for _, caption, _ in samples}) > 60  # the templates vary
+    watermarked = [m["pwatermark"] > 0.8 for m in metadata]
+    assert 0.03 < np.mean(watermarked) < 0.07
+    assert max(m["pwatermark"] for m in metadata if m["pwatermark"] <= 0.8) < 0.5
+    for png, caption, m in samples[:200]:
+        pixels = np.asarray(Image.open(io.BytesIO(png)))
+        corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]]
+        if m["pwatermark"] < 0.5:
+            assert corners.min() >= 230, caption  # a plain light background
+        assert m["color"] in caption and m["shape"] in caption
+
+
+def test_purple_on_request():
+    _, caption, metadata = shapes.render_sample(0, seed=0, colors=("purple",))
+    assert metadata["color"] == "purple" and "purple" in caption
+    assert any("purple" in c for c in shapes.all_captions())
+
+
+def test_judge_reads_the_training_images():
+    """The evaluation's judge agrees with the generator's labels on its own images at 32 px."""
+    verdicts = []
+    for i in range(300):
+        png, _, m = shapes.render_sample(i, seed=1, colors=tuple(shapes.HUES))
+        image = np.asarray(Image.open(io.BytesIO(png)).resize((32, 32), Image.Resampling.BICUBIC))
+        verdicts.append((judge(image), (m["color"], m["shape"])))
+    assert np.mean([v[0][0] == v[1][0] for v in verdicts]) >= 0.99
+    assert np.mean([v[0][1] == v[1][1] for v in verdicts]) >= 0.97
+    assert judge(np.full((32, 32, 3), 240, np.uint8)) == (None, None)
+
+
+def _stream(shards, rank=0, world_size=1, **overrides):
+    config = DataConfig(source="webdataset", path=shapes.shard_pattern(shards, 64), resolution=8,
+                        shuffle_buffer=16, **overrides)
+    source = build_source(config, seed=0)
+    tokenizer = build_tokenizer(caption_texts(config, source), 10)
+    return ImageTextStream(source, config, tokenizer, seed=0, rank=rank, world_size=world_size)
+
+
+def test_stream_reads_every_sample_once_per_epoch(tiny_shards):
+    stream = _stream(tiny_shards, caption_dropout=0.0)
+    examples = list(stream)
+    assert sorted(e["key"] for e in examples) == [f"{i:09d}" for i in range(64)]
+    assert examples[0]["pixel_values"].shape == (3, 8, 8)
+    assert -1 <= float(examples[0]["pixel_values"].min()) and float(examples[0]["pixel_values"].max()) <= 1
+    again = [e["key"] for e in stream]
+    assert again == [e["key"] for e in examples]  # the same epoch gives the same order
+    stream.set_epoch(1)
+    assert [e["key"] for e in stream] != again  # a new epoch reshuffles
+
+
+def test_processes_read_disjoint_parts(tmp_path):
+    shapes.write_shards(tmp_path, 2500, seed=0)  # 3 shards
+    config = DataConfig(source="webdataset", path=shapes.shard_pattern(tmp_path, 2500), resolution=8)
+    source = build_source(config, seed=0)
+    seen = []
+    for rank in range(3):
+        stream = ImageTextStream(source, config, build_tokenizer(shapes.all_captions(), 10), 0, rank, 3)
+        seen.append({raw.key for raw in source.samples(random.Random("order-0-0"), rank, 3, Counter())})
+        assert stream.world_size == 3
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
+    assert len(seen[0] | seen[1] | seen[2]) == 2500
+
+
+def test_caption_dropout(tiny_shards):
+    stream = _stream(tiny_shards, caption_dropout=0.5)
+    empty = stream.tokenize([""])[0]
+    dropped = sum(bool((e["input_ids"] == empty).all()) for e in stream)
+    assert 16 < dropped < 48
+
+
+def test_watermark_filter(tiny_shards):
+    stream = _stream(tiny_shards, filters=FilterConfig(max_pwatermark=0.5))
+    kept = list(stream)
+    assert stream.counts["dropped by max_pwatermark"] == 64 - len(kept) > 0
+    assert failed_filter({"pwatermark": 0.9}, FilterConfig(max_pwatermark=0.5)) == "max_pwatermark"
+    assert failed_filter({}, FilterConfig(max_pwatermark=0.5)) is None
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(good, format="PNG")
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        for key, data, caption in [("a", good.getvalue(), "a red square"), ("b", b"not an image", "x"),
+                                   ("c", good.getvalue()[:40], "truncated"), ("d", good.getvalue(), None)]:
+            for ext, payload in [("png", data), ("txt", caption.encode() if caption else None)]:
+                if payload is not None:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    config = DataConfig(source="webdataset", path=str(tmp_path / "bad.tar"), resolution=8, caption_dropout=0.0)
+    stream = ImageTextStream(WebDatasetSource(config.path, "caption"), config,
+                             build_tokenizer(["a red square"], 8), seed=0)
+    assert [e["key"] for e in stream] == ["a"]
+    assert stream.counts["unreadable image"] == 2 and stream.counts["missing image or caption"] == 1
+
+
+def test_imagefolder_source(tmp_path):
+    rows = []
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (20, 12), color).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a {color} square"})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = DataConfig(source="imagefolder", path=str(tmp_path), resolution=8, caption_dropout=0.0)
+    source = build_source(config, seed=0)
+    assert source.num_samples == 3
+    stream = ImageTextStream(source, config, build_tokenizer(caption_texts(config, source), 8), seed=0)
+    examples = list(stream)
+    assert len(examples) == 3 and examples[0]["pixel_values"].shape == (3, 8, 8)
+    bad = DataConfig(source="imagefolder", path=str(tmp_path), caption_column="caption")
+    with pytest.raises(ValueError, match="data.caption_column"):
+        build_source(bad, seed=0)
+
+
+def test_decode_modes():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    assert decode_rgb(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    grey = io.BytesIO()
+    Image.new("L", (4, 4), 100).save(grey, format="PNG")
+    assert decode_rgb(grey.getvalue()).getpixel((0, 0)) == (100, 100, 100)
+    tensor = to_tensor(Image.new("RGB", (40, 20), "white"), 8, True, False, random.Random(0))
+    assert tensor.shape == (3, 8, 8) and float(tensor.min()) == 1.0
