@@ -48,6 +48,12 @@ class ModelConfig:
     num_attention_heads: int = 2
     """Attention heads in the UNet's attention blocks (from scratch; diffusers calls this `attention_head_dim`).
     Few wide heads are much faster on CPU than many narrow ones."""
+    only_cross_attention: bool = False
+    """Attention blocks attend to the text only, without self-attention over pixels (from scratch); much
+    cheaper at high resolutions."""
+    text_time_embedding: bool = False
+    """Also add an attention-pooled text embedding to the timestep embedding, so every ResNet block sees the
+    caption (diffusers' `addition_embed_type="text"`; from scratch)."""
     norm_num_groups: int = 8
     """GroupNorm groups in the UNet; must divide every entry of block_out_channels (from scratch)."""
     text_hidden_size: int = 64
@@ -226,6 +232,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); null weights every timestep
+    equally."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 disables clipping)."""
     cpu_threads: int | None = None
@@ -255,6 +264,8 @@ class TrainConfig:
             problems.append(f"train.learning_rate: got {self.learning_rate}; must be > 0")
         if self.lr_warmup_steps < 0 or self.checkpointing_steps < 0 or self.max_grad_norm < 0:
             problems.append("train.lr_warmup_steps, train.checkpointing_steps and train.max_grad_norm must be >= 0")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            problems.append(f"train.snr_gamma: got {self.snr_gamma}; must be > 0 or null")
         if not 0 < self.ema_max_decay < 1:
             problems.append(f"train.ema_max_decay: got {self.ema_max_decay}; must be in (0, 1)")
         if self.cpu_threads is not None and self.cpu_threads < 1:

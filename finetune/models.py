@@ -77,6 +77,9 @@ def build_components(config: ModelConfig, resolution: int, caption_texts: Iterab
         up_block_types=tuple(up),
         mid_block_type="UNetMidBlock2DCrossAttn" if any(config.cross_attention_levels) else None,
         cross_attention_dim=config.text_hidden_size,
+        only_cross_attention=config.only_cross_attention,
+        addition_embed_type="text" if config.text_time_embedding else None,
+        addition_embed_type_num_heads=config.text_heads,
         attention_head_dim=config.num_attention_heads,  # diffusers' name for the head count
         norm_num_groups=config.norm_num_groups,
     )

@@ -7,6 +7,7 @@ Noise and timesteps come from the global torch RNG, which accelerate saves per p
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 from pipelines import DDPMScheduler
 
@@ -29,6 +30,23 @@ def training_target(scheduler: DDPMScheduler, samples: torch.Tensor, noise: torc
     return samples
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The simplified objective L_simple (eq. 14): mean squared error, computed in float32."""
-    return F.mse_loss(model_pred.float(), target.float())
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, https://arxiv.org/abs/2303.09556): min(SNR_t, gamma) / SNR_t
+    for epsilon targets, min(SNR_t, gamma) / (SNR_t + 1) for v targets, min(SNR_t, gamma) for x_0 targets.
+    They stop the nearly clean timesteps from dominating the gradient."""
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The simplified objective L_simple (eq. 14): mean squared error in float32, optionally weighted per sample."""
+    if weights is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    return (per_sample * weights).mean()

@@ -28,7 +28,7 @@ from . import checkpointing
 from .config import Config, TrainConfig, load_config, save_config
 from .data import ImageTextStream, build_source, caption_texts
 from .models import Components, build_components, count_parameters, load_components
-from .objective import diffusion_loss, sample_noise_and_timesteps, training_target
+from .objective import diffusion_loss, min_snr_weights, sample_noise_and_timesteps, training_target
 from .validation import log_validation
 
 logger = get_logger("finetune")
@@ -64,14 +64,16 @@ def trainable_parameters(components: Components, train_text_encoder: bool) -> li
     return params + (list(components.text_encoder.parameters()) if train_text_encoder else [])
 
 
-def compute_loss(batch: dict, unet, text_encoder, scheduler, device: torch.device) -> torch.Tensor:
+def compute_loss(batch: dict, unet, text_encoder, scheduler, device: torch.device,
+                 snr_gamma: float | None) -> torch.Tensor:
     """One forward pass of the objective on a batch: encode text, noise the images, predict, regress."""
     pixels = batch["pixel_values"].to(device, non_blocking=True)
     text = text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[0]
     noise, timesteps = sample_noise_and_timesteps(pixels, scheduler.config.num_train_timesteps)
     noisy = scheduler.add_noise(pixels, noise, timesteps)
     model_pred = unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
-    return diffusion_loss(model_pred, training_target(scheduler, pixels, noise, timesteps))
+    weights = min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma else None
+    return diffusion_loss(model_pred, training_target(scheduler, pixels, noise, timesteps), weights)
 
 
 def pipeline_for_export(accelerator: Accelerator, components: Components, emas: list[EMAModel]):
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             batches_in_epoch += 1
             with accelerator.accumulate(*trained):
                 loss = compute_loss(batch, components.unet, components.text_encoder, components.scheduler,
-                                    accelerator.device)
+                                    accelerator.device, train.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
@@ -240,9 +242,12 @@ def main(argv: list[str] | None = None) -> None:
                 validate(accelerator, config, components, emas, step)
             if step >= train.max_train_steps:
                 break
+        if batches_in_epoch == 0:
+            raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
+                               f"{train.train_batch_size} samples ({dict(dataset.counts)}); check data.path and "
+                               "data.filters, or lower train.train_batch_size")
         epoch, skip_batches = epoch + 1, 0
-        if dataset.counts and accelerator.is_main_process:
-            logger.info(f"epoch {epoch} data: {dict(dataset.counts)}")
+        logger.info(f"epoch {epoch} data: {dict(dataset.counts)}", main_process_only=True)
     progress.close()
 
     # Export: the pipeline (EMA weights when enabled) at output_dir, and a final sample grid.

@@ -114,3 +114,9 @@ def test_train_py_stays_readable():
     assert len(source.splitlines()) <= 350
     main = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "main")
     assert main.end_lineno - main.lineno + 1 <= 100
+
+
+def test_data_that_yields_no_batch_is_an_error(tmp_path):
+    result = _train(tmp_path, "data.filters.min_width=1000", f"train.output_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode != 0
+    assert "gave no full batch" in result.stderr and "dropped by min_width" in result.stderr
