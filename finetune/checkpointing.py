@@ -41,9 +41,21 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
     return path
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    with open(Path(path) / MANIFEST) as f:
-        return json.load(f)
+def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dict:
+    """The checkpoint's manifest, after checking that every file it lists is there and, when `world_size` is
+    given, that it was written by as many processes (each has its own RNG state)."""
+    path = Path(path)
+    with open(path / MANIFEST) as f:
+        manifest = json.load(f)
+    missing = [name for name in manifest["files"] if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from "
+                                "another checkpoint")
+    if world_size is not None and manifest["world_size"] != world_size:
+        raise ValueError(f"checkpoint {path} was written by {manifest['world_size']} processes but this run has "
+                         f"{world_size}; resume with --num_processes {manifest['world_size']} for an exact "
+                         "continuation")
+    return manifest
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, extra: dict,

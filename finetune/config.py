@@ -75,29 +75,6 @@ class ModelConfig:
 
     def __post_init__(self):
         problems = []
-        if self.pretrained_model_name_or_path is None:
-            if not self.block_out_channels or any(c <= 0 for c in self.block_out_channels):
-                problems.append(f"model.block_out_channels: got {self.block_out_channels}; need positive integers")
-            elif any(c % self.norm_num_groups for c in self.block_out_channels):
-                problems.append(
-                    f"model.norm_num_groups: got {self.norm_num_groups}, which does not divide every entry of "
-                    f"model.block_out_channels={self.block_out_channels}; pick a common divisor"
-                )
-            if len(self.cross_attention_levels) != len(self.block_out_channels):
-                problems.append(
-                    f"model.cross_attention_levels: got {len(self.cross_attention_levels)} entries but "
-                    f"model.block_out_channels has {len(self.block_out_channels)}; give one true/false per level"
-                )
-            if not any(self.cross_attention_levels):
-                problems.append("model.cross_attention_levels: all false, so the text never reaches the UNet; "
-                                "set at least one level to true")
-            if self.text_hidden_size % self.text_heads:
-                problems.append(f"model.text_heads: got {self.text_heads}, which does not divide "
-                                f"model.text_hidden_size={self.text_hidden_size}")
-            if any(c % self.num_attention_heads for c, a in zip(self.block_out_channels, self.cross_attention_levels)
-                   if a):
-                problems.append(f"model.num_attention_heads: got {self.num_attention_heads}, which does not divide "
-                                "the channels of every cross-attention level")
         for name in ("layers_per_block", "num_attention_heads", "norm_num_groups", "text_hidden_size", "text_layers",
                      "text_heads", "num_train_timesteps"):
             if getattr(self, name) < 1:
@@ -105,7 +82,36 @@ class ModelConfig:
         if self.max_caption_tokens < 3:
             problems.append(f"model.max_caption_tokens: got {self.max_caption_tokens}; must be >= 3 "
                             "(begin token, at least one word, end token)")
+        if self.pretrained_model_name_or_path is None and not problems:
+            problems += self._architecture_problems()
         _check(problems)
+
+    def _architecture_problems(self) -> list[str]:
+        """Shape constraints between the from-scratch architecture fields (all counts already >= 1)."""
+        problems = []
+        if not self.block_out_channels or any(c <= 0 for c in self.block_out_channels):
+            problems.append(f"model.block_out_channels: got {self.block_out_channels}; need positive integers")
+        elif any(c % self.norm_num_groups for c in self.block_out_channels):
+            problems.append(
+                f"model.norm_num_groups: got {self.norm_num_groups}, which does not divide every entry of "
+                f"model.block_out_channels={self.block_out_channels}; pick a common divisor"
+            )
+        if len(self.cross_attention_levels) != len(self.block_out_channels):
+            problems.append(
+                f"model.cross_attention_levels: got {len(self.cross_attention_levels)} entries but "
+                f"model.block_out_channels has {len(self.block_out_channels)}; give one true/false per level"
+            )
+        if not any(self.cross_attention_levels):
+            problems.append("model.cross_attention_levels: all false, so the text never reaches the UNet; "
+                            "set at least one level to true")
+        if self.text_hidden_size % self.text_heads:
+            problems.append(f"model.text_heads: got {self.text_heads}, which does not divide "
+                            f"model.text_hidden_size={self.text_hidden_size}")
+        if any(c % self.num_attention_heads for c, a in zip(self.block_out_channels, self.cross_attention_levels)
+               if a):
+            problems.append(f"model.num_attention_heads: got {self.num_attention_heads}, which does not divide "
+                            "the channels of every cross-attention level")
+        return problems
 
 
 @dataclass
@@ -264,6 +270,11 @@ class TrainConfig:
             problems.append(f"train.learning_rate: got {self.learning_rate}; must be > 0")
         if self.lr_warmup_steps < 0 or self.checkpointing_steps < 0 or self.max_grad_norm < 0:
             problems.append("train.lr_warmup_steps, train.checkpointing_steps and train.max_grad_norm must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"train.{name}: got {getattr(self, name)}; must be in [0, 1)")
+        if self.adam_epsilon <= 0 or self.adam_weight_decay < 0:
+            problems.append("train.adam_epsilon must be > 0 and train.adam_weight_decay >= 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append(f"train.snr_gamma: got {self.snr_gamma}; must be > 0 or null")
         if not 0 < self.ema_max_decay < 1:
@@ -294,6 +305,8 @@ class ValidationConfig:
 
     def __post_init__(self):
         problems = []
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            problems.append(f"validation.prompts: got {self.prompts!r}; give at least one non-empty prompt")
         if self.validation_steps < 0:
             problems.append(f"validation.validation_steps: got {self.validation_steps}; must be >= 0")
         if self.num_images_per_prompt < 1 or self.num_inference_steps < 1:
@@ -332,6 +345,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+    def __post_init__(self):
+        if self.validation.num_inference_steps > self.model.num_train_timesteps:
+            _check([f"validation.num_inference_steps: got {self.validation.num_inference_steps}, more than "
+                    f"model.num_train_timesteps={self.model.num_train_timesteps}; use at most that many"])
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -34,7 +34,7 @@ class Components:
 def build_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the words of `texts` (lower-cased, punctuation split off), wrapped so that
     transformers saves and restores it: `<bos> words <eos>`, padded with `<pad>` to `max_length`."""
-    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
+    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]+", text.lower())})
     vocab = {token: i for i, token in enumerate([PAD, UNK, BOS, EOS, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/tr
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -50,6 +50,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
     )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"accelerate is set up for {accelerator.distributed_type.value}, which this trainer does not "
+                         "support yet (EMA and validation need whole weights on the main process); use DDP "
+                         "(--multi_gpu) or a single process")
     if accelerator.device.type == "cpu":
         if config.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (fast on recent CPUs) or no")
@@ -64,11 +68,12 @@ def trainable_parameters(components: Components, train_text_encoder: bool) -> li
     return params + (list(components.text_encoder.parameters()) if train_text_encoder else [])
 
 
-def compute_loss(batch: dict, unet, text_encoder, scheduler, device: torch.device,
-                 snr_gamma: float | None) -> torch.Tensor:
+def compute_loss(batch: dict, unet, text_encoder, scheduler, device: torch.device, snr_gamma: float | None,
+                 train_text_encoder: bool) -> torch.Tensor:
     """One forward pass of the objective on a batch: encode text, noise the images, predict, regress."""
     pixels = batch["pixel_values"].to(device, non_blocking=True)
-    text = text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[0]
+    with torch.set_grad_enabled(train_text_encoder):
+        text = text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[0]
     noise, timesteps = sample_noise_and_timesteps(pixels, scheduler.config.num_train_timesteps)
     noisy = scheduler.add_noise(pixels, noise, timesteps)
     model_pred = unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
@@ -129,8 +134,10 @@ def build_optimization(train: TrainConfig, params: list, trained: list, accelera
     """AdamW over `params`, the LR schedule, and one EMA per trained model (registered for checkpoints)."""
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                   weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
-    lr_scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
-                                 num_training_steps=train.max_train_steps)
+    # accelerate steps a prepared LR scheduler once per process for every optimizer step.
+    lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
+                                 num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=train.max_train_steps * accelerator.num_processes)
     emas = []
     if train.use_ema:
         emas = [EMAModel(m.parameters(), decay=train.ema_max_decay, use_ema_warmup=True) for m in trained]
@@ -149,10 +156,48 @@ def resume(accelerator: Accelerator, train: TrainConfig) -> tuple[int, int, int,
     if path is None:
         logger.info("train.resume_from_checkpoint=latest: no checkpoint yet, starting fresh", main_process_only=True)
         return 0, 0, 0, None
+    manifest = checkpointing.read_manifest(path, accelerator.num_processes)
     accelerator.load_state(str(path))
-    manifest = checkpointing.read_manifest(path)
     logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
     return manifest["step"], manifest["epoch"], manifest["batches_in_epoch"], path
+
+
+def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
+    """This process's stream of training examples and its DataLoader. Workers are not persistent, so each
+    epoch's `set_epoch` reaches them."""
+    dataset = ImageTextStream(source, config.data, tokenizer, config.train.seed, accelerator.process_index,
+                              accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.train_batch_size, drop_last=True,
+                                         num_workers=config.data.num_workers,
+                                         pin_memory=accelerator.device.type == "cuda")
+    return dataset, loader
+
+
+class StepLogger:
+    """Accumulates the loss on the device and logs loss, LR, gradient norm and step time every `every` steps,
+    so the host waits for the device only at log steps."""
+
+    def __init__(self, accelerator: Accelerator, progress: tqdm, every: int, step: int):
+        self.accelerator, self.progress, self.every = accelerator, progress, every
+        self.loss_sum, self.count = torch.zeros((), device=accelerator.device), 0
+        self.start, self.start_step = time.perf_counter(), step
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.count += 1
+
+    def step(self, step: int, last: bool, lr: float, grad_norm) -> None:
+        self.progress.update(1)
+        if step % self.every and not last:
+            return
+        logs = {"loss": (self.loss_sum / self.count).item(), "lr": lr,
+                "step_time": (time.perf_counter() - self.start) / (step - self.start_step)}
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        self.accelerator.log(logs, step=step)
+        self.progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+        self.loss_sum.zero_()
+        self.count, self.start, self.start_step = 0, time.perf_counter(), step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     train = config.train
 
-    # Set up the accelerator, logging and seeds; record the resolved config.
+    # Set up the accelerator and logging; seed; record the resolved config.
     accelerator = make_accelerator(train)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(train.seed)
@@ -169,28 +214,26 @@ def main(argv: list[str] | None = None) -> None:
         save_config(config, Path(train.output_dir) / "config.yaml")
 
     # Build the models (from scratch, or from a pretrained pipeline) and the data.
-    source = build_source(config.data, train.seed)
+    with accelerator.main_process_first():  # the built-in set is written once, by the main process
+        source = build_source(config.data, train.seed)
     if config.model.pretrained_model_name_or_path:
         components = load_components(config.model)
     else:
         components = build_components(config.model, config.data.resolution, caption_texts(config.data, source))
-    dataset = ImageTextStream(source, config.data, components.tokenizer, train.seed,
-                              accelerator.process_index, accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=train.train_batch_size, drop_last=True, num_workers=config.data.num_workers,
-        persistent_workers=config.data.num_workers > 0, pin_memory=accelerator.device.type == "cuda",
-    )
+    dataset, loader = build_data(config, components.tokenizer, source, accelerator)
+    set_seed(train.seed, device_specific=True)  # same initial weights everywhere, different noise per process
 
-    # Build the optimizer, LR schedule and EMA.
+    # Build the optimizer, LR schedule and EMA; a frozen text encoder is not wrapped for training.
     params = trainable_parameters(components, config.model.train_text_encoder)
     trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
     optimizer, lr_scheduler, emas = build_optimization(train, params, trained, accelerator)
-    print(describe(config, components, params, source, accelerator)) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        print(describe(config, components, params, source, accelerator))
     if args.dry_run:
         return
-    components.unet, components.text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-        components.unet, components.text_encoder, optimizer, lr_scheduler
-    )
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    components.unet = trained[0]
+    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder.to(accelerator.device)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
     step, epoch, skip_batches, resumed_from = resume(accelerator, train)
@@ -200,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.init_trackers("finetune", config={"max_train_steps": train.max_train_steps,
                                                       "learning_rate": train.learning_rate})
     progress = tqdm(total=train.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-    loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
-    log_start, log_step = time.perf_counter(), step
+    step_logger, grad_norm = StepLogger(accelerator, progress, train.logging_steps, step), None
     while step < train.max_train_steps:
         dataset.set_epoch(epoch)
         batches_in_epoch = skip_batches
@@ -209,36 +251,26 @@ def main(argv: list[str] | None = None) -> None:
             batches_in_epoch += 1
             with accelerator.accumulate(*trained):
                 loss = compute_loss(batch, components.unet, components.text_encoder, components.scheduler,
-                                    accelerator.device, train.snr_gamma)
+                                    accelerator.device, train.snr_gamma, config.model.train_text_encoder)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            micro_steps += 1
+            step_logger.add(loss)
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            progress.update(1)
             for ema, model in zip(emas, trained):
                 ema.step(model.parameters())
-            if step % train.logging_steps == 0 or step == train.max_train_steps:
-                now = time.perf_counter()
-                logs = {"loss": (loss_sum / micro_steps).item(), "lr": lr_scheduler.get_last_lr()[0],
-                        "step_time": (now - log_start) / (step - log_step)}
-                if train.max_grad_norm > 0:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=step)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-                loss_sum.zero_()
-                micro_steps, log_start, log_step = 0, time.perf_counter(), step
+            step_logger.step(step, step == train.max_train_steps, lr_scheduler.get_last_lr()[0], grad_norm)
             if train.checkpointing_steps and step % train.checkpointing_steps == 0:
                 checkpointing.save_checkpoint(accelerator, train.output_dir, step,
                                               {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
                                               train.checkpoints_total_limit, keep=resumed_from)
-            if config.validation.validation_steps and step % config.validation.validation_steps == 0:
+            if config.validation.validation_steps and step % config.validation.validation_steps == 0 \
+                    and step < train.max_train_steps:  # the export samples the last step
                 validate(accelerator, config, components, emas, step)
             if step >= train.max_train_steps:
                 break

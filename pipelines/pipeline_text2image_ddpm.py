@@ -220,6 +220,11 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     tensors = {k: local[k] for k in callback_on_step_end_tensor_inputs}
                     returned = callback_on_step_end(self, i, t, tensors) or {}
                     latents = returned.get("latents", latents)
+                    if "prompt_embeds" in returned or "negative_prompt_embeds" in returned:
+                        prompt_embeds = returned.get("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = returned.get("negative_prompt_embeds", negative_prompt_embeds)
+                        cond = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_guidance else prompt_embeds
+                        cond = cond.to(self.unet.dtype)
                 if return_trajectory:
                     trajectory.append(latents)
                     pred_original_samples.append(getattr(step, "pred_original_sample", None))

@@ -69,6 +69,11 @@ def test_all_errors_at_once(tmp_path):
     ("train.mixed_precision=fp8", "train.mixed_precision: got 'fp8'; allowed: 'no', 'bf16', 'fp16'"),
     ("validation.prompts=a red circle", "validation.prompts: got 'a red circle' (str); expected a list"),
     ("train.nope=1", "train.nope: unknown key"),
+    ("model.norm_num_groups=0", "model.norm_num_groups: got 0; must be >= 1"),
+    ("validation.prompts=[]", "validation.prompts: got []; give at least one non-empty prompt"),
+    ("validation.num_inference_steps=2000", "more than model.num_train_timesteps=1000"),
+    ("train.adam_beta2=1", "train.adam_beta2: got 1.0; must be in [0, 1)"),
+    ("train.snr_gamma=0", "train.snr_gamma: got 0.0; must be > 0 or null"),
 ])
 def test_bad_values_name_key_value_and_fix(override, fragment):
     with pytest.raises(ConfigError) as error:

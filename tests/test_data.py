@@ -4,7 +4,6 @@ import io
 import json
 import random
 import tarfile
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -99,17 +98,41 @@ def test_stream_reads_every_sample_once_per_epoch(tiny_shards):
     assert [e["key"] for e in stream] != again  # a new epoch reshuffles
 
 
-def test_processes_read_disjoint_parts(tmp_path):
-    shapes.write_shards(tmp_path, 2500, seed=0)  # 3 shards
-    config = DataConfig(source="webdataset", path=shapes.shard_pattern(tmp_path, 2500), resolution=8)
-    source = build_source(config, seed=0)
+def test_processes_and_workers_read_disjoint_parts(tmp_path):
+    """Each (process, worker) reader gets its own shards: together they see every sample exactly once."""
+    import torch
+
+    shapes.write_shards(tmp_path, 4000, seed=0)  # 4 shards
+    config = DataConfig(source="webdataset", path=shapes.shard_pattern(tmp_path, 4000), resolution=8,
+                        caption_dropout=0.0, shuffle_buffer=8)
+    source, tokenizer = build_source(config, seed=0), build_tokenizer(shapes.all_captions(), 10)
     seen = []
-    for rank in range(3):
-        stream = ImageTextStream(source, config, build_tokenizer(shapes.all_captions(), 10), 0, rank, 3)
-        seen.append({raw.key for raw in source.samples(random.Random("order-0-0"), rank, 3, Counter())})
-        assert stream.world_size == 3
-    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
-    assert len(seen[0] | seen[1] | seen[2]) == 2500
+    for rank in range(2):
+        stream = ImageTextStream(source, config, tokenizer, seed=0, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        seen.append([example["key"] for example in loader])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"{s:05d}{i:04d}" for s in range(4) for i in range(1000))
+
+
+def test_too_few_shards_for_the_readers_is_an_error(tiny_shards):
+    stream = _stream(tiny_shards, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="1 shard\\(s\\) cannot be split over 2 readers"):
+        next(iter(stream))
+
+
+def test_builtin_folder_is_never_a_foreign_one(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not written by the built-in dataset generator"):
+        shapes.ensure_shards(tmp_path / "mine", 64)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    pattern = shapes.ensure_shards(tmp_path / "gen", 64)
+    first = (tmp_path / "gen" / "00000.tar").stat().st_mtime_ns
+    assert shapes.ensure_shards(tmp_path / "gen", 64) == pattern
+    assert (tmp_path / "gen" / "00000.tar").stat().st_mtime_ns == first  # the same set is reused
+    shapes.ensure_shards(tmp_path / "gen", 80)  # a different set replaces it
+    assert json.loads((tmp_path / "gen" / shapes.MARKER).read_text())["num_samples"] == 80
 
 
 def test_caption_dropout(tiny_shards):

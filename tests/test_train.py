@@ -21,7 +21,8 @@ TRAIN = str(ROOT / "finetune" / "train.py")
 
 
 def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True):
-    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    # CPU only, so the checks below (threads, fp16 refusal, bit-exact resume) mean the same on a GPU machine.
+    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [*launcher, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, *overrides]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -32,7 +33,7 @@ def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True):
 @pytest.mark.slow
 def test_five_steps_through_accelerate_launch(tmp_path):
     out = tmp_path / "run"
-    launch = ("accelerate", "launch", "--config_file", str(ROOT / "accelerate_config.yaml"))
+    launch = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"))
     result = _train(tmp_path, "train.max_train_steps=5", "train.checkpointing_steps=5", f"train.output_dir={out}",
                     launcher=launch)
     # accelerate launch sets OMP_NUM_THREADS=1; the trainer must still use every core it may use.
@@ -73,6 +74,20 @@ def test_resume_continues_exactly(tmp_path):
     again = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
     for key in exported:
         torch.testing.assert_close(exported[key], again[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_refuses_an_incomplete_or_mismatched_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    _train(tmp_path, "train.max_train_steps=2", "train.checkpointing_steps=2", f"train.output_dir={out}")
+    checkpoint = out / "checkpoint-2"
+    with pytest.raises(ValueError, match="written by 1 processes but this run has 2"):
+        checkpointing.read_manifest(checkpoint, world_size=2)
+    (checkpoint / "random_states_0.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match="missing random_states_0.pkl"):
+        checkpointing.read_manifest(checkpoint, world_size=1)
+    result = _train(tmp_path, "train.max_train_steps=4", f"train.output_dir={out}",
+                    f"train.resume_from_checkpoint={checkpoint}", check=False)
+    assert result.returncode != 0 and "missing random_states_0.pkl" in result.stderr
 
 
 def test_checkpoint_rotation_and_missing_manifest(tmp_path):

@@ -44,6 +44,10 @@ class WebDatasetSource:
         self.num_samples = num_samples  # unknown for a stream unless given
 
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
+        if len(self.shards) < parts:
+            raise ValueError(f"{len(self.shards)} shard(s) cannot be split over {parts} readers (processes x "
+                             "data.num_workers); every reader needs at least one shard: use more shards or fewer "
+                             "workers")
         shards = list(self.shards)
         order_rng.shuffle(shards)
 

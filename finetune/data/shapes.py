@@ -35,6 +35,7 @@ SAMPLES_PER_SHARD = 1000
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw at 4x and downsample, for anti-aliased edges
 WATERMARK_SHARE = 0.05
+MARKER = "shapes.json"  # what the folder holds: version, num_samples, seed, colours
 VERSION = 1  # bump when the rendering changes, so cached copies are regenerated
 
 
@@ -119,8 +120,13 @@ def write_shards(out_dir: str | os.PathLike, num_samples: int, seed: int = 0,
                     _add_member(tar, f"{key}.png", png)
                     _add_member(tar, f"{key}.txt", caption.encode())
                     _add_member(tar, f"{key}.json", json.dumps(metadata, sort_keys=True).encode())
-        if out_dir.exists():
+        marker = {"version": VERSION, "num_samples": num_samples, "seed": seed, "colors": list(colors)}
+        (tmp / MARKER).write_text(json.dumps(marker, sort_keys=True))
+        if out_dir.exists() and any(out_dir.iterdir()):
+            _refuse_unless_ours(out_dir)
             shutil.rmtree(out_dir)
+        elif out_dir.exists():
+            out_dir.rmdir()
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,10 +144,24 @@ def default_cache_dir(num_samples: int, seed: int = 0) -> Path:
     return root / f"shapes-v{VERSION}-n{num_samples}-s{seed}"
 
 
+def _refuse_unless_ours(folder: Path) -> dict:
+    """The marker of a folder this generator wrote; a folder with other content is never overwritten."""
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{folder} is not empty and was not written by the built-in dataset generator; "
+                         "set data.path to a new or empty folder") from None
+
+
 def ensure_shards(folder: str | os.PathLike | None, num_samples: int, seed: int = 0) -> str:
-    """Generate the built-in set into `folder` (default: a cache folder) unless it is already there;
-    return the brace pattern of its shards."""
-    folder = Path(folder) if folder else default_cache_dir(num_samples, seed)
-    if not (folder / "00000.tar").exists():
+    """Generate the built-in set into `folder` (default: a cache folder) unless that exact set is already
+    there; return the brace pattern of its shards."""
+    if folder is None:  # the cache is ours: anything there that is not exactly this set is replaced
+        folder = default_cache_dir(num_samples, seed)
+        if folder.exists() and not (folder / MARKER).exists():
+            shutil.rmtree(folder)
+    folder = Path(folder)
+    wanted = {"version": VERSION, "num_samples": num_samples, "seed": seed, "colors": list(DEFAULT_COLORS)}
+    if not folder.exists() or not any(folder.iterdir()) or _refuse_unless_ours(folder) != wanted:
         write_shards(folder, num_samples, seed)
     return shard_pattern(folder, num_samples)

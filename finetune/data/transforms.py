@@ -13,7 +13,7 @@ def decode_rgb(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
     Refuses images above `max_pixels` from the header, before decoding the pixels."""
     image = Image.open(io.BytesIO(data))
     if image.width * image.height > max_pixels:
-        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
+        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
