@@ -11,12 +11,14 @@ circle pi/4, triangle 1/2).
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipelines import TextToImageDDPMPipeline
 
+from .config import load_config
 from .data.shapes import DEFAULT_COLORS, HUES, SHAPES
 
 MIN_SATURATION = 0.35
@@ -80,17 +82,26 @@ def evaluate_pipeline(pipeline: TextToImageDDPMPipeline, colors: tuple[str, ...]
     }
 
 
+def run_guidance_scale(folder: str) -> float:
+    """The guidance the run sampled its validation grids with (its saved config), or 1 without one."""
+    path = Path(folder) / "config.yaml"
+    return load_config(path).validation.guidance_scale if path.is_file() else 1.0
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pipeline", help="a pipeline folder written by finetune/train.py")
     parser.add_argument("--num-images-per-prompt", type=int, default=8)
     parser.add_argument("--num-inference-steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance; default: the run's validation.guidance_scale (else 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--colors", nargs="+", default=list(DEFAULT_COLORS), choices=list(HUES))
     parser.add_argument("--json", help="also write the full report to this file")
     args = parser.parse_args(argv)
+    if args.guidance_scale is None:
+        args.guidance_scale = run_guidance_scale(args.pipeline)
     pipeline = TextToImageDDPMPipeline.from_pretrained(args.pipeline)
     report = evaluate_pipeline(pipeline, tuple(args.colors), SHAPES, args.num_images_per_prompt,
                                args.num_inference_steps, args.guidance_scale, args.seed)

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="a YAML run config (configs/*.yaml); omitted: the defaults")
     parser.add_argument("--dry-run", action="store_true", help="validate, build everything, print a summary, exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_train_steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come after overrides
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -164,12 +164,14 @@ def resume(accelerator: Accelerator, train: TrainConfig) -> tuple[int, int, int,
 
 def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
     """This process's stream of training examples and its DataLoader. Workers are not persistent, so each
-    epoch's `set_epoch` reaches them."""
+    epoch's `set_epoch` reaches them; the loader has its own generator, so starting an epoch (or resuming
+    mid-epoch) does not draw from the global RNG that the noise comes from."""
     dataset = ImageTextStream(source, config.data, tokenizer, config.train.seed, accelerator.process_index,
                               accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.train_batch_size, drop_last=True,
                                          num_workers=config.data.num_workers,
-                                         pin_memory=accelerator.device.type == "cuda")
+                                         pin_memory=accelerator.device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(config.train.seed))
     return dataset, loader
 
 

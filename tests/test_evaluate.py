@@ -43,3 +43,14 @@ def test_report_on_a_pipeline(tiny_pipeline, tmp_path):
     out = evaluate.main([str(tmp_path / "pipe"), "--num-images-per-prompt", "1", "--num-inference-steps", "2",
                          "--colors", "red", "--json", str(tmp_path / "report.json")])
     assert json.loads((tmp_path / "report.json").read_text())["num_images"] == out["num_images"] == 3
+
+
+def test_guidance_defaults_to_the_runs(tiny_pipeline, tmp_path):
+    from finetune.config import load_config, save_config
+
+    tiny_pipeline.save_pretrained(tmp_path)
+    assert evaluate.run_guidance_scale(str(tmp_path)) == 1.0
+    save_config(load_config(None, ["validation.guidance_scale=2.5"]), tmp_path / "config.yaml")
+    report = evaluate.main([str(tmp_path), "--num-images-per-prompt", "1", "--num-inference-steps", "1",
+                            "--colors", "red"])
+    assert report["guidance_scale"] == 2.5
