@@ -64,7 +64,6 @@ def build_components(config: ModelConfig, resolution: int, caption_texts: Iterab
             eos_token_id=tokenizer.eos_token_id,
         )
     )
-    levels = len(config.block_out_channels)
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.cross_attention_levels]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.cross_attention_levels)]
     unet = UNet2DConditionModel(
@@ -83,7 +82,6 @@ def build_components(config: ModelConfig, resolution: int, caption_texts: Iterab
         attention_head_dim=config.num_attention_heads,  # diffusers' name for the head count
         norm_num_groups=config.norm_num_groups,
     )
-    assert len(down) == levels
     scheduler = DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,

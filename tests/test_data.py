@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from finetune.config import DataConfig, FilterConfig
@@ -100,8 +101,6 @@ def test_stream_reads_every_sample_once_per_epoch(tiny_shards):
 
 def test_processes_and_workers_read_disjoint_parts(tmp_path):
     """Each (process, worker) reader gets its own shards: together they see every sample exactly once."""
-    import torch
-
     shapes.write_shards(tmp_path, 4000, seed=0)  # 4 shards
     config = DataConfig(source="webdataset", path=shapes.shard_pattern(tmp_path, 4000), resolution=8,
                         caption_dropout=0.0, shuffle_buffer=8)
