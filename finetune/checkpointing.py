@@ -41,6 +41,12 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
     return path
 
 
+def read_data_state(path: str | os.PathLike, rank: int) -> dict:
+    """Where process `rank`'s data stream was when the checkpoint was written."""
+    with open(Path(path) / f"data_state_{rank}.json") as f:
+        return json.load(f)
+
+
 def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dict:
     """The checkpoint's manifest, after checking that every file it lists is there and, when `world_size` is
     given, that it was written by as many processes (each has its own RNG state)."""
@@ -58,10 +64,11 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
     return manifest
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, extra: dict,
+def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, data_state: dict,
                     total_limit: int | None = None, keep: Path | None = None) -> Path:
     """Save the full training state as `checkpoint-<step>` atomically, then rotate old checkpoints, never
-    removing `keep` (the one this run resumed from). Every process must call it."""
+    removing `keep` (the one this run resumed from). Every process must call it, with its own `data_state`
+    (where its part of the data stream is), which goes to `data_state_<rank>.json`."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
@@ -69,10 +76,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    with open(tmp / f"data_state_{accelerator.process_index}.json", "w") as f:
+        json.dump(data_state, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         manifest = {"step": step, "world_size": accelerator.num_processes,
-                    "files": sorted(p.name for p in tmp.iterdir()), **extra}
+                    "files": sorted(p.name for p in tmp.iterdir())}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
         if final.exists():

@@ -101,9 +101,20 @@ def validate(accelerator, config: Config, components: Components, emas: list[EMA
     accelerator.wait_for_everyone()
 
 
+def check_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Every process must hold the same weights (DDP averages gradients); a mismatch means the processes did
+    not really train together."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device))
+    if not torch.all(checksums == checksums[0]):
+        raise RuntimeError(f"the {accelerator.num_processes} processes ended with different weights "
+                           f"(checksums {checksums.tolist()}); their gradients were not synchronised")
+    logger.info(f"weights identical on all {accelerator.num_processes} processes", main_process_only=True)
+
+
 def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> None:
     """Write the pipeline (EMA weights when enabled) to output_dir and a final sample grid; say where."""
-    accelerator.wait_for_everyone()
+    check_in_sync(accelerator, components.unet)
     if accelerator.is_main_process:
         out = config.train.output_dir
         pipeline = pipeline_for_export(accelerator, components, emas)
@@ -125,7 +136,8 @@ def describe(config: Config, components: Components, params, source, accelerator
         f"{len(components.tokenizer)} tokens\n"
         f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
         f"accumulation {config.train.gradient_accumulation_steps}, {accelerator.num_processes} processes) on "
-        f"{accelerator.device}, precision {accelerator.mixed_precision}, {torch.get_num_threads()} threads\n"
+        f"{accelerator.device} ({accelerator.distributed_type.value}), precision {accelerator.mixed_precision}, "
+        f"{torch.get_num_threads()} threads\n"
         f"output: {config.train.output_dir}"
     )
 
@@ -158,8 +170,9 @@ def resume(accelerator: Accelerator, train: TrainConfig) -> tuple[int, int, int,
         return 0, 0, 0, None
     manifest = checkpointing.read_manifest(path, accelerator.num_processes)
     accelerator.load_state(str(path))
+    data = checkpointing.read_data_state(path, accelerator.process_index)
     logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
-    return manifest["step"], manifest["epoch"], manifest["batches_in_epoch"], path
+    return manifest["step"], data["epoch"], data["batches_in_epoch"], path
 
 
 def build_data(config: Config, tokenizer, source, accelerator: Accelerator):

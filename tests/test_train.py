@@ -2,6 +2,7 @@
 
 import ast
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "finetune" / "train.py")
 
 
-def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True):
+def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True, env=None):
     # CPU only, so the checks below (threads, fp16 refusal, bit-exact resume) mean the same on a GPU machine.
-    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           **(env or {})}
     command = [*launcher, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, *overrides]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -48,6 +50,39 @@ def test_five_steps_through_accelerate_launch(tmp_path):
     assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
 
 
+def _two_process_launcher():
+    with socket.socket() as sock:  # a free port for this run's process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port))
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_train_together_and_resume_exactly(tmp_path):
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two cooperating
+    processes (gloo): each reads its own shard, they end with identical weights, and a run resumed from a
+    2-process checkpoint ends bit-identical to the uninterrupted one."""
+    common = ["data.num_samples=2000", "train.max_train_steps=12", "train.checkpointing_steps=6"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    env = {"ACCELERATE_USE_CPU": "1"}
+    result = _train(tmp_path, *common, f"train.output_dir={full}", launcher=_two_process_launcher(), env=env)
+    assert "(MULTI_CPU)" in result.stdout and "2 processes" in result.stdout
+    assert "weights identical on all 2 processes" in result.stderr
+    states = [checkpointing.read_data_state(full / "checkpoint-6", rank) for rank in (0, 1)]
+    assert states == [{"epoch": 0, "batches_in_epoch": 6}] * 2
+
+    resumed.mkdir()
+    os.symlink(full / "checkpoint-6", resumed / "checkpoint-6")
+    _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest",
+           launcher=_two_process_launcher(), env=env)
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a, b = load_file(full / "checkpoint-12" / name), load_file(resumed / "checkpoint-12" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def _weights(folder):
     return load_file(folder / "model.safetensors")
 
@@ -59,7 +94,8 @@ def test_resume_continues_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _train(tmp_path, *common, f"train.output_dir={full}")
     manifest = checkpointing.read_manifest(full / "checkpoint-10")
-    assert manifest["step"] == 10 and manifest["world_size"] == 1 and manifest["epoch"] == 0
+    assert manifest["step"] == 10 and manifest["world_size"] == 1
+    assert checkpointing.read_data_state(full / "checkpoint-10", 0) == {"epoch": 0, "batches_in_epoch": 10}
 
     # The second run starts from the first one's step-10 checkpoint.
     resumed.mkdir()
