@@ -194,3 +194,15 @@ def test_decode_modes():
     assert decode_rgb(grey.getvalue()).getpixel((0, 0)) == (100, 100, 100)
     tensor = to_tensor(Image.new("RGB", (40, 20), "white"), 8, True, False, random.Random(0))
     assert tensor.shape == (3, 8, 8) and float(tensor.min()) == 1.0
+
+
+def test_command_line_writes_the_set_anywhere(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "finetune.data", str(tmp_path / "out"), "--num-samples", "12",
+                             "--colors", "purple"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    members = _members(tmp_path / "out" / "00000.tar")
+    captions = [v.decode() for k, v in members.items() if k.endswith(".txt")]
+    assert len(captions) == 12 and all("purple" in c for c in captions)
