@@ -8,6 +8,7 @@ import argparse
 import itertools
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from .config import Config, TrainConfig, load_config, save_config
 from .data import ImageTextStream, build_source, caption_texts
 from .models import Components, build_components, count_parameters, load_components
 from .objective import diffusion_loss, min_snr_weights, sample_noise_and_timesteps, training_target
+from .preemption import StopOnSignal
 from .validation import log_validation
 
 logger = get_logger("finetune")
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                                                       "learning_rate": train.learning_rate})
     progress = tqdm(total=train.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     step_logger, grad_norm = StepLogger(accelerator, progress, train.logging_steps, step), None
-    while step < train.max_train_steps:
+    stop = StopOnSignal()
+    while step < train.max_train_steps and not stop.signum:
         dataset.set_epoch(epoch)
         batches_in_epoch = skip_batches
         for batch in itertools.islice(loader, skip_batches, None):
@@ -280,15 +283,21 @@ def main(argv: list[str] | None = None) -> None:
             for ema, model in zip(emas, trained):
                 ema.step(model.parameters())
             step_logger.step(step, step == train.max_train_steps, lr_scheduler.get_last_lr()[0], grad_norm)
-            if train.checkpointing_steps and step % train.checkpointing_steps == 0:
+            stopping = stop.requested(accelerator)
+            if stopping or train.checkpointing_steps and step % train.checkpointing_steps == 0:
                 checkpointing.save_checkpoint(accelerator, train.output_dir, step,
                                               {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
                                               train.checkpoints_total_limit, keep=resumed_from)
             if config.validation.validation_steps and step % config.validation.validation_steps == 0 \
                     and step < train.max_train_steps:  # the export samples the last step
                 validate(accelerator, config, components, emas, step)
+            if stopping:
+                stop.signum = stop.signum or signal.SIGTERM  # another process was signalled: stop here too
+                break
             if step >= train.max_train_steps:
                 break
+        if stop.signum:
+            break
         if batches_in_epoch == 0:
             raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
                                f"{train.train_batch_size} samples ({dict(dataset.counts)}); check data.path and "
@@ -296,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         epoch, skip_batches = epoch + 1, 0
         logger.info(f"epoch {epoch} data: {dict(dataset.counts)}", main_process_only=True)
     progress.close()
+    stop.close()
+    if stop.signum:  # preempted: the checkpoint just written is the way back
+        logger.info(f"stopped by signal {stop.signum} at step {step} after writing checkpoint-{step}; continue "
+                    "with train.resume_from_checkpoint=latest", main_process_only=True)
+        accelerator.end_training()
+        return
 
     # Export: the pipeline (EMA weights when enabled) at output_dir, and a final sample grid.
     export(accelerator, config, components, emas, step)

@@ -171,3 +171,67 @@ def test_data_that_yields_no_batch_is_an_error(tmp_path):
     result = _train(tmp_path, "data.filters.min_width=1000", f"train.output_dir={tmp_path / 'run'}", check=False)
     assert result.returncode != 0
     assert "gave no full batch" in result.stderr and "dropped by min_width" in result.stderr
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    """A SIGTERM mid-run stops at the next step boundary with a checkpoint there, exits 0 well within the 30 s
+    that torch elastic allows, and the run continues from that checkpoint."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN,
+               "train.max_train_steps=100000", "train.checkpointing_steps=0", f"train.output_dir={out}"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # some steps into training
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert process.returncode == 0, stderr[-3000:]
+    checkpoints = checkpointing.list_checkpoints(out)
+    assert len(checkpoints) == 1 and "stopped by signal" in stderr and "resume_from_checkpoint=latest" in stderr
+    step = checkpointing.read_manifest(checkpoints[0])["step"]
+    assert 0 < step < 100000 and not (out / "model_index.json").exists()
+
+    result = _train(tmp_path, f"train.max_train_steps={step + 2}", f"train.output_dir={out}",
+                    "train.resume_from_checkpoint=latest")
+    assert f"resumed from {checkpoints[0]} at step {step}" in result.stderr
+    assert (out / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch(tmp_path):
+    """SIGTERM to `accelerate launch` (torch elastic forwards it to both workers): both stop at the same step,
+    one checkpoint with both processes' state is written well within 30 s, and the run continues from it."""
+    import signal
+    import time
+
+    out, common = tmp_path / "run", ["data.num_samples=2000", "train.checkpointing_steps=0"]
+    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "ACCELERATE_USE_CPU": "1"}
+    command = [*_two_process_launcher(), TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, *common,
+               "train.max_train_steps=100000", f"train.output_dir={out}"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert "stopped by signal 15" in stderr, stderr[-3000:]
+    [checkpoint] = checkpointing.list_checkpoints(out)
+    manifest = checkpointing.read_manifest(checkpoint, world_size=2)
+    assert {"data_state_0.json", "data_state_1.json", "random_states_1.pkl"} <= set(manifest["files"])
+
+    _train(tmp_path, *common, f"train.max_train_steps={manifest['step'] + 2}", f"train.output_dir={out}",
+           "train.resume_from_checkpoint=latest", launcher=_two_process_launcher(), env={"ACCELERATE_USE_CPU": "1"})
+    assert (out / "model_index.json").is_file()

@@ -1,0 +1,32 @@
+"""Stop cleanly when asked: SIGTERM (schedulers, torch elastic) or SIGINT (Ctrl-C).
+
+The handler only records the request; the training loop asks `requested()` at each step boundary, where all
+processes agree (one of them was signalled is enough), write a checkpoint and exit.
+"""
+
+import signal
+
+import torch
+from accelerate import Accelerator
+
+
+class StopOnSignal:
+    """Records SIGTERM / SIGINT instead of dying mid-step; restores the previous handlers on `close()`."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """True on every process once any process has been signalled (one all-reduce when there are several)."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def close(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
