@@ -243,6 +243,11 @@ class TrainConfig:
     equally."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 disables clipping)."""
+    on_nonfinite: Literal["error", "skip"] = "error"
+    """A NaN/Inf loss or gradient norm on any process: stop with an error naming the step and batch (`error`),
+    or skip that optimizer step on every process (`skip`)."""
+    max_nonfinite_steps: int = 10
+    """With on_nonfinite=skip, stop after this many non-finite steps in a row."""
     cpu_threads: int | None = None
     """Torch threads per process when training on CPU; null uses the machine's cores divided by the processes
     on it (`accelerate launch` otherwise leaves each process one thread)."""
@@ -263,7 +268,8 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"train.{name}: got {getattr(self, name)}; must be >= 1")
         if self.learning_rate <= 0:

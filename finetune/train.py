@@ -7,6 +7,7 @@
 import argparse
 import itertools
 import logging
+import math
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from . import checkpointing
 from .config import Config, TrainConfig, load_config, save_config
 from .data import ImageTextStream, build_source, caption_texts
 from .models import Components, build_components, count_parameters, load_components
+from .nonfinite import NonFiniteGuard
 from .objective import diffusion_loss, min_snr_weights, sample_noise_and_timesteps, training_target
 from .preemption import StopOnSignal
 from .validation import log_validation
@@ -126,6 +128,11 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
               f"tensorboard: tensorboard --logdir {out}/logs")
 
 
+def print_summary(config: Config, components: Components, params, source, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process:
+        print(describe(config, components, params, source, accelerator))
+
+
 def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
     total = count_parameters(components.unet) + count_parameters(components.text_encoder)
     trainable = sum(p.numel() for p in params)
@@ -194,8 +201,9 @@ class StepLogger:
     """Accumulates the loss on the device and logs loss, LR, gradient norm and step time every `every` steps,
     so the host waits for the device only at log steps."""
 
-    def __init__(self, accelerator: Accelerator, progress: tqdm, every: int, step: int):
-        self.accelerator, self.progress, self.every = accelerator, progress, every
+    def __init__(self, accelerator: Accelerator, total: int, every: int, step: int):
+        self.progress = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train")
+        self.accelerator, self.every = accelerator, every
         self.loss_sum, self.count = torch.zeros((), device=accelerator.device), 0
         self.start, self.start_step = time.perf_counter(), step
 
@@ -244,8 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     params = trainable_parameters(components, config.model.train_text_encoder)
     trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
     optimizer, lr_scheduler, emas = build_optimization(train, params, trained, accelerator)
-    if accelerator.is_main_process:
-        print(describe(config, components, params, source, accelerator))
+    print_summary(config, components, params, source, accelerator)
     if args.dry_run:
         return
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
@@ -256,12 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     step, epoch, skip_batches, resumed_from = resume(accelerator, train)
 
     # Train.
-    if accelerator.is_main_process:
-        accelerator.init_trackers("finetune", config={"max_train_steps": train.max_train_steps,
-                                                      "learning_rate": train.learning_rate})
-    progress = tqdm(total=train.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-    step_logger, grad_norm = StepLogger(accelerator, progress, train.logging_steps, step), None
-    stop = StopOnSignal()
+    accelerator.init_trackers("finetune", config={"max_train_steps": train.max_train_steps,
+                                                  "learning_rate": train.learning_rate})
+    step_logger, grad_norm = StepLogger(accelerator, train.max_train_steps, train.logging_steps, step), None
+    stop, guard = StopOnSignal(), NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_steps)
     while step < train.max_train_steps and not stop.signum:
         dataset.set_epoch(epoch)
         batches_in_epoch = skip_batches
@@ -271,11 +276,16 @@ def main(argv: list[str] | None = None) -> None:
                 loss = compute_loss(batch, components.unet, components.text_encoder, components.scheduler,
                                     accelerator.device, train.snr_gamma, config.model.train_text_encoder)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients:  # clip (max_norm inf: measure only), then refuse NaN/Inf
+                    grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
+                skip = accelerator.sync_gradients and guard.skip_step(accelerator, loss, grad_norm, step + 1,
+                                                                      batch["key"])
+                if not skip:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            if skip:
+                continue
             step_logger.add(loss)
             if not accelerator.sync_gradients:
                 continue
@@ -304,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
                                "data.filters, or lower train.train_batch_size")
         epoch, skip_batches = epoch + 1, 0
         logger.info(f"epoch {epoch} data: {dict(dataset.counts)}", main_process_only=True)
-    progress.close()
+    step_logger.progress.close()
     stop.close()
     if stop.signum:  # preempted: the checkpoint just written is the way back
         logger.info(f"stopped by signal {stop.signum} at step {step} after writing checkpoint-{step}; continue "

@@ -235,3 +235,41 @@ def test_sigterm_to_a_two_process_launch(tmp_path):
     _train(tmp_path, *common, f"train.max_train_steps={manifest['step'] + 2}", f"train.output_dir={out}",
            "train.resume_from_checkpoint=latest", launcher=_two_process_launcher(), env={"ACCELERATE_USE_CPU": "1"})
     assert (out / "model_index.json").is_file()
+
+
+def test_nonfinite_loss_stops_at_that_step_without_a_bad_checkpoint(tmp_path):
+    """A learning rate of 1e30 sends the weights to ~1e30 in one step, so step 2's loss is not finite."""
+    out = tmp_path / "run"
+    result = _train(tmp_path, "train.learning_rate=1e30", "train.max_grad_norm=0", "train.use_ema=false",
+                    "train.max_train_steps=5", "train.checkpointing_steps=1", f"train.output_dir={out}", check=False)
+    assert result.returncode != 0
+    assert "non-finite loss or gradient norm at step 2" in result.stderr and "batch keys ['" in result.stderr
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-1"]
+    result = _train(tmp_path, "train.learning_rate=1e30", "train.max_grad_norm=0", "train.on_nonfinite=skip",
+                    "train.max_nonfinite_steps=2", "train.max_train_steps=5", f"train.output_dir={tmp_path / 's'}",
+                    check=False)
+    assert result.returncode != 0 and "3 in a row, more than train.max_nonfinite_steps=2" in result.stderr
+
+
+def test_skip_mode_skips_one_bad_step(tmp_path):
+    out = tmp_path / "run"
+    result = _train(tmp_path, "train.on_nonfinite=skip", "train.max_train_steps=4", f"train.output_dir={out}",
+                    env={"FINETUNE_FAULT_NONFINITE": "3:0"})
+    assert "at step 3 on some process" in result.stderr and "skipping this optimizer step" in result.stderr
+    assert (out / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_nonfinite_on_one_of_two_processes(tmp_path, mode):
+    """A NaN on process 1 only: both processes stop (error) or both skip that step and stay in sync (skip)."""
+    out = tmp_path / "run"
+    result = _train(tmp_path, "data.num_samples=2000", f"train.on_nonfinite={mode}", "train.max_train_steps=5",
+                    f"train.output_dir={out}", launcher=_two_process_launcher(), check=False,
+                    env={"ACCELERATE_USE_CPU": "1", "FINETUNE_FAULT_NONFINITE": "3:1"})
+    assert "process 1: loss nan" in result.stderr and "process 0: loss" in result.stderr  # both saw it
+    if mode == "error":
+        assert result.returncode != 0 and not (out / "model_index.json").exists()
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "weights identical on all 2 processes" in result.stderr
