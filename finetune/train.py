@@ -198,8 +198,8 @@ def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
 
 
 class StepLogger:
-    """Accumulates the loss on the device and logs loss, LR, gradient norm and step time every `every` steps,
-    so the host waits for the device only at log steps."""
+    """Accumulates the loss on the device and logs loss, LR, gradient norm and step time every `every` steps
+    (the per-step non-finite check already reads the loss on the host, so logging adds no wait of its own)."""
 
     def __init__(self, accelerator: Accelerator, total: int, every: int, step: int):
         self.progress = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train")
@@ -215,10 +215,8 @@ class StepLogger:
         self.progress.update(1)
         if step % self.every and not last:
             return
-        logs = {"loss": (self.loss_sum / self.count).item(), "lr": lr,
+        logs = {"loss": (self.loss_sum / self.count).item(), "lr": lr, "grad_norm": float(grad_norm),
                 "step_time": (time.perf_counter() - self.start) / (step - self.start_step)}
-        if grad_norm is not None:
-            logs["grad_norm"] = float(grad_norm)
         self.accelerator.log(logs, step=step)
         self.progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
         self.loss_sum.zero_()

@@ -21,12 +21,19 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "finetune" / "train.py")
 
 
-def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True, env=None):
+def _env(tmp_path, extra=None):
     # CPU only, so the checks below (threads, fp16 refusal, bit-exact resume) mean the same on a GPU machine.
-    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           **(env or {})}
-    command = [*launcher, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, *overrides]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+            "CUDA_VISIBLE_DEVICES": "", **(extra or {})}
+
+
+def _command(launcher, overrides):
+    return [*launcher, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, *overrides]
+
+
+def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True, env=None):
+    result = subprocess.run(_command(launcher, overrides), cwd=tmp_path, env=_env(tmp_path, env),
+                            capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -180,11 +187,10 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     import time
 
     out = tmp_path / "run"
-    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN,
-               "train.max_train_steps=100000", "train.checkpointing_steps=0", f"train.output_dir={out}"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = _command([sys.executable], ["train.max_train_steps=100000", "train.checkpointing_steps=0",
+                                          f"train.output_dir={out}"])
+    process = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list((out / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -213,12 +219,9 @@ def test_sigterm_to_a_two_process_launch(tmp_path):
     import time
 
     out, common = tmp_path / "run", ["data.num_samples=2000", "train.checkpointing_steps=0"]
-    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "ACCELERATE_USE_CPU": "1"}
-    command = [*_two_process_launcher(), TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, *common,
-               "train.max_train_steps=100000", f"train.output_dir={out}"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = _command(_two_process_launcher(), [*common, "train.max_train_steps=100000", f"train.output_dir={out}"])
+    process = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path, {"ACCELERATE_USE_CPU": "1"}),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list((out / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
         time.sleep(0.2)
