@@ -128,6 +128,14 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
               f"tensorboard: tensorboard --logdir {out}/logs")
 
 
+def finish(accelerator: Accelerator) -> None:
+    """End the run on every process together. Tearing the process group down right after a collective can
+    deadlock gloo at exit (its worker thread waits for the GIL that the exiting main thread holds while joining
+    it), so every process first waits at a barrier, which holds no Python tensors."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def print_summary(config: Config, components: Components, params, source, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         print(describe(config, components, params, source, accelerator))
@@ -317,12 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     if stop.signum:  # preempted: the checkpoint just written is the way back
         logger.info(f"stopped by signal {stop.signum} at step {step} after writing checkpoint-{step}; continue "
                     "with train.resume_from_checkpoint=latest", main_process_only=True)
-        accelerator.end_training()
+        finish(accelerator)
         return
 
     # Export: the pipeline (EMA weights when enabled) at output_dir, and a final sample grid.
     export(accelerator, config, components, emas, step)
-    accelerator.end_training()
+    finish(accelerator)
 
 
 if __name__ == "__main__":

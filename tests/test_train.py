@@ -33,7 +33,7 @@ def _command(launcher, overrides):
 
 def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True, env=None):
     result = subprocess.run(_command(launcher, overrides), cwd=tmp_path, env=_env(tmp_path, env),
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
