@@ -6,15 +6,21 @@ It is assembled in a temporary folder and renamed into place, so a crash leaves 
 under a real name.
 """
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
+import yaml
 from accelerate import Accelerator
 
 MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+# Fault injection for tests: "checkpoint:STEP" SIGKILLs the process midway through writing checkpoint-STEP.
+FAULT_ENV = "FINETUNE_FAULT_KILL"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -65,10 +71,11 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, data_state: dict,
-                    total_limit: int | None = None, keep: Path | None = None) -> Path:
+                    total_limit: int | None = None, keep: Path | None = None, config_text: str = "") -> Path:
     """Save the full training state as `checkpoint-<step>` atomically, then rotate old checkpoints, never
     removing `keep` (the one this run resumed from). Every process must call it, with its own `data_state`
-    (where its part of the data stream is), which goes to `data_state_<rank>.json`."""
+    (where its part of the data stream is), which goes to `data_state_<rank>.json`. `config_text`, the run's
+    resolved config, is kept beside the state and its SHA-256 in the manifest."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
@@ -78,9 +85,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     accelerator.save_state(str(tmp))
     with open(tmp / f"data_state_{accelerator.process_index}.json", "w") as f:
         json.dump(data_state, f)
+    _fault("checkpoint", step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (tmp / CONFIG).write_text(config_text)
         manifest = {"step": step, "world_size": accelerator.num_processes,
+                    "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
                     "files": sorted(p.name for p in tmp.iterdir())}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -93,3 +103,30 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
     return final
+
+
+def changed_settings(path: str | os.PathLike, config_text: str) -> list[str]:
+    """`section.key: old -> new` for every setting of the config at `path` (a checkpoint) that differs in
+    `config_text`, leaving out where the run is and how it resumes."""
+    saved = Path(path) / CONFIG
+    if not saved.is_file():
+        return []
+    old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(yaml.safe_load(config_text))
+    ignored = {"train.output_dir", "train.resume_from_checkpoint"}
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if key not in ignored and old.get(key) != new.get(key)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _fault(where: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

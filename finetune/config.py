@@ -31,10 +31,13 @@ def _check(problems: list[str]) -> None:
 
 @dataclass
 class ModelConfig:
-    """What is trained: a pixel-space text-conditioned UNet, its text encoder, tokenizer and noise schedule."""
+    """What is trained: a text-conditioned UNet, its text encoder, tokenizer and noise schedule; built from the
+    fields below, or loaded from a pretrained pipeline (pixel space, or latent space with a VAE)."""
 
     pretrained_model_name_or_path: str | None = None
-    """A pipeline folder or Hub id to start from; null builds every component from the fields below."""
+    """A pipeline folder or Hub id to start from: one this project trained (pixel space) or a Stable-Diffusion-
+    style one (`vae`, `unet`, `text_encoder`, `tokenizer`, `scheduler`; trained in the VAE's latent space).
+    null builds every component from the fields below."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `pretrained_model_name_or_path`."""
     variant: str | None = None
@@ -70,8 +73,12 @@ class ModelConfig:
     """T, the number of forward-process steps (from scratch)."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     """Noise schedule of the forward process (from scratch)."""
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    """What the UNet learns to predict: the noise, the velocity, or the clean image."""
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
+    """What the UNet learns to predict: the noise, the velocity, or the clean image. null: epsilon from scratch,
+    the base's own when fine-tuning; a value switches a base to it (the exported scheduler says the same)."""
+    rescale_betas_zero_snr: bool | None = None
+    """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; pair it with v_prediction). null: off
+    from scratch, the base's own when fine-tuning."""
 
     def __post_init__(self):
         problems = []
@@ -156,6 +163,14 @@ class DataConfig:
     pattern (`shards-{000000..000009}.tar`) or URL; imagefolder: the folder."""
     num_samples: int = 6000
     """builtin: how many samples to generate (the epoch length)."""
+    colors: list[str] | None = None
+    """builtin: the colours to draw (of red, orange, yellow, green, blue, purple; one listed twice is drawn twice
+    as often); null: every colour but purple, which is held out for the LoRA fine-tuning demo."""
+    cache: bool = False
+    """Encode each image with the frozen VAE and each caption with the frozen text encoder once, keep the results
+    in memory and train from them (the same training, without the repeated encoder passes). Needs
+    deterministic transforms (center_crop true, random_flip false); the text is cached only while the text
+    encoder is frozen."""
     resolution: int = 32
     """Images are resized (shorter side) and cropped to this square size."""
     center_crop: bool = True
@@ -189,27 +204,65 @@ class DataConfig:
             problems.append(f"data.num_samples: got {self.num_samples}; must be >= 1")
         if self.shuffle_buffer < 0 or self.num_workers < 0:
             problems.append("data.shuffle_buffer and data.num_workers must be >= 0")
+        if self.colors is not None:
+            from .data.shapes import HUES  # here, not at the top: the data package imports this module
+
+            if not self.colors or any(c not in HUES for c in self.colors):
+                problems.append(f"data.colors: got {self.colors}; give some of {', '.join(HUES)}")
+            if self.source != "builtin":
+                problems.append("data.colors: only the builtin source draws colours; remove it")
+        if self.cache and (self.random_flip or not self.center_crop):
+            problems.append("data.cache: the cache stores one encoding per image, so random transforms would be "
+                            "frozen; set data.random_flip: false and data.center_crop: true, or data.cache: false")
         _check(problems)
 
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters on the UNet's cross-attention (the text-conditioning path)."""
+    """LoRA adapters (peft) on the text-conditioning path: the UNet's cross-attention, optionally the text
+    encoder. Saved as `output_dir/pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`."""
 
     enabled: bool = False
-    """Train LoRA adapters instead of the full model."""
+    """Train LoRA adapters (the base's weights stay frozen) instead of the full model."""
     rank: int = 4
-    """Adapter rank r."""
+    """Adapter rank r of the UNet's adapters."""
     alpha: float | None = None
     """Adapter scale numerator (scale = alpha / rank); null means alpha = rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    init: Literal["default", "gaussian"] = "default"
+    """Adapter initialisation: `default` (A Kaiming-uniform, B zero) or `gaussian` (A normal with std 1/r);
+    both start as the identity (B = 0)."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"])
+    """UNet modules that get adapters (peft matches name suffixes): by default the cross-attention projections
+    where the text enters the UNet."""
+    use_dora: bool = False
+    """Weight-decomposed adapters (DoRA, Liu et al. 2024)."""
+    train_text_encoder: bool = False
+    """Also put adapters on the text encoder (model.train_text_encoder must then be false: the encoder's own
+    weights stay frozen)."""
+    text_encoder_rank: int = 4
+    """Adapter rank of the text encoder's adapters."""
+    text_encoder_alpha: float | None = None
+    """Scale numerator of the text encoder's adapters; null means alpha = text_encoder_rank."""
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Text-encoder modules that get adapters (CLIP attention projections by default)."""
 
     def __post_init__(self):
         problems = []
-        if self.enabled:
-            problems.append("lora.enabled: LoRA training is not available in this version yet; set lora.enabled: "
-                            "false to train the full model")
-        if self.rank < 1:
-            problems.append(f"lora.rank: got {self.rank}; must be >= 1")
+        for name in ("rank", "text_encoder_rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"lora.{name}: got {getattr(self, name)}; must be >= 1")
+        for name in ("alpha", "text_encoder_alpha"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                problems.append(f"lora.{name}: got {getattr(self, name)}; must be > 0 or null")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"lora.dropout: got {self.dropout}; must be in [0, 1)")
+        for name in ("target_modules", "text_encoder_target_modules"):
+            if not getattr(self, name) or not all(m.strip() for m in getattr(self, name)):
+                problems.append(f"lora.{name}: got {getattr(self, name)}; give at least one module name")
         _check(problems)
 
 
@@ -241,6 +294,12 @@ class TrainConfig:
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); null weights every timestep
     equally."""
+    noise_offset: float = 0.0
+    """Add this much per-channel constant noise to the training noise (Guttenberg 2023), so the model can learn
+    much darker or brighter images than the mean; 0.05-0.1 is typical, 0 disables."""
+    input_perturbation: float = 0.0
+    """Perturb the noise that makes x_t (not the target) by this factor (Ning et al. 2023), against exposure bias;
+    0.1 is the paper's value, 0 disables."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 disables clipping)."""
     on_nonfinite: Literal["error", "skip"] = "error"
@@ -281,6 +340,8 @@ class TrainConfig:
                 problems.append(f"train.{name}: got {getattr(self, name)}; must be in [0, 1)")
         if self.adam_epsilon <= 0 or self.adam_weight_decay < 0:
             problems.append("train.adam_epsilon must be > 0 and train.adam_weight_decay >= 0")
+        if self.noise_offset < 0 or self.input_perturbation < 0:
+            problems.append("train.noise_offset and train.input_perturbation must be >= 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append(f"train.snr_gamma: got {self.snr_gamma}; must be > 0 or null")
         if not 0 < self.ema_max_decay < 1:
@@ -353,9 +414,17 @@ class Config:
     hub: HubConfig = field(default_factory=HubConfig)
 
     def __post_init__(self):
+        problems = []
         if self.validation.num_inference_steps > self.model.num_train_timesteps:
-            _check([f"validation.num_inference_steps: got {self.validation.num_inference_steps}, more than "
-                    f"model.num_train_timesteps={self.model.num_train_timesteps}; use at most that many"])
+            problems.append(f"validation.num_inference_steps: got {self.validation.num_inference_steps}, more than "
+                            f"model.num_train_timesteps={self.model.num_train_timesteps}; use at most that many")
+        if self.lora.enabled and self.model.train_text_encoder:
+            problems.append("model.train_text_encoder: a LoRA run keeps the base's weights frozen; set it to false "
+                            "(lora.train_text_encoder: true puts adapters on the text encoder instead)")
+        if self.lora.enabled and not self.model.pretrained_model_name_or_path:
+            problems.append("lora.enabled: adapters fine-tune a trained base; set model.pretrained_model_name_or_path "
+                            "(e.g. outputs/shapes, written by configs/shapes.yaml)")
+        _check(problems)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -452,7 +521,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return config
 
 
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML text; it loads back to an equal Config."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML; it loads back to an equal Config."""
+    """Write the resolved config (`config_yaml`) to `path`."""
     with open(path, "w") as f:
-        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
+        f.write(config_yaml(config))

@@ -20,6 +20,7 @@ from pipelines import TextToImageDDPMPipeline
 
 from .config import load_config
 from .data.shapes import DEFAULT_COLORS, HUES, SHAPES
+from .lora import WEIGHT_NAME as LORA_WEIGHTS
 
 MIN_SATURATION = 0.35
 MIN_FOREGROUND_SHARE = 0.01
@@ -72,6 +73,8 @@ def evaluate_pipeline(pipeline: TextToImageDDPMPipeline, colors: tuple[str, ...]
         })
     return {
         "color_accuracy": float(np.mean([p["color_ok"] for p in per_prompt])),
+        "color_accuracy_by_color": {c: float(np.mean([p["color_ok"] for p in per_prompt if p["prompt"].startswith(c)]))
+                                    for c in colors},
         "shape_accuracy": float(np.mean([p["shape_ok"] for p in per_prompt])),
         "prompts_color_ok": float(np.mean([p["color_ok"] > 0.5 for p in per_prompt])),
         "prompts_shape_ok": float(np.mean([p["shape_ok"] > 0.5 for p in per_prompt])),
@@ -88,10 +91,22 @@ def run_guidance_scale(folder: str) -> float:
     return load_config(path).validation.guidance_scale if path.is_file() else 1.0
 
 
+def load_result(folder: str) -> TextToImageDDPMPipeline:
+    """The pipeline a run wrote to `folder`; for a LoRA run, its base (from the run's config.yaml) with the
+    adapters loaded."""
+    if not (Path(folder) / LORA_WEIGHTS).is_file():
+        return TextToImageDDPMPipeline.from_pretrained(folder)
+    model = load_config(Path(folder) / "config.yaml").model
+    pipeline = TextToImageDDPMPipeline.from_pretrained(model.pretrained_model_name_or_path, revision=model.revision,
+                                                       variant=model.variant)
+    pipeline.load_lora_weights(folder)
+    return pipeline
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pipeline", help="a pipeline folder written by finetune/train.py")
+    parser.add_argument("pipeline", help="an output folder of finetune/train.py (a pipeline, or a LoRA on its base)")
     parser.add_argument("--num-images-per-prompt", type=int, default=8)
     parser.add_argument("--num-inference-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float,
@@ -102,11 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.guidance_scale is None:
         args.guidance_scale = run_guidance_scale(args.pipeline)
-    pipeline = TextToImageDDPMPipeline.from_pretrained(args.pipeline)
+    pipeline = load_result(args.pipeline)
     report = evaluate_pipeline(pipeline, tuple(args.colors), SHAPES, args.num_images_per_prompt,
                                args.num_inference_steps, args.guidance_scale, args.seed)
     for p in report["per_prompt"]:
         print(f"  {p['prompt']:<18} colour {p['color_ok']:5.0%}  shape {p['shape_ok']:5.0%}")
+    by_color = report["color_accuracy_by_color"]
+    print("colour accuracy by colour: " + ", ".join(f"{c} {v:.1%}" for c, v in by_color.items()))
     print(f"colour accuracy {report['color_accuracy']:.1%} (prompts mostly right: {report['prompts_color_ok']:.0%}), "
           f"shape accuracy {report['shape_accuracy']:.1%} (prompts mostly right: {report['prompts_shape_ok']:.0%}) "
           f"over {report['num_images']} images, {args.num_inference_steps} steps, guidance {args.guidance_scale}")

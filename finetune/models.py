@@ -5,9 +5,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DConditionModel
+import transformers
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 
@@ -18,17 +19,17 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 
 @dataclass
 class Components:
-    """The parts of a text-to-image DDPM, as the pipeline names them."""
+    """The parts of a text-to-image DDPM, as the pipeline names them; `vae` only for latent-space models."""
 
     unet: UNet2DConditionModel
     scheduler: DDPMScheduler
-    text_encoder: CLIPTextModel
-    tokenizer: PreTrainedTokenizerFast
+    text_encoder: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    vae: AutoencoderKL | None = None
 
     def pipeline(self) -> TextToImageDDPMPipeline:
-        return TextToImageDDPMPipeline(
-            unet=self.unet, scheduler=self.scheduler, text_encoder=self.text_encoder, tokenizer=self.tokenizer
-        )
+        return TextToImageDDPMPipeline(unet=self.unet, scheduler=self.scheduler, text_encoder=self.text_encoder,
+                                       tokenizer=self.tokenizer, vae=self.vae)
 
 
 def build_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTokenizerFast:
@@ -85,25 +86,51 @@ def build_components(config: ModelConfig, resolution: int, caption_texts: Iterab
     scheduler = DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
-        prediction_type=config.prediction_type,
+        prediction_type=config.prediction_type or "epsilon",
+        rescale_betas_zero_snr=bool(config.rescale_betas_zero_snr),
         clip_sample=True,
     )
     return Components(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def load_components(config: ModelConfig) -> Components:
-    """Load the components of a pipeline folder or Hub id written by this project (or shaped like one)."""
-    pipe = TextToImageDDPMPipeline.from_pretrained(
-        config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant
+    """Load the components of a pipeline folder or Hub id: one this project trained (pixel space) or a
+    Stable-Diffusion-style one with a `vae` (latent space). Each part is read from its subfolder, so no
+    pipeline code from the folder runs; training uses this project's DDPMScheduler with the base scheduler's
+    settings (and the overrides `model.prediction_type` / `model.rescale_betas_zero_snr`)."""
+    path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
+    index = DiffusionPipeline.load_config(path, **where)
+    missing = [name for name in ("unet", "text_encoder", "tokenizer", "scheduler") if not _has(index, name)]
+    if missing:
+        raise ValueError(f"{path} is not a text-to-image pipeline this trainer can fine-tune: model_index.json has "
+                         f"no {', '.join(missing)}; it needs unet, text_encoder, tokenizer, scheduler (vae optional)")
+    library, text_encoder_class = index["text_encoder"]
+    if library != "transformers" or not hasattr(transformers, text_encoder_class):
+        raise ValueError(f"{path}: the text encoder is {library}.{text_encoder_class}; a transformers model is needed")
+    weights = {**where, "variant": config.variant}
+    overrides = {k: v for k, v in (("prediction_type", config.prediction_type),
+                                   ("rescale_betas_zero_snr", config.rescale_betas_zero_snr)) if v is not None}
+    return Components(
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
+        scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **where, **overrides),
+        text_encoder=getattr(transformers, text_encoder_class).from_pretrained(path, subfolder="text_encoder",
+                                                                               **weights),
+        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **where),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights) if _has(index, "vae") else None,
     )
-    scheduler = pipe.scheduler
-    if scheduler.config.prediction_type != config.prediction_type:
-        raise ValueError(
-            f"model.prediction_type={config.prediction_type!r} but the base model "
-            f"{config.pretrained_model_name_or_path!r} was trained with {scheduler.config.prediction_type!r}; "
-            "set model.prediction_type to match it"
-        )
-    return Components(unet=pipe.unet, scheduler=scheduler, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+
+
+def _has(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+
+def check_objective(scheduler: DDPMScheduler) -> None:
+    """A zero-terminal-SNR schedule makes x_T pure noise, from which no noise prediction recovers x_0: it
+    needs a velocity or sample prediction (Lin et al. 2023, section 3.2)."""
+    if scheduler.config.rescale_betas_zero_snr and scheduler.config.prediction_type == "epsilon":
+        raise ValueError("model.rescale_betas_zero_snr: a zero-terminal-SNR schedule cannot be sampled with "
+                         "epsilon prediction; set model.prediction_type: v_prediction (or sample)")
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -12,11 +12,28 @@ from diffusers.training_utils import compute_snr
 from pipelines import DDPMScheduler
 
 
-def sample_noise_and_timesteps(samples: torch.Tensor, num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """eps ~ N(0, I) shaped like `samples` and t ~ U{0, ..., T-1}, one per sample."""
+def sample_noise_and_timesteps(samples: torch.Tensor, num_train_timesteps: int,
+                               noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps ~ N(0, I) shaped like `samples` and t ~ U{0, ..., T-1}, one per sample.
+
+    With `noise_offset` > 0, eps also gets a constant per (sample, channel) drawn from N(0, noise_offset^2)
+    (the "offset noise" of Guttenberg 2023): plain eps never shifts a whole channel, so the model cannot learn
+    images much darker or brighter than the mean. The shifted eps is also the epsilon target."""
     noise = torch.randn(samples.shape, dtype=samples.dtype).to(samples.device)
+    if noise_offset:
+        offset = torch.randn((samples.shape[0], samples.shape[1], *[1] * (samples.ndim - 2)), dtype=samples.dtype)
+        noise = noise + noise_offset * offset.to(samples.device)
     timesteps = torch.randint(0, num_train_timesteps, (samples.shape[0],)).to(samples.device)
     return noise, timesteps
+
+
+def perturb_noise(noise: torch.Tensor, input_perturbation: float) -> torch.Tensor:
+    """The noise that forms x_t under input perturbation (Ning et al. 2023, https://arxiv.org/abs/2301.11706):
+    eps + gamma * xi with xi ~ N(0, I), while the target stays eps. Training then sees inputs like the slightly
+    wrong ones of its own sampling (exposure bias). gamma = 0 returns `noise` itself."""
+    if not input_perturbation:
+        return noise
+    return noise + input_perturbation * torch.randn(noise.shape, dtype=noise.dtype).to(noise.device)
 
 
 def training_target(scheduler: DDPMScheduler, samples: torch.Tensor, noise: torch.Tensor,
@@ -37,8 +54,8 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=snr_gamma)
     prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return clipped / snr
+    if prediction_type == "epsilon":  # at zero SNR (a zero-terminal-SNR schedule's last step) the limit is 1
+        return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped

@@ -5,13 +5,13 @@
 """
 
 import argparse
+import contextlib
 import itertools
 import logging
 import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/train.py`): import as the package
@@ -23,16 +23,18 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
+from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing
-from .config import Config, TrainConfig, load_config, save_config
+from . import checkpointing, lora
+from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
-from .models import Components, build_components, count_parameters, load_components
+from .distributed import check_in_sync, finish
+from .encoding import BatchEncoder
+from .models import Components, build_components, check_objective, count_parameters, load_components
 from .nonfinite import NonFiniteGuard
-from .objective import diffusion_loss, min_snr_weights, sample_noise_and_timesteps, training_target
+from .objective import diffusion_loss, min_snr_weights, perturb_noise, sample_noise_and_timesteps, training_target
 from .preemption import StopOnSignal
+from .progress import StepLogger
 from .validation import log_validation
 
 logger = get_logger("finetune")
@@ -66,74 +68,99 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def trainable_parameters(components: Components, train_text_encoder: bool) -> list[torch.nn.Parameter]:
-    components.text_encoder.requires_grad_(train_text_encoder)
-    params = list(components.unet.parameters())
-    return params + (list(components.text_encoder.parameters()) if train_text_encoder else [])
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def compute_loss(batch: dict, unet, text_encoder, scheduler, device: torch.device, snr_gamma: float | None,
-                 train_text_encoder: bool) -> torch.Tensor:
-    """One forward pass of the objective on a batch: encode text, noise the images, predict, regress."""
-    pixels = batch["pixel_values"].to(device, non_blocking=True)
-    with torch.set_grad_enabled(train_text_encoder):
-        text = text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[0]
-    noise, timesteps = sample_noise_and_timesteps(pixels, scheduler.config.num_train_timesteps)
-    noisy = scheduler.add_noise(pixels, noise, timesteps)
+def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Components, list[torch.nn.Module]]:
+    """The components (built from scratch, or loaded from `model.pretrained_model_name_or_path`) and the models
+    that train: the UNet and, when it trains, the text encoder, each in full or carrying LoRA adapters. Frozen
+    weights move to the device in the training precision; trainable ones stay float32."""
+    if config.model.pretrained_model_name_or_path:
+        components = load_components(config.model)
+    else:
+        components = build_components(config.model, config.data.resolution, caption_texts(config.data, source))
+    check_objective(components.scheduler)
+    if components.vae is not None and components.vae.config.latent_channels != components.unet.config.in_channels:
+        raise ValueError(f"{config.model.pretrained_model_name_or_path}: the VAE makes "
+                         f"{components.vae.config.latent_channels}-channel latents but the UNet takes "
+                         f"{components.unet.config.in_channels} channels")
+    if config.lora.enabled:
+        trained = lora.attach(components, config.lora)
+    else:
+        components.text_encoder.requires_grad_(config.model.train_text_encoder)
+        trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
+    if components.vae is not None:
+        components.vae.requires_grad_(False)
+    # Frozen models (with LoRA, the adapted ones too: their base weights are frozen) in the training precision.
+    frozen = [m for m in (components.unet, components.text_encoder, components.vae)
+              if m is not None and (config.lora.enabled or all(m is not t for t in trained))]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    for model in frozen:  # (no dtype argument in fp32: diffusers warns about any cast)
+        model.to(accelerator.device, *([dtype] if dtype != torch.float32 else []))
+    if config.lora.enabled:
+        cast_training_params(trained, dtype=torch.float32)
+    return components, trained
+
+
+def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: torch.device,
+                 train: TrainConfig) -> torch.Tensor:
+    """One forward pass of the objective on a batch: encode images and text, noise, predict, regress."""
+    samples, text = encoder.samples(batch, device), encoder.text(batch, device)
+    noise, timesteps = sample_noise_and_timesteps(samples, scheduler.config.num_train_timesteps, train.noise_offset)
+    noisy = scheduler.add_noise(samples, perturb_noise(noise, train.input_perturbation), timesteps)
     model_pred = unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
-    weights = min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma else None
-    return diffusion_loss(model_pred, training_target(scheduler, pixels, noise, timesteps), weights)
+    weights = min_snr_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
+    return diffusion_loss(model_pred, training_target(scheduler, samples, noise, timesteps), weights)
 
 
-def pipeline_for_export(accelerator: Accelerator, components: Components, emas: list[EMAModel]):
-    """The pipeline with unwrapped models and, when EMA is on, the averaged weights copied in (the caller
-    restores the training weights with `ema.restore`)."""
-    unet, text_encoder = accelerator.unwrap_model(components.unet), accelerator.unwrap_model(components.text_encoder)
-    for ema, model in zip(emas, (unet, text_encoder)):
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-    return Components(unet, components.scheduler, text_encoder, components.tokenizer).pipeline()
+@contextlib.contextmanager
+def exported(accelerator: Accelerator, components: Components, emas: list[EMAModel]):
+    """The pipeline to sample and save: unwrapped models in eval mode (no adapter dropout) with the EMA weights,
+    when EMA is on, in place of the trained ones; the training weights and mode come back afterwards."""
+    models = [accelerator.unwrap_model(components.unet), accelerator.unwrap_model(components.text_encoder)]
+    modes = [model.training for model in models]
+    for ema, model in zip(emas, models):
+        ema.store(trainable(model))
+        ema.copy_to(trainable(model))
+    for model in models:
+        model.eval()
+    try:
+        with accelerator.autocast():
+            yield Components(models[0], components.scheduler, models[1], components.tokenizer, components.vae)
+    finally:
+        for ema, model in zip(emas, models):
+            ema.restore(trainable(model))
+        for model, mode in zip(models, modes):
+            model.train(mode)
 
 
 def validate(accelerator, config: Config, components: Components, emas: list[EMAModel], step: int) -> None:
     if accelerator.is_main_process:
-        pipeline = pipeline_for_export(accelerator, components, emas)
-        path = log_validation(pipeline, config.validation, step, config.train.output_dir, accelerator.trackers)
-        for ema, model in zip(emas, (pipeline.unet, pipeline.text_encoder)):
-            ema.restore(model.parameters())
+        with exported(accelerator, components, emas) as models:
+            path = log_validation(models.pipeline(), config.validation, step, config.train.output_dir,
+                                  accelerator.trackers)
         logger.info(f"step {step}: samples in {path}")
     accelerator.wait_for_everyone()
 
 
-def check_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """Every process must hold the same weights (DDP averages gradients); a mismatch means the processes did
-    not really train together."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    checksums = accelerator.gather(checksum.to(accelerator.device))
-    if not torch.all(checksums == checksums[0]):
-        raise RuntimeError(f"the {accelerator.num_processes} processes ended with different weights "
-                           f"(checksums {checksums.tolist()}); their gradients were not synchronised")
-    logger.info(f"weights identical on all {accelerator.num_processes} processes", main_process_only=True)
-
-
 def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> None:
-    """Write the pipeline (EMA weights when enabled) to output_dir and a final sample grid; say where."""
+    """Write the result (EMA weights when enabled) to output_dir: the whole pipeline, or for a LoRA run the
+    adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
+    final sample grid; say where."""
     check_in_sync(accelerator, components.unet)
     if accelerator.is_main_process:
         out = config.train.output_dir
-        pipeline = pipeline_for_export(accelerator, components, emas)
-        pipeline.save_pretrained(out)
-        grid = log_validation(pipeline, config.validation, step, out, accelerator.trackers)
-        print(f"pipeline: {out}\nsamples: {grid}\nconfig: {out}/config.yaml\n"
+        with exported(accelerator, components, emas) as models:
+            if config.lora.enabled:
+                adapters = lora.save(out, models.unet, models.text_encoder if config.lora.train_text_encoder else None)
+                result = f"LoRA: {adapters} (base: {config.model.pretrained_model_name_or_path})"
+            else:
+                models.pipeline().save_pretrained(out)
+                result = f"pipeline: {out}"
+            grid = log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
+        print(f"{result}\nsamples: {grid}\nconfig: {out}/config.yaml\n"
               f"tensorboard: tensorboard --logdir {out}/logs")
-
-
-def finish(accelerator: Accelerator) -> None:
-    """End the run on every process together. Tearing the process group down right after a collective can
-    deadlock gloo at exit (its worker thread waits for the GIL that the exiting main thread holds while joining
-    it), so every process first waits at a barrier, which holds no Python tensors."""
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 def print_summary(config: Config, components: Components, params, source, accelerator: Accelerator) -> None:
@@ -145,10 +172,16 @@ def describe(config: Config, components: Components, params, source, accelerator
     total = count_parameters(components.unet) + count_parameters(components.text_encoder)
     trainable = sum(p.numel() for p in params)
     size = source.num_samples or "streaming"
+    adapters = (f"LoRA rank {config.lora.rank} on {', '.join(config.lora.target_modules)}"
+                + (f" and the text encoder (rank {config.lora.text_encoder_rank})" if config.lora.train_text_encoder
+                   else "") + "; ") if config.lora.enabled else ""
+    space = (f"latent space ({components.vae.config.latent_channels}-channel VAE latents)"
+             if components.vae is not None else "pixel space")
     batch = config.train.train_batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
     return (
         f"unet {count_parameters(components.unet):,} params, text encoder "
-        f"{count_parameters(components.text_encoder):,}; trainable {trainable:,} ({trainable / total:.1%})\n"
+        f"{count_parameters(components.text_encoder):,}; {adapters}trainable {trainable:,} ({trainable / total:.1%}; "
+        f"{trainable / count_parameters(components.unet):.1%} of the UNet's), {space}\n"
         f"data: {config.data.source} ({size} samples) at {config.data.resolution}px, vocabulary "
         f"{len(components.tokenizer)} tokens\n"
         f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
@@ -160,7 +193,8 @@ def describe(config: Config, components: Components, params, source, accelerator
 
 
 def build_optimization(train: TrainConfig, params: list, trained: list, accelerator: Accelerator):
-    """AdamW over `params`, the LR schedule, and one EMA per trained model (registered for checkpoints)."""
+    """AdamW over `params`, the LR schedule, and one EMA of the trainable weights of each trained model
+    (registered for checkpoints)."""
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                   weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
@@ -169,16 +203,17 @@ def build_optimization(train: TrainConfig, params: list, trained: list, accelera
                                  num_training_steps=train.max_train_steps * accelerator.num_processes)
     emas = []
     if train.use_ema:
-        emas = [EMAModel(m.parameters(), decay=train.ema_max_decay, use_ema_warmup=True) for m in trained]
+        emas = [EMAModel(trainable(m), decay=train.ema_max_decay, use_ema_warmup=True) for m in trained]
     for ema in emas:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     return optimizer, lr_scheduler, emas
 
 
-def resume(accelerator: Accelerator, train: TrainConfig) -> tuple[int, int, int, Path | None]:
+def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tuple[int, int, int, Path | None]:
     """Restore the state of `train.resume_from_checkpoint`, if any: (step, epoch, batches seen in that epoch,
-    the checkpoint folder)."""
+    the checkpoint folder). Settings changed since the checkpoint are named: the continuation is exact only
+    when none that shape training changed."""
     if not train.resume_from_checkpoint:
         return 0, 0, 0, None
     path = checkpointing.resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
@@ -189,6 +224,9 @@ def resume(accelerator: Accelerator, train: TrainConfig) -> tuple[int, int, int,
     accelerator.load_state(str(path))
     data = checkpointing.read_data_state(path, accelerator.process_index)
     logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
+    changed = checkpointing.changed_settings(path, config_text)
+    if changed:
+        logger.warning(f"settings changed since {path.name}: {'; '.join(changed)}", main_process_only=True)
     return manifest["step"], data["epoch"], data["batches_in_epoch"], path
 
 
@@ -205,32 +243,6 @@ def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
     return dataset, loader
 
 
-class StepLogger:
-    """Accumulates the loss on the device and logs loss, LR, gradient norm and step time every `every` steps
-    (the per-step non-finite check already reads the loss on the host, so logging adds no wait of its own)."""
-
-    def __init__(self, accelerator: Accelerator, total: int, every: int, step: int):
-        self.progress = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train")
-        self.accelerator, self.every = accelerator, every
-        self.loss_sum, self.count = torch.zeros((), device=accelerator.device), 0
-        self.start, self.start_step = time.perf_counter(), step
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()
-        self.count += 1
-
-    def step(self, step: int, last: bool, lr: float, grad_norm) -> None:
-        self.progress.update(1)
-        if step % self.every and not last:
-            return
-        logs = {"loss": (self.loss_sum / self.count).item(), "lr": lr, "grad_norm": float(grad_norm),
-                "step_time": (time.perf_counter() - self.start) / (step - self.start_step)}
-        self.accelerator.log(logs, step=step)
-        self.progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
-        self.loss_sum.zero_()
-        self.count, self.start, self.start_step = 0, time.perf_counter(), step
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
@@ -242,31 +254,28 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(train.seed)
     if accelerator.is_main_process:
         Path(train.output_dir).mkdir(parents=True, exist_ok=True)
-        save_config(config, Path(train.output_dir) / "config.yaml")
+        (Path(train.output_dir) / "config.yaml").write_text(config_yaml(config))
 
-    # Build the models (from scratch, or from a pretrained pipeline) and the data.
+    # Build the models (from scratch, or from a pretrained pipeline; in full or with LoRA) and the data.
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
         source = build_source(config.data, train.seed)
-    if config.model.pretrained_model_name_or_path:
-        components = load_components(config.model)
-    else:
-        components = build_components(config.model, config.data.resolution, caption_texts(config.data, source))
+    components, trained = build_model(config, source, accelerator)
     dataset, loader = build_data(config, components.tokenizer, source, accelerator)
     set_seed(train.seed, device_specific=True)  # same initial weights everywhere, different noise per process
 
-    # Build the optimizer, LR schedule and EMA; a frozen text encoder is not wrapped for training.
-    params = trainable_parameters(components, config.model.train_text_encoder)
-    trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
+    # Build the optimizer, LR schedule and EMA over the trainable weights; frozen models are not wrapped.
+    params = [p for model in trained for p in trainable(model)]
     optimizer, lr_scheduler, emas = build_optimization(train, params, trained, accelerator)
     print_summary(config, components, params, source, accelerator)
     if args.dry_run:
         return
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     components.unet = trained[0]
-    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder.to(accelerator.device)
+    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
+    encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
-    step, epoch, skip_batches, resumed_from = resume(accelerator, train)
+    step, epoch, skip_batches, resumed_from = resume(accelerator, train, config_yaml(config))
 
     # Train.
     accelerator.init_trackers("finetune", config={"max_train_steps": train.max_train_steps,
@@ -279,8 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in itertools.islice(loader, skip_batches, None):
             batches_in_epoch += 1
             with accelerator.accumulate(*trained):
-                loss = compute_loss(batch, components.unet, components.text_encoder, components.scheduler,
-                                    accelerator.device, train.snr_gamma, config.model.train_text_encoder)
+                loss = compute_loss(batch, components.unet, encoder, components.scheduler, accelerator.device, train)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # clip (max_norm inf: measure only), then refuse NaN/Inf
                     grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
@@ -297,13 +305,13 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             step += 1
             for ema, model in zip(emas, trained):
-                ema.step(model.parameters())
+                ema.step(trainable(model))
             step_logger.step(step, step == train.max_train_steps, lr_scheduler.get_last_lr()[0], grad_norm)
             stopping = stop.requested(accelerator)
             if stopping or train.checkpointing_steps and step % train.checkpointing_steps == 0:
                 checkpointing.save_checkpoint(accelerator, train.output_dir, step,
                                               {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
-                                              train.checkpoints_total_limit, keep=resumed_from)
+                                              train.checkpoints_total_limit, resumed_from, config_yaml(config))
             if config.validation.validation_steps and step % config.validation.validation_steps == 0 \
                     and step < train.max_train_steps:  # the export samples the last step
                 validate(accelerator, config, components, emas, step)

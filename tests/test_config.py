@@ -73,11 +73,20 @@ def test_all_errors_at_once(tmp_path):
     ("validation.prompts=[]", "validation.prompts: got []; give at least one non-empty prompt"),
     ("validation.num_inference_steps=2000", "more than model.num_train_timesteps=1000"),
     ("train.adam_beta2=1", "train.adam_beta2: got 1.0; must be in [0, 1)"),
+    ("lora.enabled=true", "lora.enabled: adapters fine-tune a trained base; set model.pretrained_model_name_or_path"),
+    ("lora.enabled=true", "model.train_text_encoder: a LoRA run keeps the base's weights frozen"),
+    ("lora.rank=0", "lora.rank: got 0; must be >= 1"),
+    ("lora.dropout=1", "lora.dropout: got 1.0; must be in [0, 1)"),
+    ("lora.init=pissa", "lora.init: got 'pissa'; allowed: 'default', 'gaussian'"),
+    ("lora.target_modules=[]", "lora.target_modules: got []; give at least one module name"),
+    ("data.colors=[teal]", "data.colors: got ['teal']; give some of red, orange"),
+    ("data.random_flip=true & data.cache=true", "data.cache: the cache stores one encoding per image"),
+    ("train.noise_offset=-1", "train.noise_offset and train.input_perturbation must be >= 0"),
     ("train.snr_gamma=0", "train.snr_gamma: got 0.0; must be > 0 or null"),
 ])
 def test_bad_values_name_key_value_and_fix(override, fragment):
     with pytest.raises(ConfigError) as error:
-        load_config(None, [override])
+        load_config(None, override.split(" & "))
     assert fragment in str(error.value)
 
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from finetune.objective import diffusion_loss, min_snr_weights, sample_noise_and_timesteps, training_target
+from finetune.models import check_objective
+from finetune.objective import (
+    diffusion_loss,
+    min_snr_weights,
+    perturb_noise,
+    sample_noise_and_timesteps,
+    training_target,
+)
 from pipelines import DDPMScheduler
 
 
@@ -49,3 +56,54 @@ def test_weighted_loss():
     assert diffusion_loss(pred, target).item() == pytest.approx(2.5)
     assert diffusion_loss(pred, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
     assert diffusion_loss(pred.bfloat16(), target).dtype == torch.float32
+
+
+def test_noise_offset_shifts_each_channel_by_a_constant():
+    """eps + offset * c with one c ~ N(0, 1) per (sample, channel): the difference to plain eps is constant over
+    pixels, its spread is the offset, and the timesteps are those plain noise would get (the target is this eps)."""
+    x = torch.zeros(512, 3, 4, 4)
+    torch.manual_seed(0)
+    plain, plain_t = sample_noise_and_timesteps(x, 1000)
+    torch.manual_seed(0)
+    shifted, shifted_t = sample_noise_and_timesteps(x, 1000, noise_offset=0.1)
+    diff = shifted - plain
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-6)
+    assert diff[:, :, 0, 0].std().item() == pytest.approx(0.1, rel=0.1)
+    assert shifted_t.shape == plain_t.shape
+
+
+def test_input_perturbation_changes_the_input_not_the_target():
+    scheduler = DDPMScheduler()
+    x0, timesteps = torch.rand(256, 3, 4, 4), torch.full((256,), 500)
+    torch.manual_seed(0)
+    noise, _ = sample_noise_and_timesteps(x0, 1000)
+    assert perturb_noise(noise, 0.0) is noise
+    perturbed = perturb_noise(noise, 0.1)
+    assert (perturbed - noise).std().item() == pytest.approx(0.1, rel=0.05)
+    # x_t is built from the perturbed noise; the epsilon target is still the original noise.
+    xt = scheduler.add_noise(x0, perturbed, timesteps)
+    assert not torch.allclose(xt, scheduler.add_noise(x0, noise, timesteps))
+    assert training_target(scheduler, x0, noise, timesteps) is noise
+
+
+def test_zero_terminal_snr():
+    """Lin et al. 2023: the last step is pure noise (SNR 0); min-SNR weights stay finite there, and a schedule
+    like that is refused for epsilon prediction, which cannot be sampled from pure noise."""
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert scheduler.alphas_cumprod[-1] == 0 and scheduler.alphas_cumprod[0] > 0.99
+    timesteps = torch.tensor([0, 500, 999])
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        scheduler.register_to_config(prediction_type=prediction_type)
+        weights = min_snr_weights(scheduler, timesteps, 5.0)
+        assert torch.isfinite(weights).all(), prediction_type
+    check_objective(DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="v_prediction"):
+        check_objective(DDPMScheduler(rescale_betas_zero_snr=True))
+
+
+def test_v_prediction_target_is_the_velocity():
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022)."""
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    x0, noise, timesteps = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([10, 900])
+    a = scheduler.alphas_cumprod[timesteps].reshape(2, 1, 1, 1)
+    torch.testing.assert_close(training_target(scheduler, x0, noise, timesteps), a.sqrt() * noise - (1 - a).sqrt() * x0)

@@ -1,10 +1,12 @@
 """The training recipe end to end: through `accelerate launch`, resume, dry run, precision checks, budget."""
 
 import ast
+import hashlib
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,47 @@ def test_resume_continues_exactly(tmp_path):
     again = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
     for key in exported:
         torch.testing.assert_close(exported[key], again[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["while writing checkpoint-10", "between checkpoints"])
+def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, kill):
+    """SIGKILL (no handler can run) in the middle of a checkpoint write, or at whatever step the run has reached
+    after checkpoint-5: the half-written folder is never resumed from, and continuing with `latest` ends with
+    byte-identical weights, checkpoint and exported pipeline to the run that was never killed. With gradient
+    accumulation, so the resumed loader must skip micro-batches, not steps."""
+    common = ["train.max_train_steps=20", "train.checkpointing_steps=5", "train.gradient_accumulation_steps=2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _train(tmp_path, *common, f"train.output_dir={full}")
+    if kill == "while writing checkpoint-10":
+        result = _train(tmp_path, *common, f"train.output_dir={killed}", check=False,
+                        env={checkpointing.FAULT_ENV: "checkpoint:10"})
+        assert result.returncode == -9
+        assert (killed / ".tmp-checkpoint-10").is_dir() and not (killed / "checkpoint-10").exists()
+    else:
+        process = subprocess.Popen(_command([sys.executable], [*common, f"train.output_dir={killed}"]), cwd=tmp_path,
+                                   env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (killed / "checkpoint-5").is_dir() and process.poll() is None:
+            time.sleep(0.01)
+        process.kill()
+        assert process.wait(timeout=60) == -9
+    assert not (killed / "model_index.json").exists()
+    result = _train(tmp_path, *common, f"train.output_dir={killed}", "train.resume_from_checkpoint=latest")
+    assert "resumed from" in result.stderr and "settings changed" not in result.stderr
+    for name in ("checkpoint-20/model.safetensors", "checkpoint-20/custom_checkpoint_0.pkl",
+                 "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (full / name).read_bytes() == (killed / name).read_bytes(), name
+
+
+def test_resume_names_the_settings_that_changed(tmp_path):
+    out = tmp_path / "run"
+    _train(tmp_path, "train.max_train_steps=2", "train.checkpointing_steps=2", f"train.output_dir={out}")
+    manifest = checkpointing.read_manifest(out / "checkpoint-2")
+    assert manifest["config_sha256"] == hashlib.sha256((out / "checkpoint-2" / "config.yaml").read_bytes()).hexdigest()
+    result = _train(tmp_path, "train.max_train_steps=3", "train.checkpointing_steps=2", "train.learning_rate=5e-4",
+                    f"train.output_dir={out}", "train.resume_from_checkpoint=latest")
+    assert "settings changed since checkpoint-2: train.learning_rate: 0.001 -> 0.0005; train.max_train_steps: 2 -> 3" \
+        in result.stderr
 
 
 def test_resume_refuses_an_incomplete_or_mismatched_checkpoint(tmp_path):

@@ -102,8 +102,9 @@ class ImageFolderSource:
 def build_source(config: DataConfig, seed: int) -> WebDatasetSource | ImageFolderSource:
     """The raw-sample source named by `data.source` (the built-in set is generated on first use)."""
     if config.source == "builtin":
-        return WebDatasetSource(shapes.ensure_shards(config.path, config.num_samples), config.caption_column,
-                               config.num_samples)
+        colors = tuple(config.colors or shapes.DEFAULT_COLORS)
+        return WebDatasetSource(shapes.ensure_shards(config.path, config.num_samples, colors=colors),
+                                config.caption_column, config.num_samples)
     if config.source == "webdataset":
         return WebDatasetSource(config.path, config.caption_column)
     return ImageFolderSource(config.path, config.image_column, config.caption_column)

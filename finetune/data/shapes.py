@@ -139,9 +139,10 @@ def shard_pattern(folder: str | os.PathLike, num_samples: int) -> str:
     return str(Path(folder) / (f"{{00000..{last:05d}}}.tar" if last else "00000.tar"))
 
 
-def default_cache_dir(num_samples: int, seed: int = 0) -> Path:
+def default_cache_dir(num_samples: int, seed: int = 0, colors: tuple[str, ...] = DEFAULT_COLORS) -> Path:
     root = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
-    return root / f"shapes-v{VERSION}-n{num_samples}-s{seed}"
+    palette = "" if tuple(colors) == DEFAULT_COLORS else "-" + "-".join(colors)
+    return root / f"shapes-v{VERSION}-n{num_samples}-s{seed}{palette}"
 
 
 def _refuse_unless_ours(folder: Path) -> dict:
@@ -153,15 +154,17 @@ def _refuse_unless_ours(folder: Path) -> dict:
                          "set data.path to a new or empty folder") from None
 
 
-def ensure_shards(folder: str | os.PathLike | None, num_samples: int, seed: int = 0) -> str:
+def ensure_shards(folder: str | os.PathLike | None, num_samples: int, seed: int = 0,
+                  colors: tuple[str, ...] = DEFAULT_COLORS) -> str:
     """Generate the built-in set into `folder` (default: a cache folder) unless that exact set is already
     there; return the brace pattern of its shards."""
+    colors = tuple(colors)
     if folder is None:  # the cache is ours: anything there that is not exactly this set is replaced
-        folder = default_cache_dir(num_samples, seed)
+        folder = default_cache_dir(num_samples, seed, colors)
         if folder.exists() and not (folder / MARKER).exists():
             shutil.rmtree(folder)
     folder = Path(folder)
-    wanted = {"version": VERSION, "num_samples": num_samples, "seed": seed, "colors": list(DEFAULT_COLORS)}
+    wanted = {"version": VERSION, "num_samples": num_samples, "seed": seed, "colors": list(colors)}
     if not folder.exists() or not any(folder.iterdir()) or _refuse_unless_ours(folder) != wanted:
-        write_shards(folder, num_samples, seed)
+        write_shards(folder, num_samples, seed, colors)
     return shard_pattern(folder, num_samples)

@@ -1,0 +1,57 @@
+"""From a batch of the data stream to the UNet's inputs: the training samples x_0 and the text embeddings.
+
+x_0 is the image itself (pixel-space models) or its VAE latent scaled by `vae.config.scaling_factor`
+(latent-space models). With `data.cache`, the frozen encoders' outputs are kept in memory: the VAE's latent
+distribution per sample key (a latent is still drawn from it at every step, as without the cache) and the text
+embedding per token sequence (so caption dropout still works). The first sight of a sample encodes it; every
+later one reuses the stored result.
+"""
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+
+class BatchEncoder:
+    def __init__(self, vae, text_encoder, text_trains: bool, cache: bool):
+        self.vae, self.text_encoder, self.text_trains, self.cache = vae, text_encoder, text_trains, cache
+        self.latent_cache: dict[str, torch.Tensor] = {}
+        self.text_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def samples(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """x_0 in float32: pixels in [-1, 1], or z ~ q(z | x) times the VAE's scaling factor."""
+        pixels = batch["pixel_values"]
+        if self.vae is None:
+            return pixels.to(device, non_blocking=True)
+        if self.cache:
+            moments = self._cached(self.latent_cache, batch["key"], pixels, self._moments)
+        else:
+            moments = self._moments(pixels)
+        latents = DiagonalGaussianDistribution(moments.to(device)).sample()
+        return latents.float() * self.vae.config.scaling_factor
+
+    def text(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """The text encoder's last hidden state for the batch's token ids (with gradients when it trains)."""
+        ids = batch["input_ids"]
+        if self.text_trains:
+            return self.text_encoder(ids.to(device, non_blocking=True), return_dict=False)[0]
+        if self.cache:
+            return self._cached(self.text_cache, [tuple(row.tolist()) for row in ids], ids, self._embed).to(device)
+        return self._embed(ids)
+
+    @torch.no_grad()
+    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        device = self.vae.device
+        return self.vae.encode(pixels.to(device, self.vae.dtype), return_dict=False)[0].parameters
+
+    @torch.no_grad()
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids.to(self.text_encoder.device), return_dict=False)[0]
+
+    @staticmethod
+    def _cached(cache: dict, keys: list, inputs: torch.Tensor, encode) -> torch.Tensor:
+        """Rows for `keys`, encoding (in one batch) and storing on the CPU the rows not seen before."""
+        missing = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in cache}.values())
+        if missing:
+            for i, row in zip(missing, encode(inputs[missing])):
+                cache[keys[i]] = row.cpu()
+        return torch.stack([cache[key] for key in keys])

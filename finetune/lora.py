@@ -1,0 +1,76 @@
+"""LoRA adapters (peft) on the text-conditioning path, saved in the diffusers format.
+
+Adapters go on the UNet's cross-attention projections (where the text enters) and, optionally, on the text
+encoder; the base's own weights stay frozen. The saved file carries peft's adapter metadata: without it
+`load_lora_weights` rebuilds an adapter with `lora_alpha = r`, which is silently wrong when alpha != rank.
+"""
+
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+
+from .config import LoraConfig
+from .models import Components
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def peft_config(rank: int, alpha: float | None, targets: list[str], config: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=config.dropout, target_modules=targets,
+                          init_lora_weights=True if config.init == "default" else config.init,
+                          use_dora=config.use_dora)
+
+
+def attach(components: Components, config: LoraConfig) -> list[torch.nn.Module]:
+    """Freeze the base and add adapters to its UNet (and text encoder, when asked); return the models that now
+    train. A target that matches no module is an error naming the modules that exist."""
+    components.unet.requires_grad_(False)
+    components.text_encoder.requires_grad_(False)
+    adapted = [(components.unet, peft_config(config.rank, config.alpha, config.target_modules, config))]
+    if config.train_text_encoder:
+        adapted.append((components.text_encoder, peft_config(config.text_encoder_rank, config.text_encoder_alpha,
+                                                             config.text_encoder_target_modules, config)))
+    for model, adapter in adapted:
+        try:
+            _add_adapter(model, adapter)
+        except ValueError as error:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear)})
+            raise ValueError(f"LoRA targets {adapter.target_modules} for {type(model).__name__}: {error}. Its linear "
+                             f"layers end in: {', '.join(linear)} (lora.target_modules matches name suffixes, e.g. "
+                             "attn2.to_k)") from None
+    return [model for model, _ in adapted]
+
+
+def _add_adapter(model: torch.nn.Module, adapter: PeftLoraConfig) -> None:
+    """`model.add_adapter(adapter)`, the way diffusers' and transformers' adapter mixins do it. transformers 5's
+    own `add_adapter` insists on peft >= 0.22, newer than the package index here has, so transformers models get
+    the same two steps done directly: inject the layers, record the config under the adapter's name."""
+    if not isinstance(model, transformers.PreTrainedModel):
+        model.add_adapter(adapter)
+        return
+    inject_adapter_in_model(adapter, model, adapter_name="default")
+    model.peft_config = {"default": adapter}
+    model._hf_peft_config_loaded = True
+
+
+def save(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> Path:
+    """Write `output_dir/pytorch_lora_weights.safetensors` as diffusers' LoRA loaders read it, with the adapter
+    configs as metadata. `text_encoder` is None unless it carries adapters.
+
+    The metadata says `lora_dropout: 0`: dropout is for training only, and `load_lora_weights` leaves the
+    dropout layers it creates in training mode, so a saved dropout would make every downstream sample random."""
+    layers, metadata = {}, {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is not None:
+            layers[f"{prefix}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            adapter = model.peft_config["default"].to_dict()
+            metadata[f"{prefix}_lora_adapter_metadata"] = {**adapter, "lora_dropout": 0.0}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(output_dir, **layers, **metadata, weight_name=WEIGHT_NAME)
+    return Path(output_dir) / WEIGHT_NAME

@@ -1,0 +1,175 @@
+"""Fine-tuning pretrained bases through the trainer: LoRA and full, pixel and latent space, the text cache."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.config import ModelConfig, load_config
+from finetune.encoding import BatchEncoder
+from finetune.models import load_components
+from finetune.train import build_model
+from finetune.validation import sample_grid
+from pipelines import TextToImageDDPMPipeline
+
+from .test_train import _train
+
+SD = ["data.resolution=16", "model.train_text_encoder=false"]  # 16 px images -> 8 px latents for the tiny SD base
+GUIDED = ["validation.guidance_scale=2.0"]
+
+
+def _grid(folder, step):
+    return np.asarray(Image.open(folder / "samples" / f"step-{step}.png"))
+
+
+def _regrid(pipe, folder):
+    """The run's validation grid drawn again by `pipe`, with the run's prompts, seed, steps and guidance."""
+    pipe.set_progress_bar_config(disable=True)
+    return np.asarray(sample_grid(pipe, load_config(folder / "config.yaml").validation))
+
+
+@pytest.fixture
+def pixel_base(tiny_pipeline, tmp_path):
+    folder = tmp_path / "base"
+    tiny_pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_lora_on_a_stable_diffusion_base_reloads_in_a_stock_pipeline(tiny_sd_folder, tmp_path):
+    """Latent space: the VAE encodes, adapters on the UNet and the text encoder (alpha != rank) train, and a stock
+    StableDiffusionPipeline with `load_lora_weights` draws exactly the trainer's final grid."""
+    out = tmp_path / "run"
+    result = _train(tmp_path, *SD, *GUIDED, f"model.pretrained_model_name_or_path={tiny_sd_folder}",
+                    "lora.enabled=true", "lora.alpha=8", "lora.train_text_encoder=true", "lora.text_encoder_rank=2",
+                    "train.max_train_steps=4", f"train.output_dir={out}")
+    assert "LoRA rank 4 on attn2.to_q" in result.stdout and "latent space" in result.stdout
+    assert "of the UNet's" in result.stdout
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "model_index.json").exists()
+
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+    before = _regrid(stock, out)
+    stock.load_lora_weights(out)
+    after = _regrid(stock, out)
+    assert np.array_equal(after, _grid(out, 4))
+    assert not np.array_equal(before, after)
+
+
+@pytest.mark.slow
+def test_lora_on_our_pixel_base_reloads_in_our_pipeline(pixel_base, tmp_path):
+    out = tmp_path / "run"
+    _train(tmp_path, *GUIDED, f"model.pretrained_model_name_or_path={pixel_base}", "model.train_text_encoder=false",
+           "lora.enabled=true", "lora.rank=2", "lora.alpha=6", "lora.dropout=0.1", "train.max_train_steps=4",
+           "train.learning_rate=1e-2", f"train.output_dir={out}")
+    pipe = TextToImageDDPMPipeline.from_pretrained(pixel_base)
+    before = _regrid(pipe, out)
+    pipe.load_lora_weights(out)
+    assert np.array_equal(_regrid(pipe, out), _grid(out, 4))
+    assert not np.array_equal(before, _grid(out, 4))
+
+
+@pytest.mark.slow
+def test_full_finetune_of_a_stable_diffusion_base(tiny_sd_folder, tmp_path):
+    """Every UNet weight trains; the frozen VAE and text encoder come out unchanged; the result is a pipeline."""
+    out = tmp_path / "run"
+    _train(tmp_path, *SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "train.max_train_steps=3",
+           "train.use_ema=false", f"train.output_dir={out}")
+    for part, changed in (("unet", True), ("vae", False)):
+        name = "diffusion_pytorch_model.safetensors"
+        base, tuned = load_file(tiny_sd_folder / part / name), load_file(out / part / name)
+        assert base.keys() == tuned.keys()
+        assert any(not torch.equal(base[k], tuned[k]) for k in base) == changed, part
+        if part == "unet":
+            assert all(not torch.equal(base[k], tuned[k]) for k in base if k.endswith("conv_in.weight"))
+    base_text, tuned_text = (load_file(f / "text_encoder" / "model.safetensors") for f in (tiny_sd_folder, out))
+    assert all(torch.equal(base_text[k], tuned_text[k]) for k in base_text)
+    pipe = TextToImageDDPMPipeline.from_pretrained(out)
+    assert pipe.vae is not None and pipe.unet.config.in_channels == 4
+
+
+@pytest.mark.slow
+def test_cache_trains_the_same_as_encoding_every_step(tiny_sd_folder, tmp_path):
+    """Two epochs of 4 batches: with data.cache the second epoch reuses the first's encodings, and the run ends
+    where the uncached one does (VAE latents are still drawn from the cached distribution at every step)."""
+    common = [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+              "data.num_samples=20", "data.shuffle_buffer=4", "train.max_train_steps=8", "train.use_ema=false"]
+    for cache in ("true", "false"):
+        _train(tmp_path, *common, f"data.cache={cache}", f"train.output_dir={tmp_path / cache}")
+    cached, uncached = (load_file(tmp_path / c / "pytorch_lora_weights.safetensors") for c in ("true", "false"))
+    for key in uncached:
+        torch.testing.assert_close(cached[key], uncached[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+class _CountingEncoder(torch.nn.Module):
+    """Stands in for the frozen text encoder and counts the rows it encodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.device = 0, torch.device("cpu")
+        self.table = torch.nn.Embedding(10, 3)
+
+    def forward(self, ids, return_dict=False):
+        self.rows += ids.shape[0]
+        return (self.table(ids),)
+
+
+def test_cache_encodes_each_caption_once():
+    text = _CountingEncoder()
+    encoder = BatchEncoder(None, text, text_trains=False, cache=True)
+    batch = {"input_ids": torch.tensor([[1, 2], [3, 4], [1, 2]]), "pixel_values": torch.zeros(3, 3, 8, 8)}
+    first = encoder.text(batch, torch.device("cpu"))
+    second = encoder.text({**batch, "input_ids": torch.tensor([[3, 4], [5, 6]])}, torch.device("cpu"))
+    assert text.rows == 2 + 1  # [1, 2] and [3, 4], then only [5, 6]
+    torch.testing.assert_close(first, text.table(batch["input_ids"]), rtol=0, atol=0)
+    torch.testing.assert_close(second[0], first[1], rtol=0, atol=0)
+    uncached = BatchEncoder(None, text, text_trains=False, cache=False)
+    uncached.text(batch, torch.device("cpu"))
+    assert text.rows == 3 + 3
+
+
+@pytest.mark.slow
+def test_prediction_type_and_zero_terminal_snr_switch_a_base(pixel_base, tmp_path):
+    out = tmp_path / "run"
+    _train(tmp_path, f"model.pretrained_model_name_or_path={pixel_base}", "model.prediction_type=v_prediction",
+           "model.rescale_betas_zero_snr=true", "train.snr_gamma=5", "train.max_train_steps=2",
+           f"train.output_dir={out}")
+    pipe = TextToImageDDPMPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.alphas_cumprod[-1] == 0
+
+    result = _train(tmp_path, f"model.pretrained_model_name_or_path={pixel_base}", "model.rescale_betas_zero_snr=true",
+                    "train.max_train_steps=2", f"train.output_dir={tmp_path / 'refused'}", check=False)
+    assert result.returncode != 0 and "model.prediction_type: v_prediction" in result.stderr
+
+
+def test_frozen_parts_take_the_training_precision_and_adapters_stay_float32(tiny_sd_folder):
+    """Under bf16 the frozen VAE, text encoder and the UNet's base weights move to bf16 (half the memory, as in
+    diffusers' examples), while the adapters that train stay float32 (`cast_training_params`)."""
+    config = load_config(None, [f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                                "model.train_text_encoder=false", "data.resolution=16"])
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    components, trained = build_model(config, None, accelerator)
+    assert trained == [components.unet]
+    assert {p.dtype for p in components.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in components.text_encoder.parameters()} == {torch.bfloat16}
+    for name, p in components.unet.named_parameters():
+        assert (p.dtype, p.requires_grad) == ((torch.float32, True) if "lora_" in name else (torch.bfloat16, False))
+
+    full = load_config(None, [f"model.pretrained_model_name_or_path={tiny_sd_folder}", "data.resolution=16",
+                              "model.train_text_encoder=false"])
+    components, trained = build_model(full, None, accelerator)
+    assert {(p.dtype, p.requires_grad) for p in components.unet.parameters()} == {(torch.float32, True)}
+    assert {(p.dtype, p.requires_grad) for p in components.text_encoder.parameters()} == {(torch.bfloat16, False)}
+
+
+def test_variant_and_revision_reach_every_component(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "base", variant="ema")
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "base"), variant="ema"))
+    for name, value in tiny_pipeline.unet.state_dict().items():
+        assert torch.equal(components.unet.state_dict()[name], value)
+    with pytest.raises(OSError, match="variant"):
+        load_components(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "base")))

@@ -1,0 +1,118 @@
+"""LoRA adapters: attached where the text enters, saved in the diffusers format, reloaded exactly downstream."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors import safe_open
+
+from finetune import lora
+from finetune.config import LoraConfig, ModelConfig
+from finetune.models import load_components
+from pipelines import TextToImageDDPMPipeline
+
+
+def _perturb(models, seed=1):
+    """Stand-in for training: every adapter weight random (B too, so the adapters change the output)."""
+    generator = torch.Generator().manual_seed(seed)
+    for model in models:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = torch.randn(p.shape, generator=generator) * 0.3
+
+
+def _sample(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(["a red circle", "a cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                output_type="np", **kwargs).images
+
+
+def _adapted(folder, **lora_kwargs):
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(folder)))
+    trained = lora.attach(components, LoraConfig(enabled=True, **lora_kwargs))
+    _perturb(trained)
+    return components, trained
+
+
+def test_defaults_target_the_cross_attention_only(tiny_sd_folder):
+    components, trained = _adapted(tiny_sd_folder)
+    assert trained == [components.unet]
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in components.unet.named_parameters() if ".lora_A" in name}
+    assert adapted and all(".attn2." in name for name in adapted)
+    assert {name.rsplit(".", 1)[-1] if "to_out" not in name else "to_out.0" for name in adapted} == \
+        {"to_q", "to_k", "to_v", "to_out.0"}
+    assert not any(p.requires_grad for name, p in components.unet.named_parameters() if "lora_" not in name)
+    assert not any(p.requires_grad for p in components.text_encoder.parameters())
+
+
+def test_reloads_exactly_in_a_stock_stable_diffusion_pipeline(tiny_sd_folder, tmp_path):
+    """rank 4 with alpha 8 on the UNet and rank 2 with alpha 1 on the text encoder: only the adapter metadata in
+    the file tells load_lora_weights those scales."""
+    components, _ = _adapted(tiny_sd_folder, alpha=8, train_text_encoder=True, text_encoder_rank=2,
+                             text_encoder_alpha=1)
+    path = lora.save(tmp_path, components.unet, components.text_encoder)
+    trained = _sample(components.pipeline())
+
+    with safe_open(path, "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (metadata["unet.r"], metadata["unet.lora_alpha"]) == (4, 8)
+    assert (metadata["text_encoder.r"], metadata["text_encoder.lora_alpha"]) == (2, 1)
+
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+    base = _sample(stock, guidance_scale=1.0)
+    stock.load_lora_weights(tmp_path)
+    assert np.abs(_sample(stock, guidance_scale=1.0) - trained).max() == 0
+    assert np.abs(base - trained).max() > 1e-3  # the adapters do change the output
+
+
+def test_dora_reloads_exactly(tiny_sd_folder, tmp_path):
+    components, _ = _adapted(tiny_sd_folder, use_dora=True, init="gaussian")
+    lora.save(tmp_path, components.unet, None)
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+    stock.load_lora_weights(tmp_path)
+    assert np.abs(_sample(stock, guidance_scale=1.0) - _sample(components.pipeline())).max() == 0
+
+
+@pytest.fixture
+def pixel_base(tiny_pipeline, tmp_path):
+    folder = tmp_path / "base"
+    tiny_pipeline.save_pretrained(folder)
+    return folder
+
+
+def test_our_pipeline_reloads_fuses_and_weights_adapters(pixel_base, tmp_path):
+    components, _ = _adapted(pixel_base, rank=2, alpha=3)
+    lora.save(tmp_path / "lora", components.unet, None)
+    trained = _sample(components.pipeline(), guidance_scale=2.0)
+
+    pipe = TextToImageDDPMPipeline.from_pretrained(pixel_base)
+    base = _sample(pipe, guidance_scale=2.0)
+    pipe.load_lora_weights(tmp_path / "lora", adapter_name="shapes")
+    assert np.abs(_sample(pipe, guidance_scale=2.0) - trained).max() == 0
+
+    pipe.set_adapters(["shapes"], adapter_weights=[0.0])
+    assert np.abs(_sample(pipe, guidance_scale=2.0) - base).max() < 1e-6
+    pipe.set_adapters(["shapes"], adapter_weights=[1.0])
+    pipe.fuse_lora()
+    assert np.abs(_sample(pipe, guidance_scale=2.0) - trained).max() < 1e-4  # the same maths, rounded differently
+    pipe.unfuse_lora()
+    assert np.abs(_sample(pipe, guidance_scale=2.0) - trained).max() < 1e-4
+
+
+def test_a_target_that_matches_nothing_names_the_layers(pixel_base):
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(pixel_base)))
+    with pytest.raises(ValueError, match=r"lora.target_modules.*to_k"):
+        lora.attach(components, LoraConfig(enabled=True, target_modules=["attn9.to_q"]))
+
+
+def test_stock_scheduler_matches_ours_in_the_reload(tiny_sd_folder):
+    """The trainer samples with this project's DDPMScheduler built from the base's scheduler config; a stock
+    pipeline keeps diffusers' own. The same config must mean the same scheduler, or exact reloads are luck."""
+    ours = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder))).scheduler
+    stock = DDPMScheduler.from_pretrained(tiny_sd_folder, subfolder="scheduler")
+    for scheduler in (ours, stock):
+        scheduler.set_timesteps(10)
+    assert torch.equal(ours.timesteps, stock.timesteps)
+    assert torch.equal(ours.alphas_cumprod, stock.alphas_cumprod)
