@@ -173,3 +173,17 @@ def test_variant_and_revision_reach_every_component(tiny_pipeline, tmp_path):
         assert torch.equal(components.unet.state_dict()[name], value)
     with pytest.raises(OSError, match="variant"):
         load_components(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "base")))
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_exactly(pixel_base, tmp_path):
+    common = [f"model.pretrained_model_name_or_path={pixel_base}", "model.train_text_encoder=false",
+              "lora.enabled=true", "lora.train_text_encoder=true", "data.cache=true", "train.max_train_steps=6",
+              "train.checkpointing_steps=3"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _train(tmp_path, *common, f"train.output_dir={full}")
+    resumed.mkdir()
+    (resumed / "checkpoint-3").symlink_to(full / "checkpoint-3")
+    _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest")
+    name = "pytorch_lora_weights.safetensors"
+    assert (full / name).read_bytes() == (resumed / name).read_bytes()
