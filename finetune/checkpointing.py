@@ -54,8 +54,9 @@ def read_data_state(path: str | os.PathLike, rank: int) -> dict:
 
 
 def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dict:
-    """The checkpoint's manifest, after checking that every file it lists is there and, when `world_size` is
-    given, that it was written by as many processes (each has its own RNG state)."""
+    """The checkpoint's manifest, after checking that every file it lists is there with the size it was written
+    with and, when `world_size` is given, that it was written by as many processes (each has its own RNG
+    state)."""
     path = Path(path)
     with open(path / MANIFEST) as f:
         manifest = json.load(f)
@@ -63,6 +64,10 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from "
                                 "another checkpoint")
+    for name, size in manifest.get("sizes", {}).items():
+        if (path / name).stat().st_size != size:
+            raise ValueError(f"checkpoint {path} is damaged: {name} is {(path / name).stat().st_size} bytes but was "
+                             f"written with {size}; resume from another checkpoint")
     if world_size is not None and manifest["world_size"] != world_size:
         raise ValueError(f"checkpoint {path} was written by {manifest['world_size']} processes but this run has "
                          f"{world_size}; resume with --num_processes {manifest['world_size']} for an exact "
@@ -91,7 +96,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
         (tmp / CONFIG).write_text(config_text)
         manifest = {"step": step, "world_size": accelerator.num_processes,
                     "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
-                    "files": sorted(p.name for p in tmp.iterdir())}
+                    "files": sorted(p.name for p in tmp.iterdir()),
+                    "sizes": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
         if final.exists():

@@ -14,6 +14,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
 
 from .config import LoraConfig
 from .models import Components
@@ -75,3 +76,30 @@ def save(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.M
             metadata[f"{prefix}_lora_adapter_metadata"] = {**adapter, "lora_dropout": 0.0}
     StableDiffusionLoraLoaderMixin.save_lora_weights(output_dir, **layers, **metadata, weight_name=WEIGHT_NAME)
     return Path(output_dir) / WEIGHT_NAME
+
+
+class AdapterCheckpoints:
+    """accelerate save/load hooks for a LoRA run: checkpoints hold the trainable (adapter) weights only, not a copy
+    of the frozen base (gigabytes for Stable Diffusion); loading puts them back into the adapted models."""
+
+    def __init__(self, accelerator):
+        accelerator.register_save_state_pre_hook(self.save)
+        accelerator.register_load_state_pre_hook(self.load)
+
+    @staticmethod
+    def save(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            weights[i] = {name: value for name, value in weights[i].items() if name in trainable}
+
+    @staticmethod
+    def load(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            state = load_file(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors")
+            result = model.load_state_dict(state, strict=False)
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            if result.unexpected_keys or set(state) != trainable:
+                raise ValueError(f"checkpoint {input_dir} does not hold this run's adapters for model {i}: "
+                                 f"{len(set(state) ^ trainable)} weights differ (was it written with other "
+                                 "lora.* settings?)")
+        models.clear()  # loaded here; accelerate would insist on the frozen weights too

@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     print_summary(config, components, params, source, accelerator)
     if args.dry_run:
         return
+    if config.lora.enabled:  # checkpoints hold the adapters, not the frozen base
+        lora.AdapterCheckpoints(accelerator)
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     components.unet = trained[0]
     components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder

@@ -1,5 +1,6 @@
 """Fine-tuning pretrained bases through the trainer: LoRA and full, pixel and latent space, the text cache."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.config import ModelConfig, load_config
@@ -177,13 +179,27 @@ def test_variant_and_revision_reach_every_component(tiny_pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_run_resumes_exactly(pixel_base, tmp_path):
+    """Checkpoints of a LoRA run hold the adapters (UNet and text encoder), and resuming from one is exact."""
     common = [f"model.pretrained_model_name_or_path={pixel_base}", "model.train_text_encoder=false",
               "lora.enabled=true", "lora.train_text_encoder=true", "data.cache=true", "train.max_train_steps=6",
               "train.checkpointing_steps=3"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _train(tmp_path, *common, f"train.output_dir={full}")
+    for name in ("model.safetensors", "model_1.safetensors"):  # the adapters only, not the frozen base
+        keys = load_file(full / "checkpoint-3" / name).keys()
+        assert keys and all(".lora_" in key for key in keys), name
     resumed.mkdir()
     (resumed / "checkpoint-3").symlink_to(full / "checkpoint-3")
     _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest")
+    # Same tensors and same metadata. (Not the same bytes: safetensors writes a header of several metadata entries
+    # in hash-map order, which changes from process to process.)
     name = "pytorch_lora_weights.safetensors"
-    assert (full / name).read_bytes() == (resumed / name).read_bytes()
+    a, b = load_file(full / name), load_file(resumed / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert _metadata(full / name) == _metadata(resumed / name)
+
+
+def _metadata(path):
+    with safe_open(path, "pt") as f:
+        return {key: json.loads(value) if key == "lora_adapter_metadata" else value
+                for key, value in f.metadata().items()}

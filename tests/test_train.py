@@ -122,20 +122,21 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", ["while writing checkpoint-10", "between checkpoints"])
+@pytest.mark.parametrize("kill", ["checkpoint:5", "checkpoint:10", "between checkpoints"])
 def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, kill):
-    """SIGKILL (no handler can run) in the middle of a checkpoint write, or at whatever step the run has reached
-    after checkpoint-5: the half-written folder is never resumed from, and continuing with `latest` ends with
-    byte-identical weights, checkpoint and exported pipeline to the run that was never killed. With gradient
-    accumulation, so the resumed loader must skip micro-batches, not steps."""
+    """SIGKILL (no handler can run) in the middle of writing the first or the second checkpoint, or at whatever
+    step the run has reached after checkpoint-5: a half-written folder is never resumed from (with none complete,
+    `latest` starts afresh), and continuing ends with byte-identical weights, checkpoint and exported pipeline to
+    the run that was never killed. With gradient accumulation, so the resumed loader skips micro-batches."""
     common = ["train.max_train_steps=20", "train.checkpointing_steps=5", "train.gradient_accumulation_steps=2"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     _train(tmp_path, *common, f"train.output_dir={full}")
-    if kill == "while writing checkpoint-10":
+    if kill.startswith("checkpoint:"):
         result = _train(tmp_path, *common, f"train.output_dir={killed}", check=False,
-                        env={checkpointing.FAULT_ENV: "checkpoint:10"})
+                        env={checkpointing.FAULT_ENV: kill})
         assert result.returncode == -9
-        assert (killed / ".tmp-checkpoint-10").is_dir() and not (killed / "checkpoint-10").exists()
+        step = kill.split(":")[1]
+        assert (killed / f".tmp-checkpoint-{step}").is_dir() and not (killed / f"checkpoint-{step}").exists()
     else:
         process = subprocess.Popen(_command([sys.executable], [*common, f"train.output_dir={killed}"]), cwd=tmp_path,
                                    env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,7 +146,8 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, kill):
         assert process.wait(timeout=60) == -9
     assert not (killed / "model_index.json").exists()
     result = _train(tmp_path, *common, f"train.output_dir={killed}", "train.resume_from_checkpoint=latest")
-    assert "resumed from" in result.stderr and "settings changed" not in result.stderr
+    assert ("no checkpoint yet" if kill == "checkpoint:5" else "resumed from") in result.stderr
+    assert "settings changed" not in result.stderr
     for name in ("checkpoint-20/model.safetensors", "checkpoint-20/custom_checkpoint_0.pkl",
                  "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (full / name).read_bytes() == (killed / name).read_bytes(), name
@@ -168,12 +170,19 @@ def test_resume_refuses_an_incomplete_or_mismatched_checkpoint(tmp_path):
     checkpoint = out / "checkpoint-2"
     with pytest.raises(ValueError, match="written by 1 processes but this run has 2"):
         checkpointing.read_manifest(checkpoint, world_size=2)
-    (checkpoint / "random_states_0.pkl").unlink()
+    rng = checkpoint / "random_states_0.pkl"
+    rng_bytes = rng.read_bytes()
+    rng.unlink()
     with pytest.raises(FileNotFoundError, match="missing random_states_0.pkl"):
         checkpointing.read_manifest(checkpoint, world_size=1)
     result = _train(tmp_path, "train.max_train_steps=4", f"train.output_dir={out}",
                     f"train.resume_from_checkpoint={checkpoint}", check=False)
     assert result.returncode != 0 and "missing random_states_0.pkl" in result.stderr
+    rng.write_bytes(rng_bytes)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors is \d+ bytes but was written with \d+"):
+        checkpointing.read_manifest(checkpoint)
 
 
 def test_checkpoint_rotation_and_missing_manifest(tmp_path):
@@ -227,7 +236,6 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     """A SIGTERM mid-run stops at the next step boundary with a checkpoint there, exits 0 well within the 30 s
     that torch elastic allows, and the run continues from that checkpoint."""
     import signal
-    import time
 
     out = tmp_path / "run"
     command = _command([sys.executable], ["train.max_train_steps=100000", "train.checkpointing_steps=0",
@@ -257,11 +265,13 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_a_two_process_launch(tmp_path):
     """SIGTERM to `accelerate launch` (torch elastic forwards it to both workers): both stop at the same step,
-    one checkpoint with both processes' state is written well within 30 s, and the run continues from it."""
+    one checkpoint with both processes' state is written well within 30 s, and the run continued from it ends
+    byte-identical to a 2-process run that was never stopped (a constant LR, so the total step count does not
+    shape the schedule)."""
     import signal
-    import time
 
-    out, common = tmp_path / "run", ["data.num_samples=2000", "train.checkpointing_steps=0"]
+    out = tmp_path / "run"
+    common = ["data.num_samples=2000", "train.checkpointing_steps=0", "train.lr_scheduler=constant"]
     command = _command(_two_process_launcher(), [*common, "train.max_train_steps=100000", f"train.output_dir={out}"])
     process = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path, {"ACCELERATE_USE_CPU": "1"}),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -278,9 +288,13 @@ def test_sigterm_to_a_two_process_launch(tmp_path):
     manifest = checkpointing.read_manifest(checkpoint, world_size=2)
     assert {"data_state_0.json", "data_state_1.json", "random_states_1.pkl"} <= set(manifest["files"])
 
-    _train(tmp_path, *common, f"train.max_train_steps={manifest['step'] + 2}", f"train.output_dir={out}",
-           "train.resume_from_checkpoint=latest", launcher=_two_process_launcher(), env={"ACCELERATE_USE_CPU": "1"})
-    assert (out / "model_index.json").is_file()
+    total = f"train.max_train_steps={manifest['step'] + 2}"
+    _train(tmp_path, *common, total, f"train.output_dir={out}", "train.resume_from_checkpoint=latest",
+           launcher=_two_process_launcher(), env={"ACCELERATE_USE_CPU": "1"})
+    _train(tmp_path, *common, total, f"train.output_dir={tmp_path / 'never-stopped'}",
+           launcher=_two_process_launcher(), env={"ACCELERATE_USE_CPU": "1"})
+    name = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / name).read_bytes() == (tmp_path / "never-stopped" / name).read_bytes()
 
 
 def test_nonfinite_loss_stops_at_that_step_without_a_bad_checkpoint(tmp_path):
