@@ -137,6 +137,12 @@ class FilterConfig:
     """Drop samples whose aesthetic score is below this."""
     min_similarity: float | None = None
     """Drop samples whose CLIP image-text similarity is below this."""
+    min_caption_chars: int | None = None
+    """Drop samples whose caption is shorter than this many characters."""
+    max_caption_chars: int | None = None
+    """Drop samples whose caption is longer than this many characters."""
+    on_missing: Literal["keep", "drop"] = "keep"
+    """A sample whose metadata lacks a field that a set filter needs: `keep` it or `drop` it (counted)."""
 
     def __post_init__(self):
         problems = []
@@ -144,7 +150,7 @@ class FilterConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 problems.append(f"data.filters.{name}: got {value}; must be a probability in [0, 1]")
-        for name in ("min_width", "min_height"):
+        for name in ("min_width", "min_height", "min_caption_chars", "max_caption_chars"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"data.filters.{name}: got {value}; must be >= 1")
@@ -191,6 +197,12 @@ class DataConfig:
     """DataLoader worker processes (0 decodes in the training process)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """LAION metadata filters."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels than this (read from the header, before decoding) are skipped as decompression
+    bombs; Pillow's own limit by default."""
+    max_bad_fraction: float = 0.1
+    """Stop with an error when more than this share of the samples read (after the first 100) is unreadable:
+    a few bad samples are skipped, a broken dataset is not trained on."""
 
     def __post_init__(self):
         problems = []
@@ -198,6 +210,8 @@ class DataConfig:
             problems.append(f"data.path: required when data.source={self.source!r}; give the shards or folder")
         if self.resolution < 8 or self.resolution % 8:
             problems.append(f"data.resolution: got {self.resolution}; must be a multiple of 8, at least 8")
+        if self.max_image_pixels < 1 or not 0 <= self.max_bad_fraction <= 1:
+            problems.append("data.max_image_pixels must be >= 1 and data.max_bad_fraction in [0, 1]")
         if not 0 <= self.caption_dropout < 1:
             problems.append(f"data.caption_dropout: got {self.caption_dropout}; must be in [0, 1)")
         if self.num_samples < 1:

@@ -82,6 +82,9 @@ def test_all_errors_at_once(tmp_path):
     ("data.colors=[teal]", "data.colors: got ['teal']; give some of red, orange"),
     ("data.random_flip=true & data.cache=true", "data.cache: the cache stores one encoding per image"),
     ("train.noise_offset=-1", "train.noise_offset and train.input_perturbation must be >= 0"),
+    ("data.filters.on_missing=skip", "data.filters.on_missing: got 'skip'; allowed: 'keep', 'drop'"),
+    ("data.max_bad_fraction=2", "data.max_image_pixels must be >= 1 and data.max_bad_fraction in [0, 1]"),
+    ("data.filters.max_caption_chars=0", "data.filters.max_caption_chars: got 0; must be >= 1"),
     ("train.snr_gamma=0", "train.snr_gamma: got 0.0; must be > 0 or null"),
 ])
 def test_bad_values_name_key_value_and_fix(override, fragment):

@@ -145,8 +145,8 @@ def test_watermark_filter(tiny_shards):
     stream = _stream(tiny_shards, filters=FilterConfig(max_pwatermark=0.5))
     kept = list(stream)
     assert stream.counts["dropped by max_pwatermark"] == 64 - len(kept) > 0
-    assert failed_filter({"pwatermark": 0.9}, FilterConfig(max_pwatermark=0.5)) == "max_pwatermark"
-    assert failed_filter({}, FilterConfig(max_pwatermark=0.5)) is None
+    assert failed_filter({"pwatermark": 0.9}, "x", FilterConfig(max_pwatermark=0.5)) == "max_pwatermark"
+    assert failed_filter({}, "x", FilterConfig(max_pwatermark=0.5)) is None
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
@@ -160,11 +160,13 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    config = DataConfig(source="webdataset", path=str(tmp_path / "bad.tar"), resolution=8, caption_dropout=0.0)
+    config = DataConfig(source="webdataset", path=str(tmp_path / "bad.tar"), resolution=8, caption_dropout=0.0,
+                        max_bad_fraction=1.0)
     stream = ImageTextStream(WebDatasetSource(config.path, "caption"), config,
                              build_tokenizer(["a red square"], 8), seed=0)
     assert [e["key"] for e in stream] == ["a"]
-    assert stream.counts["unreadable image"] == 2 and stream.counts["missing image or caption"] == 1
+    assert stream.counts["skipped: not an image"] == 2  # junk, and a PNG cut inside its header
+    assert stream.counts["skipped: no caption"] == 1
 
 
 def test_imagefolder_source(tmp_path):

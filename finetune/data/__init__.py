@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import DataConfig, FilterConfig
 from . import shapes
-from .transforms import decode_rgb, to_tensor
+from .transforms import decode_rgb, to_tensor, unreadable_reason
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -52,7 +52,7 @@ class WebDatasetSource:
         order_rng.shuffle(shards)
 
         def on_error(error: Exception) -> bool:
-            counts["unreadable shard data"] += 1
+            counts["skipped: unreadable shard data"] += 1
             logger.warning("skipping unreadable shard data: %s", error)
             return True
 
@@ -117,28 +117,45 @@ def caption_texts(config: DataConfig, source, limit: int = 100_000) -> list[str]
         return shapes.all_captions()
     texts = []
     for sample in source.samples(random.Random(0), 0, 1, Counter()):
-        if sample.caption:
-            texts.append(sample.caption)
+        captions = sample.caption if isinstance(sample.caption, list) else [sample.caption]
+        texts.extend(c for c in captions if isinstance(c, str) and c)
         if len(texts) >= limit:
             break
     return texts
 
 
-def failed_filter(metadata: dict, filters: FilterConfig) -> str | None:
-    """The name of the first LAION metadata filter this sample fails, or None. Missing fields pass."""
+def failed_filter(metadata: dict, caption: str | None, filters: FilterConfig) -> str | None:
+    """The name of the first LAION metadata filter this sample fails, or None. A sample missing a field that a
+    set filter needs passes or fails as `filters.on_missing` says (reported as `<filter> (missing)`)."""
     checks = [
-        ("min_width", "width", lambda v, limit: v >= limit),
-        ("min_height", "height", lambda v, limit: v >= limit),
-        ("max_pwatermark", "pwatermark", lambda v, limit: v <= limit),
-        ("max_punsafe", "punsafe", lambda v, limit: v <= limit),
-        ("min_aesthetic", "aesthetic", lambda v, limit: v >= limit),
-        ("min_similarity", "similarity", lambda v, limit: v >= limit),
+        ("min_width", metadata.get("width"), lambda v, limit: v >= limit),
+        ("min_height", metadata.get("height"), lambda v, limit: v >= limit),
+        ("max_pwatermark", metadata.get("pwatermark"), lambda v, limit: v <= limit),
+        ("max_punsafe", metadata.get("punsafe"), lambda v, limit: v <= limit),
+        ("min_aesthetic", metadata.get("aesthetic"), lambda v, limit: v >= limit),
+        ("min_similarity", metadata.get("similarity"), lambda v, limit: v >= limit),
+        ("min_caption_chars", None if caption is None else len(caption), lambda v, limit: v >= limit),
+        ("max_caption_chars", None if caption is None else len(caption), lambda v, limit: v <= limit),
     ]
-    for name, column, passes in checks:
-        limit, value = getattr(filters, name), metadata.get(column)
-        if limit is not None and value is not None and not passes(value, limit):
+    for name, value, passes in checks:
+        limit = getattr(filters, name)
+        if limit is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if filters.on_missing == "drop":
+                return f"{name} (missing)"
+        elif not passes(value, limit):
             return name
     return None
+
+
+def pick_caption(caption, rng: random.Random) -> str | None:
+    """A caption string; from a list of captions (several per image), one chosen at random. None when there is
+    no usable caption (missing, empty, only whitespace, or not text)."""
+    if isinstance(caption, list):
+        caption = [c for c in caption if isinstance(c, str) and c.strip()]
+        caption = rng.choice(caption) if caption else None
+    return caption if isinstance(caption, str) and caption.strip() else None
 
 
 class ImageTextStream(IterableDataset):
@@ -165,23 +182,44 @@ class ImageTextStream(IterableDataset):
 
     def _example(self, raw: RawSample, rng: random.Random) -> dict | None:
         """Filter, decode and transform one raw sample; None (counted) when it is dropped or unreadable."""
-        dropped_by = failed_filter(raw.metadata, self.config.filters)
+        caption = pick_caption(raw.caption, rng)
+        dropped_by = failed_filter(raw.metadata, caption, self.config.filters)
         if dropped_by:
             self.counts[f"dropped by {dropped_by}"] += 1
             return None
-        if raw.image is None or raw.caption is None:
-            self.counts["missing image or caption"] += 1
-            return None
+        if raw.image is None or caption is None:
+            return self._bad(raw.key, "no image" if raw.image is None else "no caption", "")
         try:
-            image = decode_rgb(raw.image)
+            image = decode_rgb(raw.image, self.config.max_image_pixels)
             pixels = to_tensor(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
-            self.counts["unreadable image"] += 1
-            logger.warning("skipping unreadable image %r: %s", raw.key, error)
+            return self._bad(raw.key, unreadable_reason(error), error)
+        min_width, min_height = self.config.filters.min_width, self.config.filters.min_height
+        if (min_width and image.width < min_width) or (min_height and image.height < min_height):
+            self.counts["dropped by min_width/min_height (decoded size)"] += 1
             return None
-        caption = "" if rng.random() < self.config.caption_dropout else raw.caption
+        caption = "" if rng.random() < self.config.caption_dropout else caption
         self.counts["used"] += 1
         return {"pixel_values": pixels, "input_ids": self.tokenize([caption])[0], "key": raw.key}
+
+    def _bad(self, key: str, reason: str, detail) -> None:
+        """Count a bad sample, log it (the first few of each reason, then every 100th), and stop the run when
+        bad samples are more than `data.max_bad_fraction` of those read."""
+        self.counts[f"skipped: {reason}"] += 1
+        count = self.counts[f"skipped: {reason}"]
+        if count <= 5 or count % 100 == 0:
+            logger.warning("skipping sample %r (%s, %d so far)%s", key, reason, count, f": {detail}" if detail else "")
+        self._check_bad_fraction(minimum=100)
+        return None
+
+    def _check_bad_fraction(self, minimum: int) -> None:
+        """Raise when bad samples are more than `data.max_bad_fraction` of the (at least `minimum`) read."""
+        bad = sum(v for k, v in self.counts.items() if k.startswith("skipped: "))
+        seen = bad + self.counts["used"]
+        if seen >= minimum and bad > self.config.max_bad_fraction * seen:
+            raise RuntimeError(f"{bad} of the {seen} samples read so far are unreadable, more than "
+                               f"data.max_bad_fraction={self.config.max_bad_fraction} ({dict(self.counts)}); check "
+                               "the data (or raise data.max_bad_fraction)")
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -194,8 +232,9 @@ class ImageTextStream(IterableDataset):
             if len(buffer) < self.config.shuffle_buffer:
                 buffer.append(raw)
                 continue
-            index = rng.randrange(len(buffer))
-            buffer[index], raw = raw, buffer[index]
+            if buffer:  # (no buffer: shuffle_buffer 0 keeps the shard order)
+                index = rng.randrange(len(buffer))
+                buffer[index], raw = raw, buffer[index]
             example = self._example(raw, rng)
             if example is not None:
                 yield example
@@ -204,3 +243,4 @@ class ImageTextStream(IterableDataset):
             example = self._example(raw, rng)
             if example is not None:
                 yield example
+        self._check_bad_fraction(minimum=1)  # the whole part read: judge it however small

@@ -5,7 +5,22 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than allowed, known from the header alone (a decompression bomb, or just too big)."""
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why an image could not be used, for the skip counts."""
+    if isinstance(error, (ImageTooLarge, Image.DecompressionBombError)):
+        return "image too large"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(error, OSError) and "truncated" in str(error):
+        return "truncated image"
+    return "corrupt image"
 
 
 def decode_rgb(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
@@ -13,7 +28,7 @@ def decode_rgb(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
     Refuses images above `max_pixels` from the header, before decoding the pixels."""
     image = Image.open(io.BytesIO(data))
     if image.width * image.height > max_pixels:
-        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels")
+        raise ImageTooLarge(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")

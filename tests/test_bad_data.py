@@ -1,0 +1,163 @@
+"""Bad data never crashes a run and never becomes a wrong sample: each kind is skipped and counted by reason."""
+
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.config import DataConfig, FilterConfig
+from finetune.data import ImageTextStream, WebDatasetSource, failed_filter, pick_caption
+from finetune.data.transforms import decode_rgb
+from finetune.models import build_tokenizer
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _write_tar(path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def _stream(path: str, **config) -> ImageTextStream:
+    """A stream over `path`; these small sets are mostly bad on purpose, so no bad-fraction limit unless given."""
+    config = {"max_bad_fraction": 1.0, **config}
+    config = DataConfig(source="webdataset", path=path, resolution=8, caption_dropout=0.0, shuffle_buffer=0, **config)
+    return ImageTextStream(WebDatasetSource(config.path, "caption"), config, build_tokenizer(["a red square"], 8), 0)
+
+
+RED = _encode(Image.new("RGB", (16, 16), "red"))
+RANDOM = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+
+
+def _sample(key, image=RED, caption: str | None = "a red square", metadata: dict | None = None):
+    members = [] if image is None else [(f"{key}.png", image)]
+    members += [] if caption is None else [(f"{key}.txt", caption.encode())]
+    return members + ([] if metadata is None else [(f"{key}.json", json.dumps(metadata).encode())])
+
+
+def test_every_kind_of_bad_sample_is_skipped_and_counted_exactly(tmp_path):
+    members = [
+        *_sample("good-0"), *_sample("good-1"),
+        *_sample("not-an-image", image=b"<html>404</html>"),
+        *_sample("truncated", image=RANDOM[: len(RANDOM) // 2]),
+        *_sample("too-large", image=_encode(Image.new("RGB", (100, 100), "red"))),
+        *_sample("no-image", image=None),
+        *_sample("no-caption", caption=None),
+        *_sample("empty-caption", caption=""),
+        *_sample("blank-caption", caption="  \n"),
+        *_sample("huge-caption", caption="red " * 50_000),
+        *_sample("../../escape"),  # a name that tries to leave the folder: just a key, never a path
+        *_sample("small", image=_encode(Image.new("RGB", (10, 10))), metadata={"width": 500, "height": 500}),
+    ]
+    outside = tmp_path.parent / "escape.png"  # where "../../escape" would land if a key became a path
+    stream = _stream(_write_tar(tmp_path / "bad.tar", members), max_image_pixels=5000,
+                     filters=FilterConfig(max_caption_chars=1000, min_width=12))
+    keys = [example["key"] for example in stream]
+    assert keys == ["good-0", "good-1", "../../escape"]
+    assert dict(stream.counts) == {
+        "used": 3, "skipped: not an image": 1, "skipped: truncated image": 1, "skipped: image too large": 1,
+        "skipped: no image": 1, "skipped: no caption": 3, "dropped by max_caption_chars": 1,
+        "dropped by min_width/min_height (decoded size)": 1,
+    }
+    assert not outside.exists()
+
+
+def test_a_truncated_tar_keeps_what_came_before_the_cut(tmp_path):
+    path = _write_tar(tmp_path / "whole.tar", [m for i in range(6) for m in _sample(f"k{i}")])
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 3])
+    stream = _stream(str(cut))
+    keys = [example["key"] for example in stream]
+    assert 0 < len(keys) < 6 and keys == [f"k{i}" for i in range(len(keys))]
+    assert stream.counts["skipped: unreadable shard data"] >= 1
+
+
+def test_too_many_bad_samples_stop_the_run_with_the_reason(tmp_path):
+    members = [m for i in range(20) for m in _sample(f"bad{i}", image=b"junk")]
+    members += [m for i in range(90) for m in _sample(f"good{i}")]
+    with pytest.raises(RuntimeError, match=r"20 of the 110 samples read so far are unreadable.*max_bad_fraction=0.1"):
+        list(_stream(_write_tar(tmp_path / "bad.tar", members), max_bad_fraction=0.1))
+    assert len(list(_stream(_write_tar(tmp_path / "bad.tar", members), max_bad_fraction=0.25))) == 90
+
+
+def test_image_modes_become_the_right_rgb():
+    assert decode_rgb(_encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_rgb(_encode(Image.new("RGBA", (4, 4), (255, 0, 0, 255)))).getpixel((0, 0)) == (255, 0, 0)
+    assert decode_rgb(_encode(Image.new("LA", (4, 4), (0, 0)))).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_rgb(_encode(Image.new("L", (4, 4), 100))).getpixel((0, 0)) == (100, 100, 100)
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    assert decode_rgb(_encode(palette)).getpixel((0, 0)) == (0, 0, 255)
+    palette.info["transparency"] = 1
+    assert decode_rgb(_encode(palette, transparency=1)).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = decode_rgb(_encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100)).getpixel((0, 0))
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60  # cyan 0, magenta and yellow full: red
+    sixteen = Image.fromarray(np.full((4, 4), 257 * 200, dtype=np.uint16))
+    assert decode_rgb(_encode(sixteen)).getpixel((0, 0)) == (200, 200, 200)
+
+
+def test_exif_rotated_jpegs_are_turned_upright():
+    image = Image.new("RGB", (20, 10), "white")  # stored landscape, red on the left
+    image.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright = decode_rgb(_encode(image, "JPEG", quality=95, exif=exif))
+    assert upright.size == (10, 20)
+    top, bottom = upright.getpixel((5, 2)), upright.getpixel((5, 17))
+    assert top[1] < 80 and bottom[1] > 200  # the red half ends up on top
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path):
+    """A 20000 x 20000 PNG of zeros is a few hundred kB on disk and 1.2 GB decoded: refused before decoding."""
+    bomb = _encode(Image.new("1", (20000, 20000)), optimize=True)
+    assert len(bomb) < 1_000_000
+    stream = _stream(_write_tar(tmp_path / "bomb.tar", _sample("bomb", image=bomb) + _sample("fine")))
+    assert [e["key"] for e in stream] == ["fine"] and stream.counts["skipped: image too large"] == 1
+
+
+def test_filters_on_missing_fields_and_caption_length():
+    needs = FilterConfig(min_aesthetic=5.0)
+    assert failed_filter({}, "a caption", needs) is None
+    dropping = FilterConfig(min_aesthetic=5.0, on_missing="drop")
+    assert failed_filter({}, "a caption", dropping) == "min_aesthetic (missing)"
+    assert failed_filter({"aesthetic": "n/a"}, "x", FilterConfig(min_aesthetic=5.0, on_missing="drop")) is not None
+    assert failed_filter({"aesthetic": 6.0}, "x", FilterConfig(min_aesthetic=5.0, on_missing="drop")) is None
+    assert failed_filter({}, "ab", FilterConfig(min_caption_chars=3)) == "min_caption_chars"
+    assert failed_filter({}, "abcd", FilterConfig(max_caption_chars=3)) == "max_caption_chars"
+    assert failed_filter({"width": 10, "height": 300}, "x", FilterConfig(min_width=64, min_height=64)) == "min_width"
+
+
+def test_filter_counts_are_exact(tmp_path):
+    metadata = [{"aesthetic": 4.0, "punsafe": 0.1}, {"aesthetic": 6.0, "punsafe": 0.1}, {"aesthetic": 6.0},
+                {"aesthetic": 7.0, "punsafe": 0.9}]
+    members = [m for i, meta in enumerate(metadata) for m in _sample(f"k{i}", metadata=meta)]
+    stream = _stream(_write_tar(tmp_path / "f.tar", members),
+                     filters=FilterConfig(min_aesthetic=5.0, max_punsafe=0.5, on_missing="drop"))
+    assert [e["key"] for e in stream] == ["k1"]
+    assert dict(stream.counts) == {"used": 1, "dropped by min_aesthetic": 1, "dropped by max_punsafe (missing)": 1,
+                                   "dropped by max_punsafe": 1}
+
+
+def test_one_of_several_captions_is_chosen_at_random(tmp_path):
+    rng = random.Random(0)
+    picks = Counter(pick_caption(["a red square", "", "a red box", None], rng) for _ in range(2000))
+    assert set(picks) == {"a red square", "a red box"} and abs(picks["a red square"] - 1000) < 120
+    assert pick_caption([], rng) is None and pick_caption(" ", rng) is None and pick_caption(3, rng) is None
+    members = [m for i in range(8) for m in _sample(f"k{i}", caption=None,
+                                                      metadata={"caption": ["a red square", "a red box"]})]
+    stream = _stream(_write_tar(tmp_path / "c.tar", members))
+    assert len(list(stream)) == 8 and stream.counts["used"] == 8
