@@ -161,12 +161,15 @@ class FilterConfig:
 class DataConfig:
     """Where the image-text pairs come from and how they become tensors."""
 
-    source: Literal["builtin", "webdataset", "imagefolder"] = "builtin"
-    """`builtin`: the rendered-shapes set (written on first use); `webdataset`: tar shards;
-    `imagefolder`: a folder of images with `metadata.jsonl` (HF datasets imagefolder)."""
+    source: Literal["builtin", "webdataset", "imagefolder", "hf", "parquet"] = "builtin"
+    """`builtin`: the rendered-shapes set (written on first use); `webdataset`: tar shards; `imagefolder`: a
+    folder of images with `metadata.jsonl` / `metadata.csv` (HF datasets imagefolder) or with a `.txt` caption
+    beside each image; `hf`: a HF datasets dataset (saved with `save_to_disk`, or a name for `load_dataset`);
+    `parquet`: parquet files with image bytes (or paths) and captions."""
     path: str | None = None
     """builtin: the folder to write/read it (default: ~/.cache/finetune/shapes); webdataset: a shard path, brace
-    pattern (`shards-{000000..000009}.tar`) or URL; imagefolder: the folder."""
+    pattern (`shards-{000000..000009}.tar`) or URL; imagefolder: the folder; hf: a saved dataset's folder or a
+    dataset name; parquet: a file, a folder of `*.parquet` or a glob."""
     num_samples: int = 6000
     """builtin: how many samples to generate (the epoch length)."""
     colors: list[str] | None = None
@@ -187,10 +190,14 @@ class DataConfig:
     """Share of captions replaced by the empty caption, so the model also learns the unconditional
     prediction that classifier-free guidance needs."""
     caption_column: str = "text"
-    """imagefolder: the metadata column holding the caption; webdataset: the json field used when a sample
-    has no `.txt`."""
+    """imagefolder / hf / parquet: the column holding the caption (a string or a list of them); webdataset: the
+    json field used when a sample has no `.txt`."""
     image_column: str = "image"
-    """imagefolder: the column holding the image."""
+    """imagefolder / hf / parquet: the column holding the image (bytes, an HF image, or a path)."""
+    split: str = "train"
+    """hf: the split to train on."""
+    streaming: bool = False
+    """hf: stream the dataset instead of loading it (for sets larger than the disk or memory allows)."""
     shuffle_buffer: int = 1000
     """webdataset/builtin: samples held in the shuffle buffer."""
     num_workers: int = 0
@@ -206,8 +213,9 @@ class DataConfig:
 
     def __post_init__(self):
         problems = []
-        if self.source in ("webdataset", "imagefolder") and not self.path:
-            problems.append(f"data.path: required when data.source={self.source!r}; give the shards or folder")
+        if self.source != "builtin" and not self.path:
+            problems.append(f"data.path: required when data.source={self.source!r}; give the shards, folder, files "
+                            "or dataset name")
         if self.resolution < 8 or self.resolution % 8:
             problems.append(f"data.resolution: got {self.resolution}; must be a multiple of 8, at least 8")
         if self.max_image_pixels < 1 or not 0 <= self.max_bad_fraction <= 1:

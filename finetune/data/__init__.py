@@ -11,7 +11,6 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -21,18 +20,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import DataConfig, FilterConfig
 from . import shapes
+from .tables import HFDatasetSource, ParquetSource, RawSample, SidecarFolderSource
 from .transforms import decode_rgb, to_tensor, unreadable_reason
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-
-
-@dataclass
-class RawSample:
-    key: str
-    image: bytes | None
-    caption: str | None
-    metadata: dict = field(default_factory=dict)
 
 
 class WebDatasetSource:
@@ -69,37 +61,7 @@ class WebDatasetSource:
             yield RawSample(key=str(sample["__key__"]), image=image, caption=caption, metadata=metadata)
 
 
-class ImageFolderSource:
-    """A folder of images with `metadata.jsonl` / `metadata.csv` (`file_name` plus a caption column), read with
-    HF datasets' imagefolder builder."""
-
-    def __init__(self, path: str, image_column: str, caption_column: str):
-        import datasets
-
-        dataset = datasets.load_dataset("imagefolder", data_dir=path, split="train")
-        missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"data.path={path!r}: column(s) {missing} not found; the folder has {dataset.column_names}. "
-                "Set data.image_column / data.caption_column to the right names"
-            )
-        self.dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        self.image_column, self.caption_column = image_column, caption_column
-        self.num_samples = len(self.dataset)
-
-    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
-        indices = list(range(len(self.dataset)))
-        order_rng.shuffle(indices)
-        for index in indices[part::parts]:
-            row = self.dataset[index]
-            image = row[self.image_column]
-            data = image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else None)
-            metadata = {k: v for k, v in row.items() if k != self.image_column}
-            yield RawSample(key=Path(image.get("path") or str(index)).name, image=data,
-                            caption=row[self.caption_column], metadata=metadata)
-
-
-def build_source(config: DataConfig, seed: int) -> WebDatasetSource | ImageFolderSource:
+def build_source(config: DataConfig, seed: int):
     """The raw-sample source named by `data.source` (the built-in set is generated on first use)."""
     if config.source == "builtin":
         colors = tuple(config.colors or shapes.DEFAULT_COLORS)
@@ -107,7 +69,14 @@ def build_source(config: DataConfig, seed: int) -> WebDatasetSource | ImageFolde
                                 config.caption_column, config.num_samples)
     if config.source == "webdataset":
         return WebDatasetSource(config.path, config.caption_column)
-    return ImageFolderSource(config.path, config.image_column, config.caption_column)
+    if config.source == "parquet":
+        return ParquetSource(config.path, config.image_column, config.caption_column)
+    if config.source == "hf":
+        return HFDatasetSource(config.path, config.split, config.image_column, config.caption_column,
+                               config.streaming)
+    if any((Path(config.path) / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
+        return HFDatasetSource(config.path, "train", config.image_column, config.caption_column, builder="imagefolder")
+    return SidecarFolderSource(config.path)
 
 
 def caption_texts(config: DataConfig, source, limit: int = 100_000) -> list[str]:
