@@ -202,6 +202,8 @@ class DataConfig:
     """webdataset/builtin: samples held in the shuffle buffer."""
     num_workers: int = 0
     """DataLoader worker processes (0 decodes in the training process)."""
+    persistent_workers: bool = False
+    """Keep the DataLoader workers alive between epochs (saves their start-up each epoch)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """LAION metadata filters."""
     max_image_pixels: int = 89_478_485

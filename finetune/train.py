@@ -231,14 +231,15 @@ def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tu
 
 
 def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
-    """This process's stream of training examples and its DataLoader. Workers are not persistent, so each
-    epoch's `set_epoch` reaches them; the loader has its own generator, so starting an epoch (or resuming
+    """This process's stream of training examples and its DataLoader. The epoch reaches the workers through
+    shared memory, persistent or not; the loader has its own generator, so starting an epoch (or resuming
     mid-epoch) does not draw from the global RNG that the noise comes from."""
     dataset = ImageTextStream(source, config.data, tokenizer, config.train.seed, accelerator.process_index,
                               accelerator.num_processes)
+    workers = config.data.num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.train_batch_size, drop_last=True,
-                                         num_workers=config.data.num_workers,
-                                         pin_memory=accelerator.device.type == "cuda",
+                                         num_workers=workers, pin_memory=accelerator.device.type == "cuda",
+                                         persistent_workers=config.data.persistent_workers and workers > 0,
                                          generator=torch.Generator().manual_seed(config.train.seed))
     return dataset, loader
 

@@ -142,3 +142,21 @@ def test_two_processes_read_disjoint_parts_that_cover_an_epoch(tmp_path, workers
     keys = seen[0]["keys"] + seen[1]["keys"]
     assert seen[0]["keys"] and seen[1]["keys"]
     assert sorted(keys) == sorted(key for key, _, _ in PAIRS) and len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_workers_follow_set_epoch(tmp_path, persistent):
+    """Two dataloader workers, kept alive between epochs or not: each epoch's order is the one set_epoch asks
+    for, the same as reading in the main process."""
+    import torch
+
+    config = _write("sidecar", tmp_path / "data")
+    config.resolution, config.caption_dropout, config.shuffle_buffer = 8, 0.0, 4
+    tokenizer = build_tokenizer([c for _, c, _ in PAIRS], 10)
+    stream = ImageTextStream(build_source(config, seed=0), config, tokenizer, seed=0)
+    loader = torch.utils.data.DataLoader(stream, batch_size=1, num_workers=2, persistent_workers=persistent)
+    orders = []
+    for epoch in (0, 1, 0):
+        stream.set_epoch(epoch)
+        orders.append([batch["key"][0] for batch in loader])
+    assert orders[0] == orders[2] != orders[1]

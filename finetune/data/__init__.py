@@ -8,6 +8,7 @@ caption dropout and tokenisation.
 
 import json
 import logging
+import multiprocessing
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -137,11 +138,15 @@ class ImageTextStream(IterableDataset):
     def __init__(self, source, config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
         self.source, self.config, self.tokenizer = source, config, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
+        self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared, so persistent workers see set_epoch
         self.counts: Counter = Counter()
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(
@@ -159,7 +164,7 @@ class ImageTextStream(IterableDataset):
         if raw.image is None or caption is None:
             return self._bad(raw.key, "no image" if raw.image is None else "no caption", "")
         try:
-            image = decode_rgb(raw.image, self.config.max_image_pixels)
+            image = decode_rgb(raw.image, self.config.max_image_pixels, min_size=self.config.resolution)
             pixels = to_tensor(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)

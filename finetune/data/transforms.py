@@ -23,12 +23,16 @@ def unreadable_reason(error: Exception) -> str:
     return "corrupt image"
 
 
-def decode_rgb(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
+def decode_rgb(data: bytes, max_pixels: int = 89_478_485, min_size: int | None = None) -> Image.Image:
     """Decode image bytes to an upright RGB image: EXIF rotation applied, transparency composited on white.
-    Refuses images above `max_pixels` from the header, before decoding the pixels."""
+    Refuses images above `max_pixels` from the header, before decoding the pixels. With `min_size`, a JPEG is
+    decoded at a reduced scale (libjpeg's DCT scaling, Pillow's `draft`) that keeps both sides >= min_size:
+    several times faster for a 512 px image trained at 32 px, and what the resize would have averaged anyway."""
     image = Image.open(io.BytesIO(data))
     if image.width * image.height > max_pixels:
         raise ImageTooLarge(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
+    if min_size and image.format == "JPEG":
+        image.draft("RGB", (min_size, min_size))
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
