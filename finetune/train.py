@@ -181,7 +181,8 @@ def describe(config: Config, components: Components, params, source, accelerator
     return (
         f"unet {count_parameters(components.unet):,} params, text encoder "
         f"{count_parameters(components.text_encoder):,}; {adapters}trainable {trainable:,} ({trainable / total:.1%}; "
-        f"{trainable / count_parameters(components.unet):.1%} of the UNet's), {space}\n"
+        f"UNet {count_parameters(components.unet, trainable_only=True) / count_parameters(components.unet):.1%}), "
+        f"{space}\n"
         f"data: {config.data.source} ({size} samples) at {config.data.resolution}px, vocabulary "
         f"{len(components.tokenizer)} tokens\n"
         f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
@@ -323,14 +324,16 @@ def main(argv: list[str] | None = None) -> None:
                 break
             if step >= train.max_train_steps:
                 break
+        else:  # the epoch was read to the end (the workers too): count it
+            counts = dataset.collect_counts(config.data.num_workers)
+            if batches_in_epoch == 0:
+                raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
+                                   f"{train.train_batch_size} samples ({dict(counts)}); check data.path and "
+                                   "data.filters, or lower train.train_batch_size")
+            logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
         if stop.signum:
             break
-        if batches_in_epoch == 0:
-            raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
-                               f"{train.train_batch_size} samples ({dict(dataset.counts)}); check data.path and "
-                               "data.filters, or lower train.train_batch_size")
         epoch, skip_batches = epoch + 1, 0
-        logger.info(f"epoch {epoch} data: {dict(dataset.counts)}", main_process_only=True)
     step_logger.progress.close()
     stop.close()
     if stop.signum:  # preempted: the checkpoint just written is the way back

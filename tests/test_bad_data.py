@@ -161,3 +161,26 @@ def test_one_of_several_captions_is_chosen_at_random(tmp_path):
                                                       metadata={"caption": ["a red square", "a red box"]})]
     stream = _stream(_write_tar(tmp_path / "c.tar", members))
     assert len(list(stream)) == 8 and stream.counts["used"] == 8
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_dataloader_workers_report_their_counts(tmp_path, persistent):
+    """With dataloader workers the counts are made in the workers; at the end of each epoch the main process
+    holds the same totals as a single process reading everything."""
+    import torch
+
+    paths = []
+    for shard in range(2):
+        members = [m for i in range(6) for m in _sample(f"g{shard}{i}")]
+        members += _sample(f"junk{shard}", image=b"junk") + _sample(f"nocap{shard}", caption=None)
+        paths.append(_write_tar(tmp_path / f"{shard:05d}.tar", members))
+    pattern = str(tmp_path / "{00000..00001}.tar")
+    alone = _stream(pattern)
+    assert len(list(alone)) == 12
+    stream = _stream(pattern)
+    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, persistent_workers=persistent)
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        assert sum(len(batch["key"]) for batch in loader) == 12
+        counts = stream.collect_counts(num_workers=2)
+        assert dict(counts) == {key: (epoch + 1) * value for key, value in alone.counts.items()}

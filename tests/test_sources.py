@@ -160,3 +160,22 @@ def test_workers_follow_set_epoch(tmp_path, persistent):
         stream.set_epoch(epoch)
         orders.append([batch["key"][0] for batch in loader])
     assert orders[0] == orders[2] != orders[1]
+
+
+def test_webdataset_reads_pipe_commands_and_http_urls(tmp_path, reference):
+    """Shards through `pipe:cat ...` and over HTTP (a server on 127.0.0.1) give the same samples as the file."""
+    import functools
+    import http.server
+    import threading
+
+    config = _write("webdataset", tmp_path / "data")
+    piped = DataConfig(source="webdataset", path=f"pipe:cat {config.path}")
+    assert sorted(_examples(piped)) == reference
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "data"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = DataConfig(source="webdataset", path=f"http://127.0.0.1:{server.server_address[1]}/00000.tar")
+        assert sorted(_examples(url)) == reference
+    finally:
+        server.shutdown()

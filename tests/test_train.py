@@ -333,3 +333,15 @@ def test_nonfinite_on_one_of_two_processes(tmp_path, mode):
     else:
         assert result.returncode == 0, result.stderr[-3000:]
         assert "weights identical on all 2 processes" in result.stderr
+
+
+@pytest.mark.slow
+def test_epoch_log_counts_what_the_workers_read(tmp_path):
+    """With 2 dataloader workers (2 shards of the built-in set) the epoch's log line counts every sample the
+    workers read: used + dropped = the whole set."""
+    result = _train(tmp_path, "data.num_samples=2000", "data.num_workers=2", "train.train_batch_size=16",
+                    "train.max_train_steps=130",
+                    "train.checkpointing_steps=0", f"train.output_dir={tmp_path / 'run'}")
+    line = next(line for line in result.stderr.splitlines() if "epoch 1 data (all epochs so far)" in line)
+    counts = ast.literal_eval(line.split("so far): ", 1)[1])
+    assert counts["used"] > 1800 and sum(counts.values()) == 2000, counts

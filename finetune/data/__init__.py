@@ -139,7 +139,8 @@ class ImageTextStream(IterableDataset):
         self.source, self.config, self.tokenizer = source, config, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared, so persistent workers see set_epoch
-        self.counts: Counter = Counter()
+        self.counts: Counter = Counter()  # in this process; dataloader workers report theirs through a queue
+        self._worker_counts = multiprocessing.Queue()
 
     @property
     def epoch(self) -> int:
@@ -198,6 +199,8 @@ class ImageTextStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        if worker:  # a worker counts this epoch only (a new one starts with a copy of the main process's totals)
+            self.counts = Counter()
         part, parts = self.rank * num_workers + worker_id, self.world_size * num_workers
         order_rng = random.Random(f"order-{self.seed}-{self.epoch}")
         rng = random.Random(f"sample-{self.seed}-{self.epoch}-{part}")
@@ -218,3 +221,12 @@ class ImageTextStream(IterableDataset):
             if example is not None:
                 yield example
         self._check_bad_fraction(minimum=1)  # the whole part read: judge it however small
+        if worker:  # hand this epoch's counts to the main process (collect_counts)
+            self._worker_counts.put(dict(self.counts))
+
+    def collect_counts(self, num_workers: int) -> Counter:
+        """The counts so far, all epochs, with those of the `num_workers` dataloader workers that just finished
+        an epoch added in (each reports once per epoch it read to the end)."""
+        for _ in range(num_workers):
+            self.counts.update(self._worker_counts.get(timeout=60))
+        return self.counts
