@@ -16,6 +16,11 @@ from pathlib import Path
 
 import yaml
 from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from .config import TrainConfig
+
+logger = get_logger("finetune")
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -73,6 +78,26 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
                          f"{world_size}; resume with --num_processes {manifest['world_size']} for an exact "
                          "continuation")
     return manifest
+
+
+def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tuple[int, int, int, Path | None]:
+    """Restore the state of `train.resume_from_checkpoint`, if any: (step, epoch, batches seen in that epoch,
+    the checkpoint folder). Settings changed since the checkpoint are named: the continuation is exact only
+    when none that shape training changed."""
+    if not train.resume_from_checkpoint:
+        return 0, 0, 0, None
+    path = resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
+    if path is None:
+        logger.info("train.resume_from_checkpoint=latest: no checkpoint yet, starting fresh", main_process_only=True)
+        return 0, 0, 0, None
+    manifest = read_manifest(path, accelerator.num_processes)
+    accelerator.load_state(str(path))
+    data = read_data_state(path, accelerator.process_index)
+    logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
+    changed = changed_settings(path, config_text)
+    if changed:
+        logger.warning(f"settings changed since {path.name}: {'; '.join(changed)}", main_process_only=True)
+    return manifest["step"], data["epoch"], data["batches_in_epoch"], path
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, data_state: dict,

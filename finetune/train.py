@@ -211,26 +211,6 @@ def build_optimization(train: TrainConfig, params: list, trained: list, accelera
     return optimizer, lr_scheduler, emas
 
 
-def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tuple[int, int, int, Path | None]:
-    """Restore the state of `train.resume_from_checkpoint`, if any: (step, epoch, batches seen in that epoch,
-    the checkpoint folder). Settings changed since the checkpoint are named: the continuation is exact only
-    when none that shape training changed."""
-    if not train.resume_from_checkpoint:
-        return 0, 0, 0, None
-    path = checkpointing.resolve_checkpoint(train.resume_from_checkpoint, train.output_dir)
-    if path is None:
-        logger.info("train.resume_from_checkpoint=latest: no checkpoint yet, starting fresh", main_process_only=True)
-        return 0, 0, 0, None
-    manifest = checkpointing.read_manifest(path, accelerator.num_processes)
-    accelerator.load_state(str(path))
-    data = checkpointing.read_data_state(path, accelerator.process_index)
-    logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
-    changed = checkpointing.changed_settings(path, config_text)
-    if changed:
-        logger.warning(f"settings changed since {path.name}: {'; '.join(changed)}", main_process_only=True)
-    return manifest["step"], data["epoch"], data["batches_in_epoch"], path
-
-
 def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
     """This process's stream of training examples and its DataLoader. The epoch reaches the workers through
     shared memory, persistent or not; the loader has its own generator, so starting an epoch (or resuming
@@ -279,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
-    step, epoch, skip_batches, resumed_from = resume(accelerator, train, config_yaml(config))
+    step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config))
 
     # Train.
     accelerator.init_trackers("finetune", config={"max_train_steps": train.max_train_steps,
