@@ -154,6 +154,9 @@ class FilterConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"data.filters.{name}: got {value}; must be >= 1")
+        if (self.min_caption_chars or 0) > (self.max_caption_chars or float("inf")):
+            problems.append(f"data.filters.min_caption_chars={self.min_caption_chars} is above "
+                            f"max_caption_chars={self.max_caption_chars}: no caption could pass")
         _check(problems)
 
 
@@ -235,6 +238,13 @@ class DataConfig:
                 problems.append(f"data.colors: got {self.colors}; give some of {', '.join(HUES)}")
             if self.source != "builtin":
                 problems.append("data.colors: only the builtin source draws colours; remove it")
+        if self.persistent_workers and not self.num_workers:
+            problems.append("data.persistent_workers: true needs data.num_workers >= 1 (there are no workers to keep)")
+        if self.source != "hf" and (self.streaming or self.split != "train"):
+            problems.append(f"data.streaming / data.split: only data.source: hf reads them (got {self.source!r})")
+        if self.cache and self.streaming:
+            problems.append("data.cache: a streamed dataset has no stable sample keys to cache by; set data.cache: "
+                            "false or data.streaming: false")
         if self.cache and (self.random_flip or not self.center_crop):
             problems.append("data.cache: the cache stores one encoding per image, so random transforms would be "
                             "frozen; set data.random_flip: false and data.center_crop: true, or data.cache: false")

@@ -15,6 +15,7 @@ class BatchEncoder:
     def __init__(self, vae, text_encoder, text_trains: bool, cache: bool):
         self.vae, self.text_encoder, self.text_trains, self.cache = vae, text_encoder, text_trains, cache
         self.latent_cache: dict[str, torch.Tensor] = {}
+        self.fingerprints: dict[str, tuple[float, float]] = {}
         self.text_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def samples(self, batch: dict, device: torch.device) -> torch.Tensor:
@@ -23,6 +24,7 @@ class BatchEncoder:
         if self.vae is None:
             return pixels.to(device, non_blocking=True)
         if self.cache:
+            self._check_keys(batch["key"], pixels)
             moments = self._cached(self.latent_cache, batch["key"], pixels, self._moments)
         else:
             moments = self._moments(pixels)
@@ -37,6 +39,17 @@ class BatchEncoder:
         if self.cache:
             return self._cached(self.text_cache, [tuple(row.tolist()) for row in ids], ids, self._embed).to(device)
         return self._embed(ids)
+
+    def _check_keys(self, keys: list[str], pixels: torch.Tensor) -> None:
+        """The latent cache is keyed by sample key: a key that comes back with other pixels would train on the
+        wrong image, so it is an error (a cheap fingerprint of the pixels is kept per key)."""
+        for key, row in zip(keys, pixels):
+            row = row.double()
+            fingerprint = (float(row.sum()), float(row.square().sum()))
+            if self.fingerprints.setdefault(key, fingerprint) != fingerprint:
+                raise ValueError(f"sample key {key!r} names two different images, but data.cache keeps one encoding "
+                                 "per key: the data's keys must be unique and the same every epoch. Make them so, "
+                                 "or set data.cache: false")
 
     @torch.no_grad()
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,18 @@ def _has(index: dict, name: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
 
+def changed_schedule(config: ModelConfig, scheduler: DDPMScheduler) -> list[str]:
+    """How `scheduler` (the base's, with this config's overrides) differs from the base's own scheduler config,
+    as `model.<key>: base -> now` lines; empty from scratch or without overrides."""
+    if not config.pretrained_model_name_or_path:
+        return []
+    base = DDPMScheduler.load_config(config.pretrained_model_name_or_path, subfolder="scheduler",
+                                     revision=config.revision)
+    defaults = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    return [f"model.{key}: {base.get(key, default)!r} -> {scheduler.config[key]!r}" for key, default in defaults.items()
+            if base.get(key, default) != scheduler.config[key]]
+
+
 def check_objective(scheduler: DDPMScheduler) -> None:
     """A zero-terminal-SNR schedule makes x_T pure noise, from which no noise prediction recovers x_0: it
     needs a velocity or sample prediction (Lin et al. 2023, section 3.2)."""

@@ -30,7 +30,7 @@ from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import check_in_sync, finish
 from .encoding import BatchEncoder
-from .models import Components, build_components, check_objective, count_parameters, load_components
+from .models import Components, build_components, changed_schedule, check_objective, count_parameters, load_components
 from .nonfinite import NonFiniteGuard
 from .objective import diffusion_loss, min_snr_weights, perturb_noise, sample_noise_and_timesteps, training_target
 from .preemption import StopOnSignal
@@ -85,6 +85,10 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
         raise ValueError(f"{config.model.pretrained_model_name_or_path}: the VAE makes "
                          f"{components.vae.config.latent_channels}-channel latents but the UNet takes "
                          f"{components.unet.config.in_channels} channels")
+    if config.lora.enabled and changed_schedule(config.model, components.scheduler):
+        raise ValueError(f"{'; '.join(changed_schedule(config.model, components.scheduler))}: a LoRA file carries "
+                         "the adapters only, so downstream the base's own scheduler would sample them. Leave these "
+                         "null for a LoRA run, or fine-tune in full (lora.enabled: false)")
     if config.lora.enabled:
         trained = lora.attach(components, config.lora)
     else:
@@ -96,10 +100,9 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
     frozen = [m for m in (components.unet, components.text_encoder, components.vae)
               if m is not None and (config.lora.enabled or all(m is not t for t in trained))]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    for model in frozen:  # (no dtype argument in fp32: diffusers warns about any cast)
-        model.to(accelerator.device, *([dtype] if dtype != torch.float32 else []))
-    if config.lora.enabled:
-        cast_training_params(trained, dtype=torch.float32)
+    for model in frozen:  # (a dtype argument only when it changes one: diffusers warns about any cast)
+        model.to(accelerator.device, *([dtype] if model.dtype != dtype else []))
+    cast_training_params(trained, dtype=torch.float32)  # also when the base was stored in half precision
     return components, trained
 
 

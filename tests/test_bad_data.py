@@ -184,3 +184,14 @@ def test_dataloader_workers_report_their_counts(tmp_path, persistent):
         assert sum(len(batch["key"]) for batch in loader) == 12
         counts = stream.collect_counts(num_workers=2)
         assert dict(counts) == {key: (epoch + 1) * value for key, value in alone.counts.items()}
+
+
+def test_size_filters_judge_the_stored_size_not_the_reduced_decode(tmp_path):
+    """A 200 x 150 JPEG trained at 32 px is decoded at a quarter scale (50 x 38); min_height 120 must still see
+    150."""
+    jpeg = _encode(Image.new("RGB", (200, 150), "red"), "JPEG")
+    stream = _stream(_write_tar(tmp_path / "j.tar", [("k.jpg", jpeg), ("k.txt", b"a red square")]),
+                     filters=FilterConfig(min_height=120))
+    stream.config.resolution = 32
+    assert [e["key"] for e in stream] == ["k"]
+    assert decode_rgb(jpeg, min_size=32).size == (50, 38)

@@ -85,6 +85,9 @@ def test_all_errors_at_once(tmp_path):
     ("data.filters.on_missing=skip", "data.filters.on_missing: got 'skip'; allowed: 'keep', 'drop'"),
     ("data.max_bad_fraction=2", "data.max_image_pixels must be >= 1 and data.max_bad_fraction in [0, 1]"),
     ("data.filters.max_caption_chars=0", "data.filters.max_caption_chars: got 0; must be >= 1"),
+    ("data.persistent_workers=true", "data.persistent_workers: true needs data.num_workers >= 1"),
+    ("data.streaming=true", "data.streaming / data.split: only data.source: hf reads them"),
+    ("data.filters.min_caption_chars=10 & data.filters.max_caption_chars=5", "no caption could pass"),
     ("train.snr_gamma=0", "train.snr_gamma: got 0.0; must be > 0 or null"),
 ])
 def test_bad_values_name_key_value_and_fix(override, fragment):

@@ -203,3 +203,34 @@ def _metadata(path):
     with safe_open(path, "pt") as f:
         return {key: json.loads(value) if key == "lora_adapter_metadata" else value
                 for key, value in f.metadata().items()}
+
+
+def test_a_half_precision_base_trains_in_float32(tiny_sd_folder, tmp_path):
+    """A base stored in bf16 (e.g. the export of a bf16 run) fine-tuned with mixed_precision no: frozen parts
+    come up to float32 (else the bf16 text embeddings meet a float32 UNet), and trained weights are float32."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, torch_dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "bf16-base")
+    config = load_config(None, [f"model.pretrained_model_name_or_path={tmp_path / 'bf16-base'}", "data.resolution=16",
+                                "model.train_text_encoder=false"])
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+    components, trained = build_model(config, None, accelerator)
+    for model in (components.unet, components.text_encoder, components.vae):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}, type(model).__name__
+
+
+def test_lora_refuses_a_schedule_the_base_would_not_sample_with(pixel_base):
+    config = load_config(None, [f"model.pretrained_model_name_or_path={pixel_base}", "model.train_text_encoder=false",
+                                "lora.enabled=true", "model.prediction_type=v_prediction"])
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+    with pytest.raises(ValueError, match="model.prediction_type: 'epsilon' -> 'v_prediction': a LoRA file carries"):
+        build_model(config, None, accelerator)
+
+
+def test_cache_refuses_a_key_that_names_two_images(tiny_sd_folder):
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=True)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    encoder.samples({"key": ["a", "b"], "pixel_values": pixels}, torch.device("cpu"))
+    encoder.samples({"key": ["b", "a"], "pixel_values": pixels.flip(0)}, torch.device("cpu"))  # same images
+    with pytest.raises(ValueError, match="sample key 'a' names two different images"):
+        encoder.samples({"key": ["a"], "pixel_values": pixels[1:]}, torch.device("cpu"))

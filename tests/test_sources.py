@@ -179,3 +179,18 @@ def test_webdataset_reads_pipe_commands_and_http_urls(tmp_path, reference):
         assert sorted(_examples(url)) == reference
     finally:
         server.shutdown()
+
+
+def test_streaming_hf_with_workers_reads_everything_once(tmp_path, reference):
+    """datasets splits a streamed dataset between dataloader workers itself; the source splits by process only,
+    so 2 workers still read every sample once."""
+    import torch
+
+    config = _write("hf-streaming", tmp_path / "data")
+    config.resolution, config.caption_dropout, config.shuffle_buffer = 8, 0.0, 4
+    tokenizer = build_tokenizer([c for _, c, _ in PAIRS], 10)
+    stream = ImageTextStream(build_source(config, seed=0), config, tokenizer, seed=0)
+    loader = torch.utils.data.DataLoader(stream, batch_size=1, num_workers=2)
+    seen = [(tokenizer.decode(b["input_ids"][0], skip_special_tokens=True), b["pixel_values"][0].numpy().tobytes())
+            for b in loader]
+    assert sorted(seen) == reference

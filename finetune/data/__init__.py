@@ -169,8 +169,8 @@ class ImageTextStream(IterableDataset):
             pixels = to_tensor(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)
-        min_width, min_height = self.config.filters.min_width, self.config.filters.min_height
-        if (min_width and image.width < min_width) or (min_height and image.height < min_height):
+        (width, height), filters = image.info["source_size"], self.config.filters
+        if (filters.min_width and width < filters.min_width) or (filters.min_height and height < filters.min_height):
             self.counts["dropped by min_width/min_height (decoded size)"] += 1
             return None
         caption = "" if rng.random() < self.config.caption_dropout else caption
@@ -220,7 +220,7 @@ class ImageTextStream(IterableDataset):
             example = self._example(raw, rng)
             if example is not None:
                 yield example
-        self._check_bad_fraction(minimum=1)  # the whole part read: judge it however small
+        self._check_bad_fraction(minimum=20)  # the whole part read: judge it unless it is tiny
         if worker:  # hand this epoch's counts to the main process (collect_counts)
             self._worker_counts.put(dict(self.counts))
 

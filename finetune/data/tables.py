@@ -71,10 +71,15 @@ class HFDatasetSource:
         self.num_samples = None if streaming else len(dataset)
 
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
-        if self.streaming:  # whole shards per reader when they divide evenly, else every parts-th row
+        if self.streaming:  # whole shards per process when they divide evenly, else every n-th row
             from datasets.distributed import split_dataset_by_node
+            from torch.utils.data import get_worker_info
 
-            rows = split_dataset_by_node(self.dataset.shuffle(seed=order_rng.randrange(2**32)), part, parts)
+            # Inside a dataloader worker, datasets splits the process's shards between the workers itself: split
+            # by process only, or each worker would read a part of a part.
+            workers = get_worker_info().num_workers if get_worker_info() else 1
+            rows = split_dataset_by_node(self.dataset.shuffle(seed=order_rng.randrange(2**32)), part // workers,
+                                         parts // workers)
             for i, row in enumerate(rows):
                 yield self._sample(row, f"{part}-{i}")
             return
@@ -85,8 +90,8 @@ class HFDatasetSource:
 
     def _sample(self, row: dict, fallback_key: str) -> RawSample:
         image = row[self.image_column]
-        named = Path(image["path"]).name if isinstance(image, dict) and image.get("path") else None
-        key = str(row.get("key") or row.get("__key__") or named or fallback_key)
+        path = image.get("path") if isinstance(image, dict) else None
+        key = str(row.get("key") or row.get("__key__") or path or fallback_key)  # the whole path: unique
         return RawSample(key, image_bytes(image), row[self.caption_column], _row_metadata(row, self.image_column))
 
 

@@ -31,6 +31,7 @@ def decode_rgb(data: bytes, max_pixels: int = 89_478_485, min_size: int | None =
     image = Image.open(io.BytesIO(data))
     if image.width * image.height > max_pixels:
         raise ImageTooLarge(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
+    size = image.size[::-1] if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size  # upright
     if min_size and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))
     image = ImageOps.exif_transpose(image)
@@ -40,7 +41,9 @@ def decode_rgb(data: bytes, max_pixels: int = 89_478_485, min_size: int | None =
         image = Image.alpha_composite(background, image)
     elif image.mode.startswith("I;16") or image.mode == "I":
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
-    return image.convert("RGB")
+    image = image.convert("RGB")
+    image.info["source_size"] = size  # before any reduced-scale decoding: what size filters must judge
+    return image
 
 
 def to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
