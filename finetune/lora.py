@@ -71,7 +71,7 @@ def save(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.M
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
         if model is not None:
             layers[f"{prefix}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-            adapter = model.peft_config["default"].to_dict()  # sets sorted: the same run writes the same bytes
+            adapter = model.peft_config["default"].to_dict()  # sets sorted: the same run, the same metadata
             adapter = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
             metadata[f"{prefix}_lora_adapter_metadata"] = {**adapter, "lora_dropout": 0.0}
     StableDiffusionLoraLoaderMixin.save_lora_weights(output_dir, **layers, **metadata, weight_name=WEIGHT_NAME)

@@ -85,8 +85,9 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
         raise ValueError(f"{config.model.pretrained_model_name_or_path}: the VAE makes "
                          f"{components.vae.config.latent_channels}-channel latents but the UNet takes "
                          f"{components.unet.config.in_channels} channels")
-    if config.lora.enabled and changed_schedule(config.model, components.scheduler):
-        raise ValueError(f"{'; '.join(changed_schedule(config.model, components.scheduler))}: a LoRA file carries "
+    changed = changed_schedule(config.model, components.scheduler) if config.lora.enabled else []
+    if changed:
+        raise ValueError(f"{'; '.join(changed)}: a LoRA file carries "
                          "the adapters only, so downstream the base's own scheduler would sample them. Leave these "
                          "null for a LoRA run, or fine-tune in full (lora.enabled: false)")
     if config.lora.enabled:
