@@ -419,21 +419,36 @@ class ValidationConfig:
 
 @dataclass
 class HubConfig:
-    """Publishing the result to the Hugging Face Hub."""
+    """Publishing the result to the Hugging Face Hub. The token comes from `HF_TOKEN` or `hf auth login`, never
+    from the config, so it is never written to the output folder."""
 
     push_to_hub: bool = False
-    """Upload output_dir at the end of training."""
+    """Upload output_dir (with a generated model card) at the end of training."""
     hub_model_id: str | None = None
-    """The repository to push to (`user/name`)."""
+    """The repository to push to (`user/name`, or `name` under the token's account); needed to push."""
     private: bool = False
-    """Create the repository as private."""
+    """Create the repository as private (an existing repository keeps its visibility)."""
+    revision: str | None = None
+    """The branch to push to, created from main when missing; null: main."""
+    push_checkpoints: bool = False
+    """Also upload each checkpoint (`checkpoint-<step>/`) as it is written; the final push includes them."""
+    license: str | None = None
+    """The model card's `license` (e.g. apache-2.0, or the base's, such as creativeml-openrail-m); null: none."""
 
     def __post_init__(self):
         problems = []
-        if self.push_to_hub:
-            problems.append("hub.push_to_hub: pushing is not available in this version yet; set it to false and "
-                            "upload output_dir with `huggingface-cli upload`")
+        if self.push_to_hub and not self.hub_model_id:
+            problems.append("hub.hub_model_id: needed with hub.push_to_hub: true; give the repository, e.g. "
+                            "your-name/shapes-ddpm")
+        if self.push_checkpoints and not self.push_to_hub:
+            problems.append("hub.push_checkpoints: only works with hub.push_to_hub: true")
+        if self.hub_model_id is not None and not _REPO_ID.fullmatch(self.hub_model_id):
+            problems.append(f"hub.hub_model_id: got {self.hub_model_id!r}; expected `user/name` or `name` (letters, "
+                            "digits, '-', '_', '.'; at most 96 characters per part)")
         _check(problems)
+
+
+_REPO_ID = re.compile(r"([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 
 
 @dataclass
