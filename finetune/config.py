@@ -173,8 +173,14 @@ class DataConfig:
     """builtin: the folder to write/read it (default: ~/.cache/finetune/shapes); webdataset: a shard path, brace
     pattern (`shards-{000000..000009}.tar`) or URL; imagefolder: the folder; hf: a saved dataset's folder or a
     dataset name; parquet: a file, a folder of `*.parquet` or a glob."""
-    num_samples: int = 6000
-    """builtin: how many samples to generate (the epoch length)."""
+    num_samples: int | None = None
+    """builtin: how many samples to generate, the epoch length (null: 6000); webdataset / builtin with
+    `resampled: true`: the training examples per epoch, over all processes (required there). Other sources
+    have an epoch of one pass and take no number."""
+    resampled: bool = False
+    """webdataset / builtin: draw shards at random with replacement, endlessly (open_clip's
+    `--dataset-resampled`): each reader draws its own shards, so an epoch is `num_samples` examples rather
+    than one pass, and a sample may come twice in an epoch. For streams too large to finish an epoch."""
     colors: list[str] | None = None
     """builtin: the colours to draw (of red, orange, yellow, green, blue, purple; one listed twice is drawn twice
     as often); null: every colour but purple, which is held out for the LoRA fine-tuning demo."""
@@ -227,8 +233,16 @@ class DataConfig:
             problems.append("data.max_image_pixels must be >= 1 and data.max_bad_fraction in [0, 1]")
         if not 0 <= self.caption_dropout < 1:
             problems.append(f"data.caption_dropout: got {self.caption_dropout}; must be in [0, 1)")
-        if self.num_samples < 1:
+        if self.num_samples is not None and self.num_samples < 1:
             problems.append(f"data.num_samples: got {self.num_samples}; must be >= 1")
+        if self.resampled and self.source not in ("webdataset", "builtin"):
+            problems.append(f"data.resampled: only webdataset shards are resampled (got data.source={self.source!r})")
+        if self.resampled and self.num_samples is None:
+            problems.append("data.num_samples: needed with data.resampled: true (a resampled stream never ends, so "
+                            "it sets the epoch length); e.g. the number of samples in the shards")
+        if self.num_samples is not None and self.source != "builtin" and not self.resampled:
+            problems.append(f"data.num_samples: an epoch of {self.source} data is one pass over it; remove "
+                            "data.num_samples, or set data.resampled: true (webdataset) for epochs of that length")
         if self.shuffle_buffer < 0 or self.num_workers < 0:
             problems.append("data.shuffle_buffer and data.num_workers must be >= 0")
         if self.colors is not None:

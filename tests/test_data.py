@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.config import DataConfig, FilterConfig
+from finetune.config import ConfigError, DataConfig, FilterConfig
 from finetune.data import ImageTextStream, WebDatasetSource, build_source, caption_texts, failed_filter, shapes
 from finetune.data.transforms import decode_rgb, to_tensor
 from finetune.evaluate import judge
@@ -118,6 +118,38 @@ def test_too_few_shards_for_the_readers_is_an_error(tiny_shards):
     stream = _stream(tiny_shards, rank=1, world_size=2)
     with pytest.raises(ValueError, match="1 shard\\(s\\) cannot be split over 2 readers"):
         next(iter(stream))
+
+
+def test_resampled_shards_make_epochs_of_num_samples(tiny_shards):
+    """A resampled stream never ends: each reader draws shards with replacement and stops at its share of
+    data.num_samples (one shard of 64 samples; epochs of 100, so samples repeat)."""
+    stream = _stream(tiny_shards, resampled=True, num_samples=100)
+    keys = [e["key"] for e in stream]
+    assert len(keys) == 100 and len(set(keys)) <= 64
+    assert [e["key"] for e in stream] == keys  # the same epoch draws the same shards and order
+    stream.set_epoch(1)
+    assert [e["key"] for e in stream] != keys
+    # Two processes, two dataloader workers each: 25 examples per reader, the shard shared by all (no split).
+    for rank in range(2):
+        loader = torch.utils.data.DataLoader(_stream(tiny_shards, rank, 2, resampled=True, num_samples=100),
+                                             batch_size=None, num_workers=2)
+        assert len(list(loader)) == 50
+
+
+def test_resampled_stream_that_yields_nothing_stops(tiny_shards):
+    stream = _stream(tiny_shards, resampled=True, num_samples=100, filters=FilterConfig(min_width=10**6))
+    with pytest.raises(RuntimeError, match="10000 samples in a row gave no training example.*min_width"):
+        next(iter(stream))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"source": "parquet", "path": "x", "resampled": True, "num_samples": 9}, "only webdataset shards are resampled"),
+    ({"source": "webdataset", "path": "x", "resampled": True}, "needed with data.resampled: true"),
+    ({"source": "webdataset", "path": "x", "num_samples": 9}, "set data.resampled: true"),
+])
+def test_epoch_length_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(**overrides)
 
 
 def test_builtin_folder_is_never_a_foreign_one(tmp_path):

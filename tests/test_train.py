@@ -345,3 +345,14 @@ def test_epoch_log_counts_what_the_workers_read(tmp_path):
     line = next(line for line in result.stderr.splitlines() if "epoch 1 data (all epochs so far)" in line)
     counts = ast.literal_eval(line.split("so far): ", 1)[1])
     assert counts["used"] > 1800 and sum(counts.values()) == 2000, counts
+
+
+@pytest.mark.slow
+def test_resampled_epochs_are_num_samples_long(tmp_path):
+    """Resampled shards with 2 dataloader workers: the epoch ends after data.num_samples training examples
+    and training goes on into the next epoch."""
+    result = _train(tmp_path, "data.resampled=true", "data.num_samples=64", "data.num_workers=2",
+                    "train.max_train_steps=20", "train.checkpointing_steps=0", f"train.output_dir={tmp_path / 'run'}")
+    line = next(line for line in result.stderr.splitlines() if "epoch 1 data (all epochs so far)" in line)
+    assert ast.literal_eval(line.split("so far): ", 1)[1])["used"] == 64
+    assert "epoch 2 data" not in result.stderr

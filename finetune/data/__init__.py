@@ -6,6 +6,7 @@ seeded shuffle per epoch, filters, decoding (an unreadable sample is skipped and
 caption dropout and tokenisation.
 """
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -26,30 +27,39 @@ from .transforms import decode_rgb, to_tensor, unreadable_reason
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+RESAMPLED_GIVE_UP = 10_000  # samples in a row without an example before a resampled stream is called broken
 
 
 class WebDatasetSource:
     """Tar shards as img2dataset writes them: local paths, brace patterns, `pipe:` commands or URLs."""
 
-    def __init__(self, pattern: str, caption_field: str, num_samples: int | None = None):
+    def __init__(self, pattern: str, caption_field: str, num_samples: int | None = None, resampled: bool = False):
         self.shards = [s for part in pattern.split("::") for s in braceexpand.braceexpand(part)]
         self.caption_field = caption_field
         self.num_samples = num_samples  # unknown for a stream unless given
+        self.resampled = resampled
 
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
-        if len(self.shards) < parts:
+        """One pass: this reader's disjoint share of the shards, in a seeded order. Resampled: shards drawn with
+        replacement, without end, from a generator of this epoch and reader."""
+        if self.resampled:
+            draw = random.Random(f"{order_rng.random()}-{part}")
+            shards = (draw.choice(self.shards) for _ in iter(int, 1))
+        elif len(self.shards) < parts:
             raise ValueError(f"{len(self.shards)} shard(s) cannot be split over {parts} readers (processes x "
                              "data.num_workers); every reader needs at least one shard: use more shards or fewer "
-                             "workers")
-        shards = list(self.shards)
-        order_rng.shuffle(shards)
+                             "workers, or set data.resampled: true")
+        else:
+            shards = list(self.shards)
+            order_rng.shuffle(shards)
+            shards = shards[part::parts]
 
         def on_error(error: Exception) -> bool:
             counts["skipped: unreadable shard data"] += 1
             logger.warning("skipping unreadable shard data: %s", error)
             return True
 
-        stream = wds.tarfile_samples(iter([{"url": url} for url in shards[part::parts]]), handler=on_error)
+        stream = wds.tarfile_samples(({"url": url} for url in shards), handler=on_error)
         for sample in stream:
             image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
             metadata = {}
@@ -65,11 +75,11 @@ class WebDatasetSource:
 def build_source(config: DataConfig, seed: int):
     """The raw-sample source named by `data.source` (the built-in set is generated on first use)."""
     if config.source == "builtin":
-        colors = tuple(config.colors or shapes.DEFAULT_COLORS)
-        return WebDatasetSource(shapes.ensure_shards(config.path, config.num_samples, colors=colors),
-                                config.caption_column, config.num_samples)
+        colors, num_samples = tuple(config.colors or shapes.DEFAULT_COLORS), config.num_samples or 6000
+        return WebDatasetSource(shapes.ensure_shards(config.path, num_samples, colors=colors),
+                                config.caption_column, num_samples, config.resampled)
     if config.source == "webdataset":
-        return WebDatasetSource(config.path, config.caption_column)
+        return WebDatasetSource(config.path, config.caption_column, config.num_samples, config.resampled)
     if config.source == "parquet":
         return ParquetSource(config.path, config.image_column, config.caption_column)
     if config.source == "hf":
@@ -86,6 +96,8 @@ def caption_texts(config: DataConfig, source, limit: int = 100_000) -> list[str]
     if config.source == "builtin":
         return shapes.all_captions()
     texts = []
+    if isinstance(source, WebDatasetSource):  # one pass, even over resampled shards
+        source = WebDatasetSource("::".join(source.shards), source.caption_field)
     for sample in source.samples(random.Random(0), 0, 1, Counter()):
         captions = sample.caption if isinstance(sample.caption, list) else [sample.caption]
         texts.extend(c for c in captions if isinstance(c, str) and c)
@@ -202,10 +214,28 @@ class ImageTextStream(IterableDataset):
         if worker:  # a worker counts this epoch only (a new one starts with a copy of the main process's totals)
             self.counts = Counter()
         part, parts = self.rank * num_workers + worker_id, self.world_size * num_workers
+        resampled = getattr(self.source, "resampled", False)
+        examples = self._examples(part, parts, RESAMPLED_GIVE_UP if resampled else None)
+        if resampled:  # an endless stream: the epoch is this reader's share of data.num_samples
+            examples = itertools.islice(examples, self.config.num_samples // parts)
+        yield from examples
+        self._check_bad_fraction(minimum=20)  # the whole part read: judge it unless it is tiny
+        if worker:  # hand this epoch's counts to the main process (collect_counts)
+            self._worker_counts.put(dict(self.counts))
+
+    def _examples(self, part: int, parts: int, give_up: int | None) -> Iterator[dict]:
+        """Reader `part`'s examples of this epoch, through a seeded shuffle buffer. An endless source that gives
+        no example in `give_up` samples in a row (every one filtered out or unreadable) is an error."""
         order_rng = random.Random(f"order-{self.seed}-{self.epoch}")
         rng = random.Random(f"sample-{self.seed}-{self.epoch}-{part}")
         buffer: list[RawSample] = []
-        for raw in self.source.samples(order_rng, part, parts, self.counts):
+        used = self.counts["used"]
+        for i, raw in enumerate(self.source.samples(order_rng, part, parts, self.counts)):
+            if give_up and i % give_up == give_up - 1:
+                if self.counts["used"] == used:
+                    raise RuntimeError(f"{give_up} samples in a row gave no training example "
+                                       f"({dict(self.counts)}); check data.path and data.filters")
+                used = self.counts["used"]
             if len(buffer) < self.config.shuffle_buffer:
                 buffer.append(raw)
                 continue
@@ -220,9 +250,6 @@ class ImageTextStream(IterableDataset):
             example = self._example(raw, rng)
             if example is not None:
                 yield example
-        self._check_bad_fraction(minimum=20)  # the whole part read: judge it unless it is tiny
-        if worker:  # hand this epoch's counts to the main process (collect_counts)
-            self._worker_counts.put(dict(self.counts))
 
     def collect_counts(self, num_workers: int) -> Counter:
         """The counts so far, all epochs, with those of the `num_workers` dataloader workers that just finished
