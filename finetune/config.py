@@ -336,9 +336,13 @@ class TrainConfig:
     lr_warmup_steps: int = 100
     """Linear warm-up steps of the learning rate."""
     adam_beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean."""
     adam_beta2: float = 0.999
+    """AdamW's decay rate of the squared gradient's running mean."""
     adam_weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     adam_epsilon: float = 1e-8
+    """AdamW's epsilon, added to the denominator."""
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); null weights every timestep
     equally."""
@@ -365,7 +369,11 @@ class TrainConfig:
     ema_max_decay: float = 0.999
     """Upper bound of the EMA decay (with warm-up, diffusers' EMAModel)."""
     logging_steps: int = 10
-    """Log loss, learning rate and gradient norm to tensorboard every this many steps."""
+    """Log loss, learning rate, gradient norm and images/s to the trackers every this many steps."""
+    report_to: str = "tensorboard"
+    """Trackers for the logs and sample grids, through accelerate: `tensorboard` (in output_dir/logs), `wandb`,
+    `mlflow`, `comet_ml`, `aim`, `clearml`, `dvclive`, `swanlab`, `trackio`, several joined by commas, `all`
+    (every one installed) or `none`."""
     checkpointing_steps: int = 500
     """Save a resumable checkpoint every this many steps (0 disables)."""
     checkpoints_total_limit: int | None = None
@@ -375,6 +383,10 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
+        unknown = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        if unknown:
+            problems.append(f"train.report_to: got {self.report_to!r}; use {', '.join(TRACKERS)}, several joined by "
+                            "commas")
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps",
                      "max_nonfinite_steps"):
             if getattr(self, name) < 1:
@@ -462,6 +474,8 @@ class HubConfig:
         _check(problems)
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
+            "none")
 _REPO_ID = re.compile(r"([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 
 

@@ -1,22 +1,58 @@
-"""What a run shows while it trains: the progress bar and the periodic loss / LR / gradient-norm / step-time
-logs sent to the trackers."""
+"""What a run shows: the start-up summary, the progress bar, the periodic loss / LR / gradient-norm / images/s
+logs sent to the trackers, and the end-of-run summary."""
 
+import dataclasses
 import time
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 from tqdm.auto import tqdm
+
+from .config import Config
+from .models import Components, count_parameters
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """accelerate's `log_with` for `train.report_to`; a named tracker that is not installed is an error
+    (accelerate would drop it silently)."""
+    names = [name.strip() for name in report_to.split(",")]
+    if "none" in names:
+        return []
+    if "all" in names:
+        return ["all"]
+    available = {str(tracker) for tracker in get_available_trackers()}
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ValueError(f"train.report_to: {', '.join(missing)} is not installed; `pip install {' '.join(missing)}`, "
+                         "or choose another tracker (tensorboard comes with this project)")
+    return names
+
+
+def tracker_settings(config: Config) -> dict:
+    """The resolved config flattened to `section.key` scalars, as trackers take hyperparameters."""
+    flat = {}
+    for section, values in dataclasses.asdict(config).items():
+        for key, value in values.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, item in items:
+                name = f"{section}.{key}" + (f".{sub}" if sub else "")
+                flat[name] = item if isinstance(item, (int, float, str, bool)) else str(item)
+    return flat
 
 
 class StepLogger:
-    """Accumulates the loss on the device and logs loss, LR, gradient norm and step time every `every` steps
-    (the per-step non-finite check already reads the loss on the host, so logging adds no wait of its own)."""
+    """Accumulates the loss on the device and logs loss, LR, gradient norm, step time and images/s every `every`
+    steps (the per-step non-finite check already reads the loss on the host, so logging adds no wait of its
+    own). `samples_per_step` is the images one optimizer step trains on, over all processes."""
 
-    def __init__(self, accelerator: Accelerator, total: int, every: int, step: int):
-        self.progress = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train")
-        self.accelerator, self.every = accelerator, every
+    def __init__(self, accelerator: Accelerator, total: int, every: int, step: int, samples_per_step: int):
+        self.progress = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train",
+                             unit="step")
+        self.accelerator, self.every, self.samples_per_step = accelerator, every, samples_per_step
         self.loss_sum, self.count = torch.zeros((), device=accelerator.device), 0
         self.start, self.start_step = time.perf_counter(), step
+        self.run_start, self.first_step = self.start, step
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach()
@@ -26,9 +62,67 @@ class StepLogger:
         self.progress.update(1)
         if step % self.every and not last:
             return
+        step_time = (time.perf_counter() - self.start) / (step - self.start_step)
         logs = {"loss": (self.loss_sum / self.count).item(), "lr": lr, "grad_norm": float(grad_norm),
-                "step_time": (time.perf_counter() - self.start) / (step - self.start_step)}
+                "step_time": step_time, "images_per_s": self.samples_per_step / step_time}
         self.accelerator.log(logs, step=step)
-        self.progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+        self.progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{logs['images_per_s']:.1f}")
         self.loss_sum.zero_()
         self.count, self.start, self.start_step = 0, time.perf_counter(), step
+
+    def log_data_counts(self, counts: dict, step: int) -> None:
+        """The data counters (used, dropped by each filter, skipped by reason), all epochs so far."""
+        self.accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=step)
+
+    def summary(self, step: int) -> str:
+        """Steps, wall time and images/s of this run (since it started or resumed)."""
+        seconds, steps = time.perf_counter() - self.run_start, step - self.first_step
+        minutes, rest = divmod(round(seconds), 60)
+        rate = f", {steps * self.samples_per_step / seconds:.1f} images/s" if steps else ""
+        resumed = f" (resumed at step {self.first_step})" if self.first_step else ""
+        return f"trained {steps} steps{resumed} in {minutes}:{rest:02d}{rate}; at step {step}"
+
+
+def run_summary(trained: str, output: str, grid, lora: bool, pushed: str | None, prompt: str) -> str:
+    """The end-of-run summary: what was trained, where the outputs are, and the commands that come next."""
+    kind = "LoRA adapters: pytorch_lora_weights.safetensors" if lora else "pipeline (diffusers folder)"
+    push = f"pushed: {pushed}" if pushed else f"push:     python -m finetune.hub {output} --hub-model-id <you>/<name>"
+    return "\n".join([
+        trained,
+        f"output:   {output}  ({kind}, config.yaml)",
+        f"samples:  {grid}",
+        f"logs:     tensorboard --logdir {output}/logs",
+        f"sample:   python -m finetune.sample {output} \"{prompt}\" --scheduler ddim --num-inference-steps 25",
+        f"evaluate: python -m finetune.evaluate {output}",
+        push,
+    ])
+
+
+def print_summary(config: Config, components: Components, params, source, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process:
+        print(describe(config, components, params, source, accelerator))
+
+
+def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
+    total = count_parameters(components.unet) + count_parameters(components.text_encoder)
+    trainable = sum(p.numel() for p in params)
+    size = source.num_samples or "streaming"
+    adapters = (f"LoRA rank {config.lora.rank} on {', '.join(config.lora.target_modules)}"
+                + (f" and the text encoder (rank {config.lora.text_encoder_rank})" if config.lora.train_text_encoder
+                   else "") + "; ") if config.lora.enabled else ""
+    space = (f"latent space ({components.vae.config.latent_channels}-channel VAE latents)"
+             if components.vae is not None else "pixel space")
+    batch = config.train.train_batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
+    return (
+        f"unet {count_parameters(components.unet):,} params, text encoder "
+        f"{count_parameters(components.text_encoder):,}; {adapters}trainable {trainable:,} ({trainable / total:.1%}; "
+        f"UNet {count_parameters(components.unet, trainable_only=True) / count_parameters(components.unet):.1%}), "
+        f"{space}\n"
+        f"data: {config.data.source} ({size} samples) at {config.data.resolution}px, vocabulary "
+        f"{len(components.tokenizer)} tokens\n"
+        f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
+        f"accumulation {config.train.gradient_accumulation_steps}, {accelerator.num_processes} processes) on "
+        f"{accelerator.device} ({accelerator.distributed_type.value}), precision {accelerator.mixed_precision}, "
+        f"{torch.get_num_threads()} threads\n"
+        f"output: {config.train.output_dir}"
+    )

@@ -30,11 +30,11 @@ from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import check_in_sync, finish
 from .encoding import BatchEncoder
-from .models import Components, build_components, changed_schedule, check_objective, count_parameters, load_components
+from .models import Components, build_components, changed_schedule, check_objective, load_components
 from .nonfinite import NonFiniteGuard
 from .objective import diffusion_loss, min_snr_weights, perturb_noise, sample_noise_and_timesteps, training_target
 from .preemption import StopOnSignal
-from .progress import StepLogger
+from .progress import StepLogger, print_summary, run_summary, tracker_names, tracker_settings
 from .validation import log_validation
 
 logger = get_logger("finetune")
@@ -53,7 +53,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=tracker_names(config.report_to),
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
     )
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
@@ -148,53 +148,20 @@ def validate(accelerator, config: Config, components: Components, emas: list[EMA
     accelerator.wait_for_everyone()
 
 
-def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> None:
+def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> Path | None:
     """Write the result (EMA weights when enabled) to output_dir: the whole pipeline, or for a LoRA run the
     adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
-    final sample grid; say where."""
+    final sample grid, whose path it returns on the main process."""
     check_in_sync(accelerator, components.unet)
-    if accelerator.is_main_process:
-        out = config.train.output_dir
-        with exported(accelerator, components, emas) as models:
-            if config.lora.enabled:
-                adapters = lora.save(out, models.unet, models.text_encoder if config.lora.train_text_encoder else None)
-                result = f"LoRA: {adapters} (base: {config.model.pretrained_model_name_or_path})"
-            else:
-                models.pipeline().save_pretrained(out)
-                result = f"pipeline: {out}"
-            grid = log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
-        print(f"{result}\nsamples: {grid}\nconfig: {out}/config.yaml\n"
-              f"tensorboard: tensorboard --logdir {out}/logs")
-
-
-def print_summary(config: Config, components: Components, params, source, accelerator: Accelerator) -> None:
-    if accelerator.is_main_process:
-        print(describe(config, components, params, source, accelerator))
-
-
-def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
-    total = count_parameters(components.unet) + count_parameters(components.text_encoder)
-    trainable = sum(p.numel() for p in params)
-    size = source.num_samples or "streaming"
-    adapters = (f"LoRA rank {config.lora.rank} on {', '.join(config.lora.target_modules)}"
-                + (f" and the text encoder (rank {config.lora.text_encoder_rank})" if config.lora.train_text_encoder
-                   else "") + "; ") if config.lora.enabled else ""
-    space = (f"latent space ({components.vae.config.latent_channels}-channel VAE latents)"
-             if components.vae is not None else "pixel space")
-    batch = config.train.train_batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
-    return (
-        f"unet {count_parameters(components.unet):,} params, text encoder "
-        f"{count_parameters(components.text_encoder):,}; {adapters}trainable {trainable:,} ({trainable / total:.1%}; "
-        f"UNet {count_parameters(components.unet, trainable_only=True) / count_parameters(components.unet):.1%}), "
-        f"{space}\n"
-        f"data: {config.data.source} ({size} samples) at {config.data.resolution}px, vocabulary "
-        f"{len(components.tokenizer)} tokens\n"
-        f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
-        f"accumulation {config.train.gradient_accumulation_steps}, {accelerator.num_processes} processes) on "
-        f"{accelerator.device} ({accelerator.distributed_type.value}), precision {accelerator.mixed_precision}, "
-        f"{torch.get_num_threads()} threads\n"
-        f"output: {config.train.output_dir}"
-    )
+    if not accelerator.is_main_process:
+        return None
+    out = config.train.output_dir
+    with exported(accelerator, components, emas) as models:
+        if config.lora.enabled:
+            lora.save(out, models.unet, models.text_encoder if config.lora.train_text_encoder else None)
+        else:
+            models.pipeline().save_pretrained(out)
+        return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
 
 
 def build_optimization(train: TrainConfig, params: list, trained: list, accelerator: Accelerator):
@@ -266,9 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config))
 
     # Train.
-    accelerator.init_trackers("finetune", config={"max_train_steps": train.max_train_steps,
-                                                  "learning_rate": train.learning_rate})
-    step_logger, grad_norm = StepLogger(accelerator, train.max_train_steps, train.logging_steps, step), None
+    accelerator.init_trackers("finetune", config=tracker_settings(config))
+    samples_per_step = train.train_batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    step_logger = StepLogger(accelerator, train.max_train_steps, train.logging_steps, step, samples_per_step)
+    grad_norm = None
     stop, guard = StopOnSignal(), NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_steps)
     while step < train.max_train_steps and not stop.signum:
         dataset.set_epoch(epoch)
@@ -315,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                                    f"{train.train_batch_size} samples ({dict(counts)}); check data.path and "
                                    "data.filters, or lower train.train_batch_size")
             logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
+            step_logger.log_data_counts(counts, step)
         if stop.signum:
             break
         epoch, skip_batches = epoch + 1, 0
@@ -326,8 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         finish(accelerator)
         return
 
-    # Export: the pipeline (EMA weights when enabled) at output_dir, and a final sample grid.
-    export(accelerator, config, components, emas, step)
+    # Export: the pipeline (EMA weights when enabled) at output_dir and a final sample grid; push; summarise.
+    grid = export(accelerator, config, components, emas, step)
+    if accelerator.is_main_process:
+        print(run_summary(step_logger.summary(step), train.output_dir, grid, config.lora.enabled, None,
+                          config.validation.prompts[0]))
     finish(accelerator)
 
 

@@ -52,7 +52,16 @@ def test_five_steps_through_accelerate_launch(tmp_path):
     for name in ("model_index.json", "config.yaml", "samples/step-5.png", "checkpoint-5/manifest.json",
                  "unet/diffusion_pytorch_model.safetensors", "pipeline_text2image_ddpm.py"):
         assert (out / name).is_file(), name
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = set()
+    for event_file in events:
+        scalars |= set(EventAccumulator(str(event_file)).Reload().Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "images_per_s", "step_time"} <= scalars, scalars
+    assert "trained 5 steps in " in result.stdout and "images/s" in result.stdout
+    assert f"python -m finetune.sample {out}" in result.stdout and f"python -m finetune.hub {out}" in result.stdout
     pipe = TextToImageDDPMPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a red circle", num_inference_steps=2, output_type="np").images
@@ -356,3 +365,13 @@ def test_resampled_epochs_are_num_samples_long(tmp_path):
     line = next(line for line in result.stderr.splitlines() if "epoch 1 data (all epochs so far)" in line)
     assert ast.literal_eval(line.split("so far): ", 1)[1])["used"] == 64
     assert "epoch 2 data" not in result.stderr
+
+
+def test_a_tracker_that_is_not_installed_is_named(monkeypatch):
+    from finetune import progress
+    from finetune.progress import tracker_names
+
+    monkeypatch.setattr(progress, "get_available_trackers", lambda: ["tensorboard"])
+    assert tracker_names("none") == [] and tracker_names("tensorboard") == ["tensorboard"]
+    with pytest.raises(ValueError, match="train.report_to: wandb is not installed; `pip install wandb`"):
+        tracker_names("tensorboard,wandb")
