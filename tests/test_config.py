@@ -136,3 +136,14 @@ def test_readme_documents_every_key():
     missing = [key for section in dataclasses.fields(Config) for key in _leaves(section.type, section.name)
                if f"`{key}`" not in readme]
     assert not missing
+
+
+def test_readme_config_reference_is_up_to_date():
+    """The README's reference is generated from the dataclasses' field docstrings; regenerate it with
+    `python -m finetune.reference --write` after changing a field."""
+    from finetune.config import TrainConfig
+    from finetune.reference import field_docs, reference
+
+    assert reference() in (ROOT / "README.md").read_text()
+    assert field_docs(TrainConfig)["seed"] == "Seeds weights, data order, noise and timesteps."
+    assert "| `train.seed` | 0 | Seeds weights, data order, noise and timesteps. |" in reference()
