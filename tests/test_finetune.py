@@ -18,7 +18,7 @@ from finetune.train import build_model
 from finetune.validation import sample_grid
 from pipelines import TextToImageDDPMPipeline
 
-from .test_train import _train
+from .test_train import ROOT, _train
 
 SD = ["data.resolution=16", "model.train_text_encoder=false"]  # 16 px images -> 8 px latents for the tiny SD base
 GUIDED = ["validation.guidance_scale=2.0"]
@@ -234,3 +234,19 @@ def test_cache_refuses_a_key_that_names_two_images(tiny_sd_folder):
     encoder.samples({"key": ["b", "a"], "pixel_values": pixels.flip(0)}, torch.device("cpu"))  # same images
     with pytest.raises(ValueError, match="sample key 'a' names two different images"):
         encoder.samples({"key": ["a"], "pixel_values": pixels[1:]}, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_the_sd_laion_recipe_runs_on_a_tiny_base(tiny_sd_folder, tiny_shards, tmp_path):
+    """configs/sd15-lora-laion.yaml as shipped (bf16, resampled shards, workers, filters, resume: latest), with
+    only the base, the data and the sizes swapped for tiny ones."""
+    recipe = ROOT / "configs" / "sd15-lora-laion.yaml"
+    out = tmp_path / "run"
+    result = _train(tmp_path, "--config", str(recipe), f"model.pretrained_model_name_or_path={tiny_sd_folder}",
+                    f"data.path={tiny_shards}/00000.tar", "data.num_samples=32", "data.resolution=16",
+                    "data.num_workers=2", "data.shuffle_buffer=8", "data.filters.min_width=null",
+                    "data.filters.min_height=null", "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
+                    "train.max_train_steps=3",
+                    "train.train_batch_size=2", f"train.output_dir={out}")
+    assert "precision bf16" in result.stdout and "LoRA rank 2 on to_q, to_k, to_v, to_out.0" in result.stdout
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples" / "step-3.png").is_file()
