@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, lora
+from . import checkpointing, hub, lora
 from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import check_in_sync, finish
@@ -196,6 +196,55 @@ def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
     return dataset, loader
 
 
+def start_output(accelerator: Accelerator, config: Config) -> None:
+    """Create output_dir with the resolved config in it; with hub.push_to_hub, check the credentials now rather
+    than after the training."""
+    if accelerator.is_main_process:
+        Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.train.output_dir) / "config.yaml").write_text(config_yaml(config))
+        if config.hub.push_to_hub:
+            hub.check_credentials(config.hub)
+
+
+def save_checkpoint(accelerator: Accelerator, config: Config, step: int, data_state: dict, resumed_from) -> None:
+    """A resumable checkpoint of this step, also uploaded with hub.push_checkpoints (the training waits for the
+    upload; a failed one is a warning, the checkpoint stays on disk)."""
+    checkpointing.save_checkpoint(accelerator, config.train.output_dir, step, data_state,
+                                  config.train.checkpoints_total_limit, resumed_from, config_yaml(config))
+    if config.hub.push_checkpoints and accelerator.is_main_process:
+        try:
+            hub.push_checkpoint(config.train.output_dir, step, config.hub)
+        except hub.HubPushError as error:
+            logger.warning(f"{error} Training goes on; checkpoint-{step} is on disk.")
+
+
+def end_epoch(config: Config, dataset: ImageTextStream, epoch: int, batches: int, step_logger, step: int) -> None:
+    """After an epoch read to the end: its data counts to the log and the trackers; an epoch without a batch is an
+    error."""
+    counts = dataset.collect_counts(config.data.num_workers)
+    if batches == 0:
+        raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
+                           f"{config.train.train_batch_size} samples ({dict(counts)}); check data.path and "
+                           "data.filters, or lower train.train_batch_size")
+    logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
+    step_logger.log_data_counts(counts, step)
+
+
+def publish(config: Config, grid: Path, trained: str, num_processes: int) -> None:
+    """On the main process after the run: push with hub.push_to_hub, then the summary. A failed push keeps the
+    output and says how to push it again; the run then exits with status 1."""
+    out, pushed, failure = config.train.output_dir, None, None
+    if config.hub.push_to_hub:
+        try:
+            pushed = hub.push(out, config.hub, num_processes=num_processes).commit_url
+        except hub.HubPushError as error:
+            failure = f"{error}\nThe output is intact; push it later with: python -m finetune.hub {out}"
+    print(run_summary(trained, out, grid, config.lora.enabled, pushed, config.validation.prompts[0]))
+    if failure:
+        logger.error(failure)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
@@ -205,9 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = make_accelerator(train)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(train.seed)
-    if accelerator.is_main_process:
-        Path(train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(train.output_dir) / "config.yaml").write_text(config_yaml(config))
+    start_output(accelerator, config)
 
     # Build the models (from scratch, or from a pretrained pipeline; in full or with LoRA) and the data.
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
@@ -265,9 +312,8 @@ def main(argv: list[str] | None = None) -> None:
             step_logger.step(step, step == train.max_train_steps, lr_scheduler.get_last_lr()[0], grad_norm)
             stopping = stop.requested(accelerator)
             if stopping or train.checkpointing_steps and step % train.checkpointing_steps == 0:
-                checkpointing.save_checkpoint(accelerator, train.output_dir, step,
-                                              {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
-                                              train.checkpoints_total_limit, resumed_from, config_yaml(config))
+                save_checkpoint(accelerator, config, step, {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
+                                resumed_from)
             if config.validation.validation_steps and step % config.validation.validation_steps == 0 \
                     and step < train.max_train_steps:  # the export samples the last step
                 validate(accelerator, config, components, emas, step)
@@ -277,13 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             if step >= train.max_train_steps:
                 break
         else:  # the epoch was read to the end (the workers too): count it
-            counts = dataset.collect_counts(config.data.num_workers)
-            if batches_in_epoch == 0:
-                raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
-                                   f"{train.train_batch_size} samples ({dict(counts)}); check data.path and "
-                                   "data.filters, or lower train.train_batch_size")
-            logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
-            step_logger.log_data_counts(counts, step)
+            end_epoch(config, dataset, epoch, batches_in_epoch, step_logger, step)
         if stop.signum:
             break
         epoch, skip_batches = epoch + 1, 0
@@ -295,12 +335,11 @@ def main(argv: list[str] | None = None) -> None:
         finish(accelerator)
         return
 
-    # Export: the pipeline (EMA weights when enabled) at output_dir and a final sample grid; push; summarise.
+    # Export: the pipeline (EMA weights when enabled) at output_dir and a final sample grid; then push, summarise.
     grid = export(accelerator, config, components, emas, step)
-    if accelerator.is_main_process:
-        print(run_summary(step_logger.summary(step), train.output_dir, grid, config.lora.enabled, None,
-                          config.validation.prompts[0]))
     finish(accelerator)
+    if accelerator.is_main_process:
+        publish(config, grid, step_logger.summary(step), accelerator.num_processes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,404 @@
+"""Publish a run's output folder on the Hugging Face Hub: a generated model card (README.md), then the upload.
+
+    python -m finetune.hub OUTPUT_DIR [--hub-model-id ID] [--private] [--revision BRANCH] [--include-checkpoints]
+        [--license L]
+
+The token is never handled here: huggingface_hub finds it (`HF_TOKEN`, else the login stored by `hf auth login`),
+so it is not printed, logged or written anywhere. Uploaded: the pipeline or the LoRA weights, config.yaml, the sample
+grids, README.md, evaluation.json when present, and the tensorboard logs (`logs/`: a few hundred KiB even for long
+runs, and the Hub plots them on the model page). Checkpoints (`checkpoint-<step>/`) go only when asked for
+(`hub.push_checkpoints`): they hold the optimizer state, several times the size of the weights.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+from .config import (
+    ConfigError,
+    DataConfig,
+    HubConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    ValidationConfig,
+    load_config,
+)
+
+try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover
+    from httpx import TransportError
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE, as finetune/lora.py writes it
+# A checkpoint still being written (checkpointing.py renames it into place when complete) is never uploaded.
+IN_PROGRESS = ".tmp-checkpoint-*"
+CHECKPOINTS = "checkpoint-*"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+class HubPushError(RuntimeError):
+    """A push that failed. The message names the repository, the cause and the fix; the output folder is left as it
+    was, apart from its regenerated README.md."""
+
+
+# ---- the model card ----------------------------------------------------------------------------------------------
+
+def model_card(output_dir: str | os.PathLike, repo_id: str, *, revision: str | None = None,
+               license: str | None = None, num_processes: int | None = None) -> str:
+    """The README.md of a run's output folder as `repo_id` (at branch `revision`): Hub metadata in YAML front matter,
+    then the final sample grid and its prompts, the code that loads this output downstream, the training settings
+    and, when the folder has an evaluation.json, its metrics. `num_processes` defaults to what the latest checkpoint
+    recorded."""
+    folder = Path(output_dir)
+    config = load_config(folder / "config.yaml")
+    model, lora = config.model, config.lora
+    metadata = card_metadata(model, config.data, lora, license)
+    trust_remote_code = custom_code(folder) if not lora.enabled else None
+    body = "\n\n".join(part for part in [
+        f"# {repo_id.split('/')[-1]}",
+        describe(model, lora),
+        samples_section(final_grid(folder), config.validation),
+        usage_section(repo_id, revision, model, lora, config.validation, trust_remote_code,
+                      config.train.mixed_precision),
+        training_section(config.train, config.data, model, lora, num_processes or recorded_num_processes(folder)),
+        evaluation_section(folder / "evaluation.json"),
+    ] if part)
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}\n"))  # parsing it back checks the metadata
+
+
+def card_metadata(model: ModelConfig, data: DataConfig, lora: LoraConfig, license: str | None) -> ModelCardData:
+    """The Hub metadata: library, task, tags, and the base model and dataset when they are on the Hub (a local
+    folder is no valid `base_model` / `datasets` entry)."""
+    base = model.pretrained_model_name_or_path
+    hf_dataset = data.source == "hf" and data.path and is_hub_id(data.path)
+    return ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        base_model=base if base and is_hub_id(base) else None,
+        license=license,
+        datasets=[data.path] if hf_dataset else None,
+        tags=["text-to-image", "diffusers", "diffusers-training", *(["lora"] if lora.enabled else []), "ddpm"],
+    )
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` names a Hub repository (`name` or `namespace/name`) rather than a local folder or file."""
+    return bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
+
+
+def describe(model: ModelConfig, lora: LoraConfig) -> str:
+    """One paragraph: what was trained, from what."""
+    what = "A text-to-image denoising diffusion model (DDPM): a text-conditioned UNet noise predictor"
+    base = model.pretrained_model_name_or_path
+    if base is None:
+        return f"{what} and its text encoder, trained from scratch."
+    if lora.enabled:
+        text = (f" and the text encoder (rank {lora.text_encoder_rank}, alpha "
+                f"{lora.text_encoder_alpha or lora.text_encoder_rank:g})" if lora.train_text_encoder else "")
+        return (f"LoRA adapters for {_base_reference(base)}: rank {lora.rank}, alpha {lora.alpha or lora.rank:g}, on "
+                f"the UNet's {', '.join(f'`{m}`' for m in lora.target_modules)}{text}"
+                f"{' (DoRA)' if lora.use_dora else ''}. This repository holds the adapters only (`{LORA_WEIGHTS}`); "
+                "they load onto the base.")
+    frozen = "" if model.train_text_encoder else " (the text encoder frozen)"
+    return f"{what}, fine-tuned in full from {_base_reference(base)}{frozen}."
+
+
+def _base_reference(base: str) -> str:
+    return f"[{base}](/{base})" if is_hub_id(base) else f"the local pipeline `{base}`"
+
+
+def final_grid(folder: Path) -> tuple[int, str] | None:
+    """The step and repository path of the last sample grid (`samples/step-<N>.png`), or None without one."""
+    grids = [(int(m[1]), f"samples/{p.name}") for p in (folder / "samples").glob("step-*.png")
+             if (m := re.fullmatch(r"step-(\d+)\.png", p.name))]
+    return max(grids) if grids else None
+
+
+def samples_section(grid: tuple[int, str] | None, validation: ValidationConfig) -> str:
+    prompts = "\n".join(f"{i}. {prompt}" for i, prompt in enumerate(validation.prompts, 1))
+    settings = (f"{validation.num_images_per_prompt} images per prompt, seed {validation.seed}, "
+                f"{validation.num_inference_steps} reverse steps, guidance {validation.guidance_scale}")
+    if grid is None:
+        return f"## Samples\n\nThe output folder had no sample grid. Validation prompts ({settings}):\n\n{prompts}"
+    step, path = grid
+    return (f"## Samples\n\n![sample grid at step {step}]({path})\n\n"
+            f"The final grid, at step {step}: one row per prompt, {settings}.\n\n{prompts}")
+
+
+def custom_code(pipeline_folder: str | os.PathLike) -> bool:
+    """Whether a pipeline folder names its own code in model_index.json (diffusers then needs trust_remote_code);
+    True when it cannot tell (no model_index.json)."""
+    index = Path(pipeline_folder) / "model_index.json"
+    return not index.is_file() or isinstance(json.loads(index.read_text())["_class_name"], list)
+
+
+def usage_section(repo_id: str, revision: str | None, model: ModelConfig, lora: LoraConfig,
+                  validation: ValidationConfig, trust_remote_code: bool | None, mixed_precision: str) -> str:
+    """The code that loads this output (for a LoRA: its base, then the adapters) and draws the final grid's images."""
+    at = f", revision={_py(revision)}" if revision else ""
+    if lora.enabled:
+        base = model.pretrained_model_name_or_path
+        base_kwargs = "".join(f", {k}={_py(v)}" for k, v in (("revision", model.revision), ("variant", model.variant))
+                              if v)
+        # A Hub base cannot be inspected offline: trust_remote_code is needed for a base this project trained and
+        # harmless for any other.
+        trust = ", trust_remote_code=True" if not os.path.isdir(base) or custom_code(base) else ""
+        load = (f"pipe = DiffusionPipeline.from_pretrained({_py(base)}{base_kwargs}{trust})\n"
+                f"pipe.load_lora_weights({_py(repo_id)}, weight_name={_py(LORA_WEIGHTS)}{at})")
+        note = "" if is_hub_id(base) else (f"\n\nThe base was the local folder `{base}`: put its Hub id (or your own "
+                                           "path to it) in its place.")
+    else:
+        trust = ", trust_remote_code=True" if trust_remote_code else ""
+        load = f"pipe = DiffusionPipeline.from_pretrained({_py(repo_id)}{at}{trust})"
+        note = ("\n\nThe pipeline's code (`pipeline_text2image_ddpm.py`, and the scheduler's) travels in this "
+                "repository, hence `trust_remote_code=True`." if trust_remote_code else "")
+    exact = ("exactly" if mixed_precision == "no" else
+             f"up to rounding (the run sampled under {mixed_precision} autocast)")
+    return (
+        "## Use it\n\nWith torch, diffusers and transformers (this project is not needed):\n\n```python\n"
+        "import torch\nfrom diffusers import DiffusionPipeline\n\n"
+        f"{load}\nimages = pipe(\n    {_py(list(validation.prompts))},\n"
+        f"    num_images_per_prompt={validation.num_images_per_prompt},\n"
+        f"    num_inference_steps={validation.num_inference_steps},\n"
+        f"    guidance_scale={validation.guidance_scale},\n"
+        f"    generator=torch.Generator().manual_seed({validation.seed}),\n).images\n```\n\n"
+        f"With the run's settings, this draws the grid above {exact}.{note}"
+    )
+
+
+def _py(value) -> str:
+    """A Python literal for a string or a list of strings, in double quotes."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def recorded_num_processes(folder: Path) -> int | None:
+    """The number of processes the run trained with, as its latest checkpoint's manifest recorded it."""
+    steps = {int(p.parent.name.split("-")[1]): p for p in folder.glob("checkpoint-*/manifest.json")
+             if re.fullmatch(r"checkpoint-\d+", p.parent.name)}
+    return json.loads(steps[max(steps)].read_text()).get("world_size") if steps else None
+
+
+def training_section(train: TrainConfig, data: DataConfig, model: ModelConfig, lora: LoraConfig,
+                     num_processes: int | None) -> str:
+    """The settings that made this output, as a table; the full resolved config is config.yaml."""
+    per_step = train.train_batch_size * train.gradient_accumulation_steps
+    batch = (f"{per_step * num_processes} ({train.train_batch_size} per process x {train.gradient_accumulation_steps} "
+             f"accumulation x {num_processes} process{'es' * (num_processes > 1)})" if num_processes else
+             f"{per_step} per process ({train.train_batch_size} x {train.gradient_accumulation_steps} accumulation)")
+    rows = {
+        "steps": train.max_train_steps,
+        "effective batch": batch,
+        "resolution": f"{data.resolution} px",
+        "learning rate": f"{train.learning_rate:g} peak, {train.lr_scheduler} schedule, {train.lr_warmup_steps} "
+                         "warm-up steps",
+        "precision": {"no": "fp32"}.get(train.mixed_precision, train.mixed_precision),
+        "EMA": f"on (max decay {train.ema_max_decay})" if train.use_ema else "off",
+    }
+    if lora.enabled:
+        rows["LoRA"] = f"rank {lora.rank}, alpha {lora.alpha or lora.rank:g}, on {', '.join(lora.target_modules)}"
+        if lora.train_text_encoder:
+            rows["LoRA, text encoder"] = (f"rank {lora.text_encoder_rank}, alpha "
+                                          f"{lora.text_encoder_alpha or lora.text_encoder_rank:g}, on "
+                                          f"{', '.join(lora.text_encoder_target_modules)}")
+    else:
+        rows["text encoder"] = "trained" if model.train_text_encoder else "frozen"
+    if train.snr_gamma:
+        rows["min-SNR gamma"] = train.snr_gamma
+    if data.source == "builtin":
+        rows["data"] = "built-in shapes" + (f" ({data.num_samples} samples)" if data.num_samples else "")
+    else:
+        rows["data"] = f"{data.source} `{data.path}`"
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+    return (f"## Training\n\nTrained with finetune-ddpm (`finetune/train.py`); the whole resolved config is "
+            f"[config.yaml](config.yaml).\n\n| setting | value |\n|---|---|\n{table}")
+
+
+def evaluation_section(path: Path) -> str:
+    """The metrics of `python -m finetune.evaluate` (evaluation.json: {"metrics": {...}, "settings": {...}}) as a
+    table; empty without the file or without metrics in it."""
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    metrics, settings = report.get("metrics") or {}, report.get("settings") or {}
+    if not metrics:
+        return ""
+    table = "\n".join(f"| {name} | {_number(value)} |" for name, value in metrics.items())
+    text = (f"## Evaluation\n\nFrom `evaluation.json` (`python -m finetune.evaluate`):\n\n| metric | value |\n"
+            f"|---|---|\n{table}")
+    if settings:
+        text += "\n\nSettings: " + ", ".join(f"{name} {_number(value)}" for name, value in settings.items()) + "."
+    return text
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ---- the push ----------------------------------------------------------------------------------------------------
+
+def push(output_dir: str | os.PathLike, hub: HubConfig, *, num_processes: int | None = None) -> CommitInfo:
+    """Upload a finished run's output folder to `hub.hub_model_id` (created when missing, `hub.private`), on branch
+    `hub.revision` (created from main when missing), with a model card: once the repository exists (its full
+    `namespace/name` goes into the card's code), the card is written to output_dir/README.md and uploaded with the
+    rest. Checkpoints go only with `hub.push_checkpoints`. Returns the commit; raises HubPushError."""
+    folder = finished_output(output_dir)
+    api = HfApi()
+    with explained_errors(_repo_id(hub), api.endpoint):
+        repo_id = create(api, hub)
+    config = load_config(folder / "config.yaml")
+    card = model_card(folder, repo_id, revision=hub.revision, license=hub.license, num_processes=num_processes)
+    (folder / "README.md").write_text(card)
+    what = "LoRA adapters" if config.lora.enabled else "Pipeline"
+    with explained_errors(repo_id, api.endpoint):
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=hub.revision,
+                                 commit_message=f"{what} after {config.train.max_train_steps} steps",
+                                 ignore_patterns=ignore_patterns(hub.push_checkpoints))
+
+
+def check_credentials(hub: HubConfig) -> str:
+    """The user the token belongs to, checked before a run trains for hours; raises HubPushError (no token, an
+    invalid one, no network) with the fix."""
+    api = HfApi()
+    with explained_errors(_repo_id(hub), api.endpoint):
+        try:
+            return api.whoami()["name"]
+        except LocalTokenNotFoundError as e:
+            cause, fix = _HTTP_CAUSES[401]
+            raise HubPushError(f"cannot push to {hub.hub_model_id}: {cause}. Fix: {fix}.") from e
+
+
+def push_checkpoint(output_dir: str | os.PathLike, step: int, hub: HubConfig) -> CommitInfo:
+    """Upload `output_dir/checkpoint-<step>/` to the same path in the repository (created, with its branch, when
+    missing). Returns the commit; raises HubPushError."""
+    folder = Path(output_dir) / f"checkpoint-{step}"
+    if not folder.is_dir():
+        raise HubPushError(f"cannot push {folder} to {_repo_id(hub)}: there is no such folder (a checkpoint is "
+                           "renamed into place only once it is complete)")
+    api = HfApi()
+    with explained_errors(_repo_id(hub), api.endpoint):
+        repo_id = create(api, hub)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=folder.name,
+                                 revision=hub.revision, commit_message=f"Checkpoint at step {step}")
+
+
+def finished_output(output_dir: str | os.PathLike) -> Path:
+    """The output folder of a run that exported its result, or HubPushError saying what is missing."""
+    folder = Path(output_dir)
+    if not (folder / "config.yaml").is_file():
+        raise HubPushError(f"{folder} is not an output folder of finetune/train.py: it has no config.yaml")
+    if not (folder / "model_index.json").is_file() and not (folder / LORA_WEIGHTS).is_file():
+        raise HubPushError(f"{folder} holds no result yet (no model_index.json, no {LORA_WEIGHTS}): the run has not "
+                           "finished; let it finish (resume it with train.resume_from_checkpoint=latest), or push a "
+                           "checkpoint with push_checkpoint")
+    return folder
+
+
+def ignore_patterns(include_checkpoints: bool) -> list[str]:
+    """What stays local: checkpoints being written, and finished ones unless asked for."""
+    return [IN_PROGRESS] + ([] if include_checkpoints else [CHECKPOINTS])
+
+
+def create(api: HfApi, hub: HubConfig) -> str:
+    """Create the repository (an existing one is kept as it is) and the branch; return the `namespace/name` id."""
+    repo_id = api.create_repo(_repo_id(hub), private=hub.private, exist_ok=True).repo_id
+    if hub.revision and hub.revision != "main":
+        api.create_branch(repo_id, branch=hub.revision, exist_ok=True)
+    return repo_id
+
+
+def _repo_id(hub: HubConfig) -> str:
+    if not hub.hub_model_id:
+        raise HubPushError("no repository to push to: set hub.hub_model_id (e.g. your-name/shapes-ddpm)")
+    return hub.hub_model_id
+
+
+# What each HTTP status means for a push, and the fix.
+_HTTP_CAUSES = {
+    401: ("the Hub did not accept the credentials: no token was found, or it is invalid or expired",
+          "set HF_TOKEN to a token with write access, or run `hf auth login`"),
+    403: ("the token may not write there",
+          "check the repo id (hub.hub_model_id: your user name or an organization you belong to) and that your token "
+          "may write to it (a fine-grained token needs write access to this repository or namespace)"),
+    404: ("the repository or the branch was not found",
+          "check hub.hub_model_id and hub.revision, and that your token can see the repository"),
+    409: ("the Hub reported a conflict (another upload to the same branch at the same time, or a repository of another "
+          "type with this name)", "try again, or choose another hub.hub_model_id"),
+    412: ("the branch moved during the upload (another push at the same time)", "try again"),
+}
+
+
+@contextmanager
+def explained_errors(repo_id: str, endpoint: str):
+    """Turn what huggingface_hub raises into HubPushError naming the repository, the cause and the fix."""
+    try:
+        yield
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        cause, fix = _HTTP_CAUSES.get(status) or (
+            ("the Hub had an internal error", "try again later") if status and status >= 500 else
+            ("the Hub refused the request", "see the Hub's message"))
+        said = f": {e.server_message}" if e.server_message else ""
+        raise HubPushError(f"cannot push to {repo_id}: {cause} (HTTP {status}{said}). Fix: {fix}.") from e
+    except OfflineModeIsEnabled as e:
+        raise HubPushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set, so huggingface_hub makes no requests. "
+                           "Fix: unset it (or set HF_HUB_OFFLINE=0) for the push.") from e
+    except TransportError as e:
+        raise HubPushError(f"cannot push to {repo_id}: could not reach {endpoint} ({type(e).__name__}: {e}). Fix: "
+                           "check the network connection and proxies (and HF_ENDPOINT, if set).") from e
+    except ValueError as e:
+        if not str(e).startswith("Invalid metadata in README.md"):
+            raise
+        objections = "; ".join(line.lstrip("- ") for line in str(e).splitlines()[1:])
+        raise HubPushError(f"cannot push to {repo_id}: the Hub refused the model card's metadata ({objections}). Fix: "
+                           "check hub.license (a Hub license id, e.g. apache-2.0, mit, creativeml-openrail-m).") from e
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m finetune.hub", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="an output folder of finetune/train.py")
+    parser.add_argument("--hub-model-id", help="the repository (`name` or `namespace/name`); default: the run's "
+                        "hub.hub_model_id")
+    parser.add_argument("--private", action=argparse.BooleanOptionalAction, help="create the repository private; "
+                        "default: the run's hub.private")
+    parser.add_argument("--revision", help="the branch to push to; default: the run's hub.revision, else main")
+    parser.add_argument("--include-checkpoints", action=argparse.BooleanOptionalAction,
+                        help="also upload checkpoint-<step>/ folders; default: the run's hub.push_checkpoints")
+    parser.add_argument("--license", help="the model card's license; default: the run's hub.license")
+    return parser.parse_args(argv)
+
+
+def hub_settings(run: HubConfig, args: argparse.Namespace) -> HubConfig:
+    """The run's hub section with the command line's choices on top."""
+    chosen = {"hub_model_id": args.hub_model_id, "private": args.private, "revision": args.revision,
+              "push_checkpoints": args.include_checkpoints, "license": args.license}
+    return dataclasses.replace(run, push_to_hub=True, **{k: v for k, v in chosen.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        folder = finished_output(args.output_dir)
+        run = load_config(folder / "config.yaml").hub
+        if not (args.hub_model_id or run.hub_model_id):
+            raise HubPushError(f"no repository to push {folder} to: give --hub-model-id (e.g. your-name/shapes-ddpm) "
+                               "or set hub.hub_model_id in the run's config")
+        commit = push(folder, hub_settings(run, args))
+    except (HubPushError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"pushed {folder} to {commit.repo_url} (commit {commit.oid})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
