@@ -1,26 +1,56 @@
-"""Does a trained pipeline draw what the prompt says? Colour and shape adherence on the shapes prompts.
+"""Evaluate a trained model: prompt adherence on the shapes prompts, validation loss on held-out image-text pairs,
+and, with a feature model on disk, CLIP score and FID. The headline numbers go to `<folder>/evaluation.json`,
+merged with what an earlier evaluation of other metrics wrote there.
 
-Each image is judged without any learned model: the foreground is the saturated pixels (the built-in
-backgrounds and watermark bars are near-grey); its colour is the nearest named hue to the foreground's
-circular mean hue, and its shape follows from how much of its bounding box it fills (square 1,
-circle pi/4, triangle 1/2).
+    python -m finetune.evaluate outputs/shapes                      # adherence (built-in runs) and validation loss
+    python -m finetune.evaluate outputs/shapes --metrics loss --num-loss-timesteps 20
+    python -m finetune.evaluate outputs/sd-lora --data data.source=webdataset "data.path=val/{000..001}.tar" \
+        --max-samples 1000 --metrics loss clip fid --clip-model models/clip-vit-large-patch14
 
-    python -m finetune.evaluate outputs/shapes --num-images-per-prompt 8
+Metrics:
+  adherence  colour and shape accuracy of "a <colour> <shape>" samples, judged without a learned model: the
+             foreground is the saturated pixels (the built-in backgrounds and watermark bars are near-grey); its
+             colour is the nearest named hue to its circular mean hue, its shape follows from how much of its
+             bounding box it fills (square 1, circle pi/4, triangle 1/2).
+  loss       the training objective (the model's prediction type, no min-SNR weights, no noise offset) on held-out
+             pairs at fixed timesteps with fixed noise: the same model and data give the same number, so
+             checkpoints compare. For the built-in set the held-out pairs are new renderings (seed 1; training
+             renders seed 0) of the same colours, shapes and caption templates: new images, not new concepts.
+             Other runs name held-out data with --data overrides of the run's data section.
+  clip       CLIP score: 100 * max(cos(image, caption), 0) averaged over images generated from held-out captions.
+  fid        Frechet distance between features of those generated images and of the held-out real images, with
+             the feature model you supply (--fid-model, default --clip-model): "CLIP-feature FID", not comparable
+             with Inception-feature FID from papers; it depends on the sample count (compare equal counts only).
 """
 
 import argparse
+import dataclasses
 import json
 import math
+import os
+import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines import TextToImageDDPMPipeline
+from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 
-from .config import load_config
-from .data.shapes import DEFAULT_COLORS, HUES, SHAPES
+from . import metrics
+from .config import DataConfig, load_config
+from .data import build_source, failed_filter, pick_caption
+from .data.shapes import DEFAULT_COLORS, HUES, SHAPES, render_sample
+from .data.tables import RawSample
+from .data.transforms import decode_rgb, to_tensor, unreadable_reason
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
+
+EVALUATION_FILE = "evaluation.json"
+METRICS = ("adherence", "loss", "clip", "fid")
+# The metric names each group writes (a detail is named `<name>_<detail>`), replaced when the group runs again.
+METRIC_NAMES = {"adherence": ("color_accuracy", "shape_accuracy"), "loss": ("validation_loss",),
+                "clip": ("clip_score",), "fid": ("fid",)}
+HELDOUT_SEED = 1  # the built-in set's held-out renderings; training renders seed 0
 
 MIN_SATURATION = 0.35
 MIN_FOREGROUND_SHARE = 0.01
@@ -103,33 +133,381 @@ def load_result(folder: str) -> TextToImageDDPMPipeline:
     return pipeline
 
 
-def main(argv: list[str] | None = None) -> dict:
+# ---- held-out data -----------------------------------------------------------------------------
+
+
+class HeldOutShapes:
+    """Held-out pairs of the built-in set: its generator with seed `HELDOUT_SEED` where training used seed 0, so
+    each image is a new rendering (position, size, shade, background, watermark) while every colour, shape and
+    caption template also occurs in training. Keys `heldout-s1-<index>` never name a training sample."""
+
+    def __init__(self, num_samples: int, colors: tuple[str, ...]):
+        self.num_samples, self.colors = num_samples, colors
+
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter):
+        for index in range(part, self.num_samples, parts):
+            png, caption, metadata = render_sample(index, HELDOUT_SEED, self.colors)
+            yield RawSample(key=f"heldout-s{HELDOUT_SEED}-{index:06d}", image=png, caption=caption, metadata=metadata)
+
+
+def held_out_data(folder: str, overrides: list[str], resolution: int) -> tuple[DataConfig, DataConfig]:
+    """The run's data section (from its config.yaml; without one, the defaults at the pipeline's `resolution`) and
+    the held-out data: that section with the `data.key=value` overrides applied, read deterministically (centre
+    crop, no flip, no caption dropout, no shuffle buffer, no cache, no workers)."""
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise ValueError(f"--data {' '.join(bad)}: only data-section overrides (data.key=value) name held-out data")
+    path = Path(folder) / "config.yaml"
+    config, defaults = (path, []) if path.is_file() else (None, [f"data.resolution={resolution}"])
+    run, held_out = load_config(config, defaults).data, load_config(config, defaults + overrides).data
+    held_out = dataclasses.replace(held_out, center_crop=True, random_flip=False, caption_dropout=0.0,
+                                   shuffle_buffer=0, cache=False, num_workers=0, persistent_workers=False)
+    return run, held_out
+
+
+def is_training_data(run: DataConfig, held_out: DataConfig) -> bool:
+    """Whether `held_out` reads the pairs the run trained on (the built-in set's held-out renderings never do)."""
+    fields = ("source", "path", "split")
+    return run.source != "builtin" and all(getattr(run, f) == getattr(held_out, f) for f in fields)
+
+
+def held_out_source(data: DataConfig, max_samples: int):
+    """The built-in set's held-out renderings, or the source `data` names."""
+    if data.source == "builtin":
+        return HeldOutShapes(max_samples, tuple(data.colors or DEFAULT_COLORS))
+    return build_source(data, 0)
+
+
+def held_out_pairs(source, data: DataConfig, max_samples: int, seed: int = 0) -> tuple[list[dict], Counter]:
+    """The first `max_samples` usable pairs `{"key", "pixels" (3, H, W) in [-1, 1], "caption"}` of `source` in a
+    fixed order, passed through the data section's filters and transforms as in training; and the counts of the
+    samples left out."""
+    counts, rng, pairs = Counter(), random.Random(f"held-out-{seed}"), []
+    for raw in source.samples(random.Random(f"order-{seed}"), 0, 1, counts):
+        caption = pick_caption(raw.caption, rng)
+        reason = failed_filter(raw.metadata, caption, data.filters)
+        reason = reason or ("no image" if raw.image is None else "no caption" if caption is None else None)
+        if reason is None:
+            try:
+                image = decode_rgb(raw.image, data.max_image_pixels, min_size=data.resolution)
+                pixels = to_tensor(image, data.resolution, center_crop=True, random_flip=False, rng=rng)
+            except Exception as error:  # noqa: BLE001 - an unreadable sample is left out and counted, as in training
+                reason = unreadable_reason(error)
+        if reason is not None:
+            counts[reason] += 1
+            continue
+        pairs.append({"key": raw.key, "pixels": pixels, "caption": caption})
+        if len(pairs) == max_samples:
+            break
+    return pairs, counts
+
+
+def describe_data(data: DataConfig) -> str:
+    if data.source == "builtin":
+        return f"builtin held-out renderings (seed {HELDOUT_SEED}; colours {', '.join(data.colors or DEFAULT_COLORS)})"
+    return f"{data.source}: {data.path}" + (f" (split {data.split})" if data.source == "hf" else "")
+
+
+# ---- validation loss ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def clean_samples(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """x_0 as the model sees it: the pixels, or for a latent model the mean of the VAE's latent distribution
+    times its scaling factor (training draws a latent from that distribution; the mean keeps the number free
+    of that draw)."""
+    if vae is None:
+        return pixels
+    moments = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+    return moments.float() * vae.config.scaling_factor
+
+
+def validation_loss(pipeline: TextToImageDDPMPipeline, pairs: list[dict], timesteps: list[int], seed: int = 0,
+                    batch_size: int = 32) -> dict:
+    """The objective's loss on `pairs` at each of `timesteps`, averaged over the pairs, and its mean over the
+    timesteps. Sample i gets the noise `metrics.fixed_noise(shape, seed, i)` at every timestep, whatever the batch
+    size. The objective is the model's own (its scheduler's prediction type) under this project's DDPMScheduler
+    with the model's schedule, as training uses it."""
+    if not pairs:
+        raise ValueError("no held-out pairs to compute the validation loss on")
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    device = pipeline.unet.device
+    totals = torch.zeros(len(timesteps), dtype=torch.float64)
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        samples = clean_samples(pipeline.vae, torch.stack([p["pixels"] for p in batch]).to(device))
+        noise = torch.stack([metrics.fixed_noise(samples.shape[1:], seed, start + i) for i in range(len(batch))])
+        text = pipeline.encode_prompt([p["caption"] for p in batch], device)
+        losses = metrics.timestep_losses(pipeline.unet, scheduler, samples, text, noise.to(device), timesteps)
+        totals += losses * len(batch)  # each loss is a batch mean; weigh by the batch's size
+    per_timestep = (totals / len(pairs)).tolist()
+    return {"mean": float(np.mean(per_timestep)), "per_timestep": dict(zip(timesteps, per_timestep)),
+            "timesteps": timesteps, "num_samples": len(pairs), "seed": seed,
+            "prediction_type": scheduler.config.prediction_type}
+
+
+# ---- CLIP score and FID ------------------------------------------------------------------------
+
+
+def generate_images(pipeline: TextToImageDDPMPipeline, prompts: list[str], num_inference_steps: int,
+                    guidance_scale: float, seed: int = 0, batch_size: int = 32) -> list[np.ndarray]:
+    """One image (RGB uint8) per prompt; image i is drawn with its own generator seeded `seed + i`, so it does not
+    depend on the batch size."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = pipeline(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       generator=generators, output_type="np").images
+        images.extend((out * 255).round().clip(0, 255).astype(np.uint8))
+    return images
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] to an RGB uint8 image (H, W, 3)."""
+    return ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+# ---- evaluation.json ---------------------------------------------------------------------------
+
+
+def write_evaluation(folder: str | os.PathLike, results: dict[str, tuple[dict, dict]]) -> Path:
+    """Merge `results` ({group: (metrics, settings)}) into `folder/evaluation.json`, shaped
+    `{"metrics": {name: float}, "settings": {name: value}}`: each group that ran replaces its own metrics (names
+    in METRIC_NAMES and their `_<detail>` forms) and settings (`<group>_...`); other groups' entries stay."""
+    path = Path(folder) / EVALUATION_FILE
+    merged = {"metrics": {}, "settings": {}}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if isinstance(old, dict) and set(old) == set(merged) and all(isinstance(v, dict) for v in old.values()):
+            merged = old
+        else:
+            print(f"{path}: not a metrics file of this command (an older full report?); replacing it")
+    for group, (values, settings) in results.items():
+        names = METRIC_NAMES[group]
+        merged["metrics"] = {k: v for k, v in merged["metrics"].items()
+                             if not any(k == n or k.startswith(n + "_") for n in names)}
+        merged["settings"] = {k: v for k, v in merged["settings"].items() if not k.startswith(group + "_")}
+        merged["metrics"].update({k: float(v) for k, v in values.items()})
+        merged["settings"].update(settings)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pipeline", help="an output folder of finetune/train.py (a pipeline, or a LoRA on its base)")
-    parser.add_argument("--num-images-per-prompt", type=int, default=8)
-    parser.add_argument("--num-inference-steps", type=int, default=50)
+    parser.add_argument("--metrics", nargs="+", choices=METRICS,
+                        help="default: adherence when the run trained on the built-in set, and loss when there is "
+                             "held-out data (always for the built-in set; else name it with --data)")
+    parser.add_argument("--num-images-per-prompt", type=int, default=8, help="adherence: images per prompt")
+    parser.add_argument("--num-inference-steps", type=int, default=50, help="adherence, clip, fid: reverse steps")
     parser.add_argument("--guidance-scale", type=float,
                         help="classifier-free guidance; default: the run's validation.guidance_scale (else 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--colors", nargs="+", default=list(DEFAULT_COLORS), choices=list(HUES))
+    parser.add_argument("--seed", type=int, default=0, help="adherence, clip, fid: sampling seed")
+    parser.add_argument("--colors", nargs="+", default=list(DEFAULT_COLORS), choices=list(HUES),
+                        help="adherence: the colours to prompt")
+    parser.add_argument("--data", nargs="+", default=[], metavar="data.KEY=VALUE",
+                        help="held-out data: overrides of the run's data section, e.g. data.path=val/{000..001}.tar "
+                             "(default for the built-in set: new renderings of it, in the run's data.colors)")
+    parser.add_argument("--max-samples", type=int, default=256, help="held-out pairs to read")
+    parser.add_argument("--num-loss-timesteps", type=int, default=10,
+                        help="loss: timesteps evenly spaced over [0, T)")
+    parser.add_argument("--loss-timesteps", type=int, nargs="+", help="loss: these timesteps instead")
+    parser.add_argument("--loss-seed", type=int, default=0, help="loss: the noise seed")
+    parser.add_argument("--num-generated", type=int, default=256,
+                        help="clip, fid: images generated, one per held-out caption (at most --max-samples)")
+    parser.add_argument("--clip-model", help="clip (and fid by default): a local transformers CLIPModel folder")
+    parser.add_argument("--fid-model", help="fid: a local transformers vision model folder (default: --clip-model)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-save", action="store_true", help=f"do not write <folder>/{EVALUATION_FILE}")
     parser.add_argument("--json", help="also write the full report to this file")
-    args = parser.parse_args(argv)
-    if args.guidance_scale is None:
-        args.guidance_scale = run_guidance_scale(args.pipeline)
-    pipeline = load_result(args.pipeline)
-    report = evaluate_pipeline(pipeline, tuple(args.colors), SHAPES, args.num_images_per_prompt,
-                               args.num_inference_steps, args.guidance_scale, args.seed)
+    return parser, parser.parse_args(argv)
+
+
+def feature_model_paths(wanted: list[str], clip_model: str | None, fid_model: str | None) -> dict[str, tuple]:
+    """{metric: (folder, flag)} for the metrics that need a feature model; a missing one is an error that says
+    which flag to pass and what to put there (checked before anything is loaded)."""
+    paths = {}
+    if "clip" in wanted:
+        if clip_model is None:
+            raise FileNotFoundError("the CLIP score (--metrics clip) needs --clip-model PATH: "
+                                    + metrics.CLIP_DOWNLOAD_HINT)
+        paths["clip"] = (clip_model, "--clip-model")
+    if "fid" in wanted:
+        if fid_model is None and clip_model is None:
+            raise FileNotFoundError("FID (--metrics fid) needs a feature model on disk: --fid-model PATH (a "
+                                    "transformers vision model folder, e.g. DINOv2, in safetensors) or --clip-model "
+                                    f"PATH: {metrics.CLIP_DOWNLOAD_HINT}")
+        paths["fid"] = (fid_model, "--fid-model") if fid_model else (clip_model, "--clip-model")
+    return paths
+
+
+def choose_metrics(requested: list[str] | None, run: DataConfig, has_held_out: bool) -> list[str]:
+    """The requested metrics, or the default: adherence for a run on the built-in set, and the loss when there is
+    held-out data."""
+    if requested:
+        return list(dict.fromkeys(requested))
+    return (["adherence"] if run.source == "builtin" else []) + (["loss"] if has_held_out else [])
+
+
+def report_adherence(pipeline, colors: list[str], num_images_per_prompt: int, num_inference_steps: int,
+                     guidance_scale: float, seed: int) -> tuple[dict, dict, dict]:
+    """Adherence: print it; return the full report, the metrics and the settings."""
+    report = evaluate_pipeline(pipeline, tuple(colors), SHAPES, num_images_per_prompt, num_inference_steps,
+                               guidance_scale, seed)
     for p in report["per_prompt"]:
         print(f"  {p['prompt']:<18} colour {p['color_ok']:5.0%}  shape {p['shape_ok']:5.0%}")
     by_color = report["color_accuracy_by_color"]
     print("colour accuracy by colour: " + ", ".join(f"{c} {v:.1%}" for c, v in by_color.items()))
     print(f"colour accuracy {report['color_accuracy']:.1%} (prompts mostly right: {report['prompts_color_ok']:.0%}), "
           f"shape accuracy {report['shape_accuracy']:.1%} (prompts mostly right: {report['prompts_shape_ok']:.0%}) "
-          f"over {report['num_images']} images, {args.num_inference_steps} steps, guidance {args.guidance_scale}")
-    if args.json:
-        with open(args.json, "w") as f:
+          f"over {report['num_images']} images, {num_inference_steps} steps, guidance {guidance_scale}")
+    values = {"color_accuracy": report["color_accuracy"], "shape_accuracy": report["shape_accuracy"],
+              **{f"color_accuracy_{c}": v for c, v in by_color.items()}}
+    settings = {"adherence_colors": list(colors), "adherence_num_images_per_prompt": num_images_per_prompt,
+                "adherence_num_inference_steps": num_inference_steps, "adherence_guidance_scale": guidance_scale,
+                "adherence_seed": seed}
+    return report, values, settings
+
+
+def report_loss(pipeline, pairs: list[dict], data: str, timesteps: list[int], seed: int,
+                batch_size: int) -> tuple[dict, dict, dict]:
+    """The validation loss: print it; return the full report, the metrics and the settings."""
+    report = validation_loss(pipeline, pairs, timesteps, seed, batch_size)
+    print(f"validation loss {report['mean']:.5f} ({report['prediction_type']} objective) over {len(pairs)} held-out "
+          "pairs: " + ", ".join(f"t={t} {v:.4f}" for t, v in report["per_timestep"].items()))
+    values = {"validation_loss": report["mean"],
+              **{f"validation_loss_t{t}": v for t, v in report["per_timestep"].items()}}
+    settings = {"loss_timesteps": timesteps, "loss_seed": seed, "loss_num_samples": len(pairs), "loss_data": data,
+                "loss_prediction_type": report["prediction_type"]}
+    return report, values, settings
+
+
+def report_generated(images: list[np.ndarray], pairs: list[dict], models: dict, sampling: dict,
+                     batch_size: int) -> dict[str, tuple[dict, dict, dict]]:
+    """CLIP score (models["clip"]) and/or FID (models["fid"]) of `images`, generated from the captions of `pairs`,
+    against those pairs: print them; return {metric: (full report, metrics, settings)}."""
+    results = {}
+    if "clip" in models:
+        clip = models["clip"]
+        scores = metrics.clip_scores(clip.image_features(images, batch_size),
+                                     clip.text_features([p["caption"] for p in pairs], batch_size))
+        score = float(scores.mean())
+        print(f"CLIP score {score:.2f} ({clip.path}) over {len(images)} generated images")
+        settings = {"clip_model": clip.path, **{f"clip_{k}": v for k, v in sampling.items()}}
+        results["clip"] = ({"clip_score": score, "per_image": scores.tolist()}, {"clip_score": score}, settings)
+    if "fid" in models:
+        model = models["fid"]
+        real = model.image_features([to_uint8(p["pixels"]) for p in pairs], batch_size).numpy()
+        value = metrics.fid(model.image_features(images, batch_size).numpy(), real)
+        features = f"{type(model.model).__name__} {'image embeddings' if model.is_clip else 'pooled features'}"
+        print(f"FID {value:.3f} ({features} of {model.path}) between {len(images)} generated and {len(real)} "
+              "held-out images")
+        settings = {"fid_model": model.path, "fid_features": features, "fid_num_real": len(real),
+                    **{f"fid_{k}": v for k, v in sampling.items()}}
+        results["fid"] = ({"fid": value, "features": features}, {"fid": value}, settings)
+    return results
+
+
+def load_feature_models(paths: dict[str, tuple], device: str) -> dict:
+    """The feature model of each metric in `paths` ({metric: (folder, flag)}); one folder is loaded once."""
+    models = {}
+    for metric, (path, flag) in paths.items():
+        same = [models[m] for m, (other, _) in paths.items() if m in models and other == path]
+        models[metric] = same[0] if same else metrics.load_feature_model(path, flag, metric == "clip", device)
+    return models
+
+
+def save_report(report: dict, groups: dict[str, tuple[dict, dict]], folder: str, json_path: str | None,
+                save: bool) -> None:
+    """Merge each group's (metrics, settings) into `folder/evaluation.json` (unless not `save`), and write the full
+    `report` to `json_path` (unless that is the metrics file itself, which scripts used to name with --json)."""
+    summary = Path(folder) / EVALUATION_FILE
+    if save:
+        print(f"evaluation: {write_evaluation(folder, groups)}")
+    if json_path and save and Path(json_path).resolve() == summary.resolve():
+        print(f"--json {json_path}: that is the metrics file this command writes anyway; the full report is not "
+              "written there (give --json another path for it)")
+    elif json_path:
+        with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser, args = parse_args(argv)
+    try:  # a missing feature model is reported before anything loads
+        paths = feature_model_paths(args.metrics or [], args.clip_model, args.fid_model)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    if args.guidance_scale is None:
+        args.guidance_scale = run_guidance_scale(args.pipeline)
+
+    # Load the model; find the held-out data and the metrics to compute; load the feature models.
+    pipeline = load_result(args.pipeline).to(args.device)
+    pipeline.set_progress_bar_config(disable=True)
+    T = pipeline.scheduler.config.num_train_timesteps
+    try:
+        resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        run_data, data = held_out_data(args.pipeline, args.data, resolution)
+        has_held_out = not is_training_data(run_data, data)
+        wanted = choose_metrics(args.metrics, run_data, has_held_out)
+        if not has_held_out and {"loss", "clip", "fid"} & set(wanted):
+            raise ValueError(f"{', '.join(m for m in wanted if m != 'adherence')}: needs held-out data, but the run "
+                             f"trained on {describe_data(run_data)}; name held-out pairs with --data, e.g. --data "
+                             "data.path=val-shards/{000..001}.tar (or data.split=validation for hf)")
+        if min(args.max_samples, args.batch_size, args.num_generated) < 1 or ("fid" in wanted and min(
+                args.max_samples, args.num_generated) < 2):
+            raise ValueError("--max-samples, --num-generated and --batch-size must be >= 1, and FID needs at least 2 "
+                             "images on each side (and many more to mean much)")
+        timesteps = args.loss_timesteps or metrics.loss_timesteps(T, args.num_loss_timesteps)
+        if any(not 0 <= t < T for t in timesteps):
+            raise ValueError(f"--loss-timesteps {' '.join(map(str, timesteps))}: each must be in [0, {T})")
+        models = load_feature_models(paths, args.device)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    if args.metrics is None and not has_held_out:
+        print("validation loss: not computed; the run's data is its training data, name held-out pairs with --data")
+
+    # Compute each metric: {metric: (its full report, its metrics, its settings)}.
+    groups = {}
+    if "adherence" in wanted:
+        groups["adherence"] = report_adherence(pipeline, args.colors, args.num_images_per_prompt,
+                                               args.num_inference_steps, args.guidance_scale, args.seed)
+    if {"loss", "clip", "fid"} & set(wanted):
+        pairs, skipped = held_out_pairs(held_out_source(data, args.max_samples), data, args.max_samples)
+        described = describe_data(data)
+        print(f"held-out data: {len(pairs)} pairs from {described}" + (f"; left out: {dict(skipped)}" if skipped
+                                                                      else ""))
+    if "loss" in wanted:
+        groups["loss"] = report_loss(pipeline, pairs, described, timesteps, args.loss_seed, args.batch_size)
+    if models:
+        pairs = pairs[:args.num_generated]
+        print(f"generating {len(pairs)} images from held-out captions")
+        images = generate_images(pipeline, [p["caption"] for p in pairs], args.num_inference_steps,
+                                 args.guidance_scale, args.seed, args.batch_size)
+        sampling = {"num_images": len(images), "num_inference_steps": args.num_inference_steps,
+                    "guidance_scale": args.guidance_scale, "seed": args.seed, "data": described}
+        groups.update(report_generated(images, pairs, models, sampling, args.batch_size))
+
+    # Report: the adherence report at the top level (as before), the others by name, the metrics and settings.
+    report = dict(groups["adherence"][0]) if "adherence" in groups else {}
+    report.update({name: group[0] for name, group in groups.items() if name != "adherence"})
+    report["metrics"] = {k: v for _, values, _ in groups.values() for k, v in values.items()}
+    report["settings"] = {k: v for _, _, settings in groups.values() for k, v in settings.items()}
+    save_report(report, {name: group[1:] for name, group in groups.items()}, args.pipeline, args.json,
+                not args.no_save)
     return report
 
 

@@ -224,9 +224,10 @@ def training_section(train: TrainConfig, data: DataConfig, model: ModelConfig, l
 
 def evaluation_section(path: Path) -> str:
     """The metrics of `python -m finetune.evaluate` (evaluation.json: {"metrics": {...}, "settings": {...}}) as a
-    table; empty without the file or without metrics in it."""
+    table, without the per-timestep losses (`validation_loss_t<t>`); empty without the file or without metrics."""
     report = json.loads(path.read_text()) if path.is_file() else {}
     metrics, settings = report.get("metrics") or {}, report.get("settings") or {}
+    metrics = {name: value for name, value in metrics.items() if not re.fullmatch(r"validation_loss_t\d+", name)}
     if not metrics:
         return ""
     table = "\n".join(f"| {name} | {_number(value)} |" for name, value in metrics.items())

@@ -12,5 +12,5 @@ PYTHON="${PYTHON:-python3}"
 
 accelerate launch --config_file accelerate_config.yaml finetune/train.py --config configs/shapes.yaml "$@"
 OUT="$("$PYTHON" -c 'import sys; from finetune.config import load_config; print(load_config("configs/shapes.yaml", sys.argv[1:]).train.output_dir)' "$@")"
-"$PYTHON" -m finetune.evaluate "$OUT" --json "$OUT/evaluation.json"
+"$PYTHON" -m finetune.evaluate "$OUT"   # writes $OUT/evaluation.json
 echo "evaluation: $OUT/evaluation.json"

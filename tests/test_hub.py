@@ -162,7 +162,8 @@ def test_model_card_of_a_lora_on_a_hub_base_with_an_evaluation(tmp_path):
                           "train.mixed_precision=bf16")
     for step in (90, 200):  # the last grid is step 200, though "step-90" sorts after "step-200" as text
         _png(folder / "samples" / f"step-{step}.png")
-    (folder / "evaluation.json").write_text(json.dumps({"metrics": {"clip_score": 0.3123456, "fid": 12.5},
+    (folder / "evaluation.json").write_text(json.dumps({"metrics": {"clip_score": 0.3123456, "fid": 12.5,
+                                                                    "validation_loss_t50": 0.25},
                                                         "settings": {"num_images_per_prompt": 8}}))
     for name in ("checkpoint-2", "checkpoint-4"):
         (folder / name / "manifest.json").write_text(json.dumps({"step": 2, "world_size": 3}))
@@ -183,7 +184,7 @@ def test_model_card_of_a_lora_on_a_hub_base_with_an_evaluation(tmp_path):
                 "| precision | bf16 |", "| data | hf `someone/captions` |",
                 "| clip_score | 0.3123 |", "| fid | 12.5 |", "Settings: num_images_per_prompt 8."):
         assert row in card
-    assert "text encoder |" not in card
+    assert "text encoder |" not in card and "validation_loss_t50" not in card
 
 
 # ---- round trips: push, then load from the Hub the way the card says ---------------------------------------------
