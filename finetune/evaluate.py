@@ -121,6 +121,21 @@ def run_guidance_scale(folder: str) -> float:
     return load_config(path).validation.guidance_scale if path.is_file() else 1.0
 
 
+def check_folder(folder: Path) -> str | None:
+    """Why `folder` cannot be sampled from, or None."""
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if (folder / LORA_WEIGHTS).is_file():
+        if not (folder / "config.yaml").is_file():
+            return (f"{folder} holds LoRA weights but no config.yaml naming their base; pass the base pipeline "
+                    f"folder and --lora {folder}")
+        return None
+    if not (folder / "model_index.json").is_file():
+        return (f"{folder} is neither a pipeline (no model_index.json) nor a LoRA output (no {LORA_WEIGHTS}); "
+                "pass the train.output_dir of a finished run")
+    return None
+
+
 def load_result(folder: str) -> TextToImageDDPMPipeline:
     """The pipeline a run wrote to `folder`; for a LoRA run, its base (from the run's config.yaml) with the
     adapters loaded."""

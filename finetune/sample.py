@@ -34,7 +34,7 @@ from PIL import Image
 
 from pipelines import TextToImageDDPMPipeline
 
-from .evaluate import load_result, run_guidance_scale
+from .evaluate import check_folder, load_result, run_guidance_scale
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
 from .validation import make_grid
 
@@ -148,21 +148,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--device", help="torch device to sample on (default: cuda when there is one, else cpu)")
     parser.add_argument("--output-dir", help="where to write (default: FOLDER/samples/sampled)")
     return parser, parser.parse_intermixed_args(argv)
-
-
-def check_folder(folder: Path) -> str | None:
-    """Why `folder` cannot be sampled from, or None."""
-    if not folder.is_dir():
-        return f"{folder} is not a folder"
-    if (folder / LORA_WEIGHTS).is_file():
-        if not (folder / "config.yaml").is_file():
-            return (f"{folder} holds LoRA weights but no config.yaml naming their base; pass the base pipeline "
-                    f"folder and --lora {folder}")
-        return None
-    if not (folder / "model_index.json").is_file():
-        return (f"{folder} is neither a pipeline (no model_index.json) nor a LoRA output (no {LORA_WEIGHTS}); "
-                "pass the train.output_dir of a finished run")
-    return None
 
 
 def lora_location(path: Path) -> tuple[Path, str] | str:

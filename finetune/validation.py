@@ -1,4 +1,6 @@
-"""Sample grids during training: one row per prompt, saved as PNG and logged to tensorboard."""
+"""What validation draws during training: sample grids (one row per prompt) and pictures of the diffusion process
+(the forward process on a training image, the reverse process for the first prompt), saved as PNG under
+output_dir/samples/ and logged to the trackers."""
 
 from pathlib import Path
 
@@ -8,6 +10,7 @@ from PIL import Image
 
 from pipelines import TextToImageDDPMPipeline
 
+from . import visualize
 from .config import ValidationConfig
 
 
@@ -37,13 +40,42 @@ def sample_grid(pipeline: TextToImageDDPMPipeline, config: ValidationConfig) -> 
 
 def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, step: int, output_dir: str,
                    trackers: list) -> Path:
-    """Sample a grid, save it to `output_dir/samples/step-<step>.png` and hand it to the trackers."""
+    """Sample a grid, save it to `output_dir/samples/step-<step>.png` and hand it to the trackers; with
+    `validation.process_strips`, the same for the reverse process (and, once, the forward process) under
+    `output_dir/samples/process/`. Returns the grid's path."""
     pipeline.set_progress_bar_config(disable=True)
     grid = sample_grid(pipeline, config)
     path = Path(output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    log_image(trackers, "validation", grid, step)
+    if config.process_strips:
+        log_process(pipeline, config, step, Path(output_dir) / "samples" / "process", trackers)
+    return path
+
+
+def log_process(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, step: int, folder: Path,
+                trackers: list) -> None:
+    """The reverse process for the first validation prompt at this step (`reverse-step-<step>.png`: x_t and the
+    predicted x_0 at 6 steps), and the forward process on the run's first training image (`forward.png`; it
+    does not change as the model trains, so it is drawn once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    reverse, _ = visualize.reverse_strip(pipeline, config.prompts[0], config.num_inference_steps,
+                                         config.guidance_scale, config.seed, num_gif_frames=2)
+    reverse.save(folder / f"reverse-step-{step}.png")
+    log_image(trackers, "process/reverse", reverse, step)
+    if not (folder / "forward.png").is_file():
+        image, _ = visualize.training_image(folder.parent.parent, visualize.pixel_size(pipeline))
+        forward, _ = visualize.forward_strip(pipeline.scheduler, image, vae=getattr(pipeline, "vae", None))
+        forward.save(folder / "forward.png")
+        log_image(trackers, "process/forward", forward, step)
+
+
+def log_image(trackers: list, name: str, image: Image.Image, step: int) -> None:
+    """Hand one picture to every tracker that takes pictures (tensorboard; wandb and the others through
+    accelerate's `log_images`)."""
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-    return path
+            tracker.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [np.asarray(image.convert("RGB"))]}, step=step)

@@ -56,10 +56,14 @@ def test_five_steps_through_accelerate_launch(tmp_path):
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = set()
+    scalars, images = set(), set()
     for event_file in events:
-        scalars |= set(EventAccumulator(str(event_file)).Reload().Tags()["scalars"])
+        tags = EventAccumulator(str(event_file)).Reload().Tags()
+        scalars, images = scalars | set(tags["scalars"]), images | set(tags["images"])
     assert {"loss", "lr", "grad_norm", "images_per_s", "step_time"} <= scalars, scalars
+    assert {"validation", "process/reverse", "process/forward"} <= images, images
+    assert (out / "samples" / "process" / "forward.png").is_file()
+    assert (out / "samples" / "process" / "reverse-step-5.png").is_file()
     assert "trained 5 steps in " in result.stdout and "images/s" in result.stdout
     assert f"python -m finetune.sample {out}" in result.stdout and f"python -m finetune.hub {out}" in result.stdout
     pipe = TextToImageDDPMPipeline.from_pretrained(out)
