@@ -362,8 +362,20 @@ class TrainConfig:
     cpu_threads: int | None = None
     """Torch threads per process when training on CPU; null uses the machine's cores divided by the processes
     on it (`accelerate launch` otherwise leaves each process one thread)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision: `no` (fp32), `bf16` (CPUs with bf16 and recent GPUs), `fp16` (GPUs only)."""
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    """Autocast precision: `no` (fp32), `bf16` (CPUs with bf16 and recent GPUs), `fp16` (GPUs only), `auto` (bf16
+    where the device has it natively, else fp32; on CPU, small convolutional models can still be faster in
+    fp32: benchmarks/README.md)."""
+    allow_tf32: bool = False
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and later GPUs; no effect on a CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory, slower steps."""
+    enable_xformers_memory_efficient_attention: bool = False
+    """xformers attention in the UNet (CUDA GPUs with xformers installed); PyTorch's SDPA is the default."""
+    compile: bool = False
+    """`torch.compile` the UNet (in place): faster steps after a compilation of a minute or more."""
+    use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (CUDA GPUs with bitsandbytes installed): a quarter of the optimizer memory."""
     use_ema: bool = True
     """Keep an exponential moving average of the trained weights and export it."""
     ema_max_decay: float = 0.999

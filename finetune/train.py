@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, hub, lora
+from . import checkpointing, hub, lora, performance
 from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import check_in_sync, finish
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator for this run; on CPU, also the thread count and a refusal of fp16."""
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=performance.resolve_precision(config.mixed_precision),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=tracker_names(config.report_to),
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
@@ -60,6 +60,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         raise ValueError(f"accelerate is set up for {accelerator.distributed_type.value}, which this trainer does not "
                          "support yet (EMA and validation need whole weights on the main process); use DDP "
                          "(--multi_gpu) or a single process")
+    performance.configure_backends(config, accelerator.device)
     if accelerator.device.type == "cpu":
         if config.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (fast on recent CPUs) or no")
@@ -104,6 +105,8 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
     for model in frozen:  # (a dtype argument only when it changes one: diffusers warns about any cast)
         model.to(accelerator.device, *([dtype] if model.dtype != dtype else []))
     cast_training_params(trained, dtype=torch.float32)  # also when the base was stored in half precision
+    performance.speed_up(components.unet, components.text_encoder if len(trained) > 1 else None, config.train,
+                         accelerator.device)
     return components, trained
 
 
@@ -167,8 +170,7 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
 def build_optimization(train: TrainConfig, params: list, trained: list, accelerator: Accelerator):
     """AdamW over `params`, the LR schedule, and one EMA of the trainable weights of each trained model
     (registered for checkpoints)."""
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                                  weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    optimizer = performance.make_optimizer(params, train, accelerator.device)
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
     lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
                                  num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,

@@ -1,0 +1,86 @@
+"""Speed and memory levers (`train.*`): the precision `auto` picks, TF32, gradient checkpointing, xformers
+attention, `torch.compile`, and the optimizer (AdamW, or bitsandbytes' 8-bit AdamW). The GPU-only ones refuse
+with a clear message on a CPU; what each buys is measured in benchmarks/README.md."""
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it (Ampere and later), or a CPU with
+    the AVX-512 BF16 or AMX instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """accelerate's mixed precision for `train.mixed_precision`: `auto` is bf16 where the device has it natively,
+    else no (fp32); the other values pass through."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if native_bf16(PartialState().device) else "no"
+
+
+def configure_backends(train: TrainConfig, device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA with `train.allow_tf32` (fp32 work on Ampere and later GPUs runs on
+    the tensor cores with a 10-bit mantissa); nothing to do on a CPU."""
+    if train.allow_tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif train.allow_tf32:
+        logger.info("train.allow_tf32: no effect on %s (TF32 is a CUDA GPU feature)", device)
+
+
+def speed_up(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, train: TrainConfig,
+             device: torch.device) -> None:
+    """Apply the model-side levers before training: gradient checkpointing (to the text encoder too when it
+    trains), xformers attention, and `torch.compile` of the UNet (in place, so the module, its state dict and
+    its saving stay as they are)."""
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:  # (transformers 5 renamed it; older releases have the first name only)
+            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+    if train.enable_xformers_memory_efficient_attention:
+        if device.type != "cuda":
+            raise ValueError("train.enable_xformers_memory_efficient_attention needs a CUDA GPU (xformers has no CPU "
+                             f"kernels; this run is on {device}); set it to false: PyTorch's SDPA attention is used "
+                             "by default")
+        try:
+            import xformers  # noqa: F401
+        except ImportError as error:
+            raise ValueError("train.enable_xformers_memory_efficient_attention: xformers is not installed; "
+                             "`pip install xformers` (a build matching your torch), or set it to false (PyTorch's "
+                             "SDPA attention is used by default)") from error
+        unet.enable_xformers_memory_efficient_attention()
+    if train.compile:
+        unet.compile()
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, device: torch.device):
+    """AdamW over `params` (PyTorch's, or bitsandbytes' 8-bit one with `train.use_8bit_adam`: its moments take a
+    quarter of the memory)."""
+    settings = {"lr": train.learning_rate, "betas": (train.adam_beta1, train.adam_beta2),
+                "weight_decay": train.adam_weight_decay, "eps": train.adam_epsilon}
+    if not train.use_8bit_adam:
+        return torch.optim.AdamW(params, **settings)
+    if device.type != "cuda":
+        raise ValueError(f"train.use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW; this run is on {device}); "
+                         "set it to false")
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise ValueError("train.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes`, or set it "
+                         "to false") from error
+    return bitsandbytes.optim.AdamW8bit(params, **settings)

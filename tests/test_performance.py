@@ -1,0 +1,63 @@
+"""The speed and memory levers: what they switch on, and the clear refusals of the GPU-only ones on a CPU."""
+
+import pytest
+import torch
+
+from finetune import performance
+from finetune.config import TrainConfig, load_config
+
+from .test_train import _train
+
+
+def test_auto_precision_is_bf16_where_native(monkeypatch):
+    monkeypatch.setattr(performance, "native_bf16", lambda device: True)
+    assert performance.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(performance, "native_bf16", lambda device: False)
+    assert performance.resolve_precision("auto") == "no"
+    assert performance.resolve_precision("fp16") == "fp16" and performance.resolve_precision("no") == "no"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_components):
+    unet, text_encoder = tiny_components.unet, tiny_components.text_encoder
+    sample, timesteps = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    ids = tiny_components.tokenizer(["a red circle", "a blue square"], padding="max_length",
+                                    return_tensors="pt").input_ids
+
+    def gradients():
+        unet.zero_grad(), text_encoder.zero_grad()
+        unet(sample, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample.square().mean().backward()
+        return [p.grad.clone() for p in [*unet.parameters(), *text_encoder.parameters()]]
+
+    unet.train(), text_encoder.train()
+    before = gradients()
+    performance.speed_up(unet, text_encoder, TrainConfig(gradient_checkpointing=True), torch.device("cpu"))
+    assert unet.is_gradient_checkpointing and text_encoder.is_activation_checkpointing
+    for a, b in zip(before, gradients()):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_is_in_place(tiny_components):
+    unet = tiny_components.unet
+    keys = list(unet.state_dict())
+    performance.speed_up(unet, None, TrainConfig(compile=True), torch.device("cpu"))
+    assert unet._compiled_call_impl is not None  # compiled lazily at the first call
+    assert list(unet.state_dict()) == keys  # saving and checkpoints see the same module
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.enable_xformers_memory_efficient_attention=true",
+     "train.enable_xformers_memory_efficient_attention needs a CUDA GPU"),
+    ("train.use_8bit_adam=true", "train.use_8bit_adam needs a CUDA GPU"),
+])
+def test_gpu_only_levers_refuse_on_a_cpu(tmp_path, override, message):
+    result = _train(tmp_path, override, "--dry-run", f"train.output_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_tf32_is_a_no_op_on_a_cpu_and_auto_precision_loads(tmp_path):
+    config = load_config(None, ["train.allow_tf32=true", "train.mixed_precision=auto"])
+    performance.configure_backends(config.train, torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32
+    result = _train(tmp_path, "train.mixed_precision=auto", "--dry-run", f"train.output_dir={tmp_path / 'run'}")
+    expected = "bf16" if performance.native_bf16(torch.device("cpu")) else "no"
+    assert f"precision {expected}," in result.stdout
