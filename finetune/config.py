@@ -363,9 +363,9 @@ class TrainConfig:
     """Torch threads per process when training on CPU; null uses the machine's cores divided by the processes
     on it (`accelerate launch` otherwise leaves each process one thread)."""
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
-    """Autocast precision: `no` (fp32), `bf16` (CPUs with bf16 and recent GPUs), `fp16` (GPUs only), `auto` (bf16
-    where the device has it natively, else fp32; on CPU, small convolutional models can still be faster in
-    fp32: benchmarks/README.md)."""
+    """Autocast precision: `no` (fp32), `bf16` (recent GPUs; CPUs with AMX), `fp16` (GPUs only), `auto` (bf16 on
+    GPUs that support it and on CPUs with AMX tiles, else fp32: CPUs with only AVX-512 BF16 run bf16 matmuls at
+    half the fp32 speed, benchmarks/README.md)."""
     allow_tf32: bool = False
     """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and later GPUs; no effect on a CPU)."""
     gradient_checkpointing: bool = False

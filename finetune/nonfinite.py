@@ -1,8 +1,12 @@
-"""Non-finite losses and gradients: caught at the step they happen, on any process.
+"""Non-finite losses and gradients, on any process.
 
-By default the run stops with an error naming the step and the batch's sample keys, before anything (weights,
-EMA, a checkpoint) is touched by the bad gradient. With `train.on_nonfinite: skip` the optimizer step is
-skipped instead, on every process alike, and the run stops after `train.max_nonfinite_steps` in a row.
+By default (`train.on_nonfinite: error`) the run stops with an error naming the first bad step, its loss, its
+gradient norm and its batch's sample keys. The check reads the losses of several steps at once, at each logging
+step and before every checkpoint, validation and export, so the GPU never waits for the host in between (a
+host sync per step costs a GPU run its overlap of Python and kernels); no checkpoint or export is written after
+a bad step. With `train.on_nonfinite: skip` the optimizer step must be skipped before it happens, so every step
+is checked (one host sync per step), on every process alike, and the run stops after
+`train.max_nonfinite_steps` in a row.
 """
 
 import logging
@@ -20,16 +24,20 @@ FAULT_ENV = "FINETUNE_FAULT_NONFINITE"
 
 
 class NonFiniteGuard:
-    def __init__(self, on_nonfinite: str, max_nonfinite_steps: int):
-        self.on_nonfinite, self.max_nonfinite_steps = on_nonfinite, max_nonfinite_steps
+    def __init__(self, on_nonfinite: str, max_nonfinite_steps: int, every: int):
+        self.on_nonfinite, self.max_nonfinite_steps, self.every = on_nonfinite, max_nonfinite_steps, every
         self.consecutive = 0
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, list[str]]] = []  # error mode: not yet checked
         fault = os.environ.get(FAULT_ENV)
         self.fault = tuple(int(v) for v in fault.split(":")) if fault else None
 
     def skip_step(self, accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
                   keys: list[str]) -> bool:
-        """Whether to skip this optimizer step; raises when the run must stop. One host sync (and, with several
-        processes, one all-reduce) per optimizer step."""
+        """Whether to skip this optimizer step; raises when the run must stop. In error mode the step is kept for
+        `check` (no host sync); in skip mode, one host sync (and, with several processes, one all-reduce)."""
+        if self.on_nonfinite == "error":
+            self.pending.append((step, loss.detach(), torch.as_tensor(grad_norm).detach(), keys))
+            return False
         value = loss.item()
         if self.fault == (step, accelerator.process_index):
             value, self.fault = math.nan, None  # once
@@ -51,3 +59,27 @@ class NonFiniteGuard:
                                      f"train.max_nonfinite_steps={self.max_nonfinite_steps}")
         logger.warning(f"{where}; skipping this optimizer step ({self.consecutive} in a row)")
         return True
+
+    def check(self, accelerator: Accelerator, step: int, force: bool = False) -> None:
+        """Error mode, every `every` steps or when `force`d (before a checkpoint, validation or export): raise for
+        the first step since the last check whose loss or gradient norm was not finite on some process. One host
+        sync (and, with several processes, one all-reduce) for all those steps."""
+        if not self.pending or not force and step % self.every:
+            return
+        pending, self.pending = self.pending, []
+        values = torch.stack([torch.stack([loss.float(), norm.to(loss.device).float()])
+                              for _, loss, norm, _ in pending])
+        for i, (at, *_) in enumerate(pending):
+            if self.fault == (at, accelerator.process_index):
+                values[i, 0], self.fault = math.nan, None  # once
+        bad = (~torch.isfinite(values)).any(dim=1).float()
+        if accelerator.num_processes > 1:
+            bad = accelerator.reduce(bad, reduction="sum")
+        first = next((i for i, flag in enumerate(bad.tolist()) if flag), None)
+        if first is None:
+            return
+        (at, _, _, keys), (loss, norm) = pending[first], values[first].tolist()
+        raise FloatingPointError(f"non-finite loss or gradient norm at step {at} on some process (here, process "
+                                 f"{accelerator.process_index}: loss {loss}, grad norm {norm}, batch keys {keys}); "
+                                 "no checkpoint or export was written after it. Lower train.learning_rate, check the "
+                                 "data, or set train.on_nonfinite: skip")

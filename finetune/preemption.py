@@ -20,10 +20,13 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def requested(self, accelerator: Accelerator) -> bool:
-        """True on every process once any process has been signalled (one all-reduce when there are several)."""
+    def requested(self, accelerator: Accelerator, step: int, every: int) -> bool:
+        """True on every process once any process has been signalled. With several processes they agree every
+        `every` steps (one all-reduce and host sync then, none in between)."""
         if accelerator.num_processes == 1:
             return self.signum is not None
+        if step % every:
+            return False
         flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 

@@ -6,11 +6,14 @@ import time
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from tqdm.auto import tqdm
 
 from .config import Config
 from .models import Components, count_parameters
+
+logger = get_logger("finetune")
 
 
 def tracker_names(report_to: str) -> list[str]:
@@ -70,8 +73,16 @@ class StepLogger:
         self.loss_sum.zero_()
         self.count, self.start, self.start_step = 0, time.perf_counter(), step
 
-    def log_data_counts(self, counts: dict, step: int) -> None:
-        """The data counters (used, dropped by each filter, skipped by reason), all epochs so far."""
+    def end_epoch(self, config: Config, dataset, epoch: int, batches: int, step: int) -> None:
+        """After an epoch read to the end: its data counts (used, dropped by each filter, skipped by reason; all
+        epochs so far, the dataloader workers' included) to the log and the trackers. An epoch without a single
+        batch is an error."""
+        counts = dataset.collect_counts(config.data.num_workers)
+        if batches == 0:
+            raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
+                               f"{config.train.train_batch_size} samples ({dict(counts)}); check data.path and "
+                               "data.filters, or lower train.train_batch_size")
+        logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
         self.accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=step)
 
     def summary(self, step: int) -> str:
@@ -80,7 +91,10 @@ class StepLogger:
         minutes, rest = divmod(round(seconds), 60)
         rate = f", {steps * self.samples_per_step / seconds:.1f} images/s" if steps else ""
         resumed = f" (resumed at step {self.first_step})" if self.first_step else ""
-        return f"trained {steps} steps{resumed} in {minutes}:{rest:02d}{rate}; at step {step}"
+        device = self.accelerator.device
+        memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                  if device.type == "cuda" else "")
+        return f"trained {steps} steps{resumed} in {minutes}:{rest:02d}{rate}{memory}; at step {step}"
 
 
 def run_summary(trained: str, output: str, grid, lora: bool, pushed: str | None, prompt: str) -> str:

@@ -177,7 +177,7 @@ def build_optimization(train: TrainConfig, params: list, trained: list, accelera
                                  num_training_steps=train.max_train_steps * accelerator.num_processes)
     emas = []
     if train.use_ema:
-        emas = [EMAModel(trainable(m), decay=train.ema_max_decay, use_ema_warmup=True) for m in trained]
+        emas = [EMAModel(trainable(m), decay=train.ema_max_decay, use_ema_warmup=True, foreach=True) for m in trained]
     for ema in emas:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -218,18 +218,6 @@ def save_checkpoint(accelerator: Accelerator, config: Config, step: int, data_st
             hub.push_checkpoint(config.train.output_dir, step, config.hub)
         except hub.HubPushError as error:
             logger.warning(f"{error} Training goes on; checkpoint-{step} is on disk.")
-
-
-def end_epoch(config: Config, dataset: ImageTextStream, epoch: int, batches: int, step_logger, step: int) -> None:
-    """After an epoch read to the end: its data counts to the log and the trackers; an epoch without a batch is an
-    error."""
-    counts = dataset.collect_counts(config.data.num_workers)
-    if batches == 0:
-        raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
-                           f"{config.train.train_batch_size} samples ({dict(counts)}); check data.path and "
-                           "data.filters, or lower train.train_batch_size")
-    logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
-    step_logger.log_data_counts(counts, step)
 
 
 def publish(config: Config, grid: Path, trained: str, num_processes: int) -> None:
@@ -286,8 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     samples_per_step = train.train_batch_size * train.gradient_accumulation_steps * accelerator.num_processes
     step_logger = StepLogger(accelerator, train.max_train_steps, train.logging_steps, step, samples_per_step)
     grad_norm = None
-    stop, guard = StopOnSignal(), NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_steps)
-    while step < train.max_train_steps and not stop.signum:
+    stop, stopped = StopOnSignal(), False  # stopped: every process agreed to stop and wrote the checkpoint
+    guard = NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_steps, train.logging_steps)
+    while step < train.max_train_steps and not stopped:
         dataset.set_epoch(epoch)
         batches_in_epoch = skip_batches
         for batch in itertools.islice(loader, skip_batches, None):
@@ -311,29 +300,32 @@ def main(argv: list[str] | None = None) -> None:
             step += 1
             for ema, model in zip(emas, trained):
                 ema.step(trainable(model))
+            stopping = stop.requested(accelerator, step, train.logging_steps)
+            save = stopping or train.checkpointing_steps and step % train.checkpointing_steps == 0
+            sample = config.validation.validation_steps and step % config.validation.validation_steps == 0 \
+                and step < train.max_train_steps  # the export samples the last step
+            guard.check(accelerator, step, force=save or sample or step >= train.max_train_steps)
             step_logger.step(step, step == train.max_train_steps, lr_scheduler.get_last_lr()[0], grad_norm)
-            stopping = stop.requested(accelerator)
-            if stopping or train.checkpointing_steps and step % train.checkpointing_steps == 0:
+            if save:
                 save_checkpoint(accelerator, config, step, {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
                                 resumed_from)
-            if config.validation.validation_steps and step % config.validation.validation_steps == 0 \
-                    and step < train.max_train_steps:  # the export samples the last step
+            if sample:
                 validate(accelerator, config, components, emas, step)
             if stopping:
-                stop.signum = stop.signum or signal.SIGTERM  # another process was signalled: stop here too
+                stopped = True
                 break
             if step >= train.max_train_steps:
                 break
         else:  # the epoch was read to the end (the workers too): count it
-            end_epoch(config, dataset, epoch, batches_in_epoch, step_logger, step)
-        if stop.signum:
+            step_logger.end_epoch(config, dataset, epoch, batches_in_epoch, step)
+        if stopped:
             break
         epoch, skip_batches = epoch + 1, 0
     step_logger.progress.close()
     stop.close()
-    if stop.signum:  # preempted: the checkpoint just written is the way back
-        logger.info(f"stopped by signal {stop.signum} at step {step} after writing checkpoint-{step}; continue "
-                    "with train.resume_from_checkpoint=latest", main_process_only=True)
+    if stopped:  # preempted: the checkpoint just written is the way back
+        logger.info(f"stopped by signal {stop.signum or signal.SIGTERM} at step {step} after writing "
+                    f"checkpoint-{step}; continue with train.resume_from_checkpoint=latest", main_process_only=True)
         finish(accelerator)
         return
 

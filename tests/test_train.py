@@ -324,6 +324,17 @@ def test_nonfinite_loss_stops_at_that_step_without_a_bad_checkpoint(tmp_path):
     assert result.returncode != 0 and "3 in a row, more than train.max_nonfinite_steps=2" in result.stderr
 
 
+def test_nonfinite_checks_between_log_steps_name_the_first_bad_step(tmp_path):
+    """Error mode reads the losses at log steps (no host sync per step): a NaN at step 3 with logging every 4
+    steps stops the run at the step-4 check, naming step 3 (and its batch), and nothing is exported."""
+    out = tmp_path / "run"
+    result = _train(tmp_path, "train.logging_steps=4", "train.max_train_steps=8", "train.checkpointing_steps=0",
+                    f"train.output_dir={out}", env={"FINETUNE_FAULT_NONFINITE": "3:0"}, check=False)
+    assert result.returncode != 0 and "non-finite loss or gradient norm at step 3" in result.stderr
+    assert "loss nan" in result.stderr and "batch keys ['" in result.stderr
+    assert not (out / "model_index.json").exists()
+
+
 def test_skip_mode_skips_one_bad_step(tmp_path):
     out = tmp_path / "run"
     result = _train(tmp_path, "train.on_nonfinite=skip", "train.max_train_steps=4", f"train.output_dir={out}",
