@@ -57,7 +57,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not the torchvision notices of image processors unused here
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import ROOT, WARMUP, Floor, read_step_times, sync, trainer_args  # noqa: E402
+from bench_step import ROOT, WARMUP, Floor, read_step_times, sync, timed, trainer_args  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
@@ -268,14 +268,7 @@ class ReferenceLoop:
 
     def times(self, steps: int, warmup: int) -> list[float]:
         """Seconds of each step, data loading included (as the trainer's step_time), after `warmup` ones."""
-        times = []
-        for _ in range(warmup + steps):
-            sync(self.device)
-            start = time.perf_counter()
-            self.step()
-            sync(self.device)
-            times.append(time.perf_counter() - start)
-        return times[warmup:]
+        return timed(self.step, self.device, steps, warmup)
 
 
 # ---- the runs the measures share ------------------------------------------------------------------------------

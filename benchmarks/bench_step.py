@@ -45,6 +45,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(step, device: torch.device, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` calls of `step`, after `warmup` untimed ones, the device synchronised around
+    each."""
+    times = []
+    for _ in range(steps + warmup):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
 class Floor:
     """The bare training step of a config: UNet forward, the loss, backward and an AdamW step over the UNet's
     trainable parameters (all of them, or the adapters of a LoRA run, attached as the trainer attaches them), on
@@ -93,14 +106,7 @@ class Floor:
 
     def times(self, steps: int, warmup: int = WARMUP) -> list[float]:
         """Seconds of each of `steps` steps, after `warmup` untimed ones."""
-        times = []
-        for _ in range(steps + warmup):
-            sync(self.device)
-            start = time.perf_counter()
-            self.step()
-            sync(self.device)
-            times.append(time.perf_counter() - start)
-        return times[warmup:]
+        return timed(self.step, self.device, steps, warmup)
 
     def flops(self) -> int:
         """Floating-point operations of one step's forward and backward (matmuls, convolutions, attention), as
