@@ -43,7 +43,7 @@ from .data import build_source, failed_filter, pick_caption
 from .data.shapes import DEFAULT_COLORS, HUES, SHAPES, render_sample
 from .data.tables import RawSample
 from .data.transforms import decode_rgb, to_tensor, unreadable_reason
-from .lora import WEIGHT_NAME as LORA_WEIGHTS
+from .results import load_result, run_guidance_scale
 
 EVALUATION_FILE = "evaluation.json"
 METRICS = ("adherence", "loss", "clip", "fid")
@@ -113,39 +113,6 @@ def evaluate_pipeline(pipeline: TextToImageDDPMPipeline, colors: tuple[str, ...]
         "guidance_scale": guidance_scale,
         "per_prompt": per_prompt,
     }
-
-
-def run_guidance_scale(folder: str) -> float:
-    """The guidance the run sampled its validation grids with (its saved config), or 1 without one."""
-    path = Path(folder) / "config.yaml"
-    return load_config(path).validation.guidance_scale if path.is_file() else 1.0
-
-
-def check_folder(folder: Path) -> str | None:
-    """Why `folder` cannot be sampled from, or None."""
-    if not folder.is_dir():
-        return f"{folder} is not a folder"
-    if (folder / LORA_WEIGHTS).is_file():
-        if not (folder / "config.yaml").is_file():
-            return (f"{folder} holds LoRA weights but no config.yaml naming their base; pass the base pipeline "
-                    f"folder and --lora {folder}")
-        return None
-    if not (folder / "model_index.json").is_file():
-        return (f"{folder} is neither a pipeline (no model_index.json) nor a LoRA output (no {LORA_WEIGHTS}); "
-                "pass the train.output_dir of a finished run")
-    return None
-
-
-def load_result(folder: str) -> TextToImageDDPMPipeline:
-    """The pipeline a run wrote to `folder`; for a LoRA run, its base (from the run's config.yaml) with the
-    adapters loaded."""
-    if not (Path(folder) / LORA_WEIGHTS).is_file():
-        return TextToImageDDPMPipeline.from_pretrained(folder)
-    model = load_config(Path(folder) / "config.yaml").model
-    pipeline = TextToImageDDPMPipeline.from_pretrained(model.pretrained_model_name_or_path, revision=model.revision,
-                                                       variant=model.variant)
-    pipeline.load_lora_weights(folder)
-    return pipeline
 
 
 # ---- held-out data -----------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from PIL import Image
 
 from pipelines import TextToImageDDPMPipeline
 
-from .evaluate import check_folder, load_result, run_guidance_scale
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
+from .results import check_folder, load_result, run_guidance_scale
 from .validation import make_grid
 
 SCHEDULERS = {

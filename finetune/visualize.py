@@ -43,7 +43,7 @@ from .config import ValidationConfig, load_config
 from .data import build_source
 from .data import shapes as builtin_shapes
 from .data.transforms import decode_rgb, to_tensor
-from .evaluate import check_folder, load_result, run_guidance_scale
+from .results import check_folder, load_result, run_guidance_scale
 
 BACKGROUND, EMPTY_CELL, INK = (255, 255, 255), (225, 225, 225), (0, 0, 0)
 PAD = 4
