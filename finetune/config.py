@@ -367,7 +367,8 @@ class TrainConfig:
     GPUs that support it and on CPUs with AMX tiles, else fp32: CPUs with only AVX-512 BF16 run bf16 matmuls at
     half the fp32 speed, benchmarks/README.md)."""
     allow_tf32: bool = False
-    """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and later GPUs; no effect on a CPU)."""
+    """Let fp32 matmuls use TF32 tensor cores (Ampere and later GPUs; no effect on a CPU). cuDNN convolutions use
+    TF32 either way, PyTorch's default."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them: less memory, slower steps."""
     enable_xformers_memory_efficient_attention: bool = False

@@ -135,7 +135,8 @@ class HeldOutShapes:
 def held_out_data(folder: str, overrides: list[str], resolution: int) -> tuple[DataConfig, DataConfig]:
     """The run's data section (from its config.yaml; without one, the defaults at the pipeline's `resolution`) and
     the held-out data: that section with the `data.key=value` overrides applied, read deterministically (centre
-    crop, no flip, no caption dropout, no shuffle buffer, no cache, no workers)."""
+    crop, no flip, no caption dropout, no shuffle buffer, no cache, no workers, one pass even where the run
+    resampled its shards)."""
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
         raise ValueError(f"--data {' '.join(bad)}: only data-section overrides (data.key=value) name held-out data")
@@ -143,7 +144,9 @@ def held_out_data(folder: str, overrides: list[str], resolution: int) -> tuple[D
     config, defaults = (path, []) if path.is_file() else (None, [f"data.resolution={resolution}"])
     run, held_out = load_config(config, defaults).data, load_config(config, defaults + overrides).data
     held_out = dataclasses.replace(held_out, center_crop=True, random_flip=False, caption_dropout=0.0,
-                                   shuffle_buffer=0, cache=False, num_workers=0, persistent_workers=False)
+                                   shuffle_buffer=0, cache=False, num_workers=0, persistent_workers=False,
+                                   resampled=False,  # one pass: each held-out pair once
+                                   num_samples=held_out.num_samples if held_out.source == "builtin" else None)
     return run, held_out
 
 

@@ -265,14 +265,19 @@ def push(output_dir: str | os.PathLike, hub: HubConfig, *, num_processes: int | 
 
 def check_credentials(hub: HubConfig) -> str:
     """The user the token belongs to, checked before a run trains for hours; raises HubPushError (no token, an
-    invalid one, no network) with the fix."""
+    invalid or read-only one, no network) with the fix. (Whether a write token may write to that namespace shows
+    only at the push.)"""
     api = HfApi()
     with explained_errors(_repo_id(hub), api.endpoint):
         try:
-            return api.whoami()["name"]
+            me = api.whoami()
         except LocalTokenNotFoundError as e:
             cause, fix = _HTTP_CAUSES[401]
             raise HubPushError(f"cannot push to {hub.hub_model_id}: {cause}. Fix: {fix}.") from e
+    if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise HubPushError(f"cannot push to {hub.hub_model_id}: the token is read-only. Fix: set HF_TOKEN to a token "
+                           "with write access (huggingface.co/settings/tokens), or run `hf auth login` with one.")
+    return me["name"]
 
 
 def push_checkpoint(output_dir: str | os.PathLike, step: int, hub: HubConfig) -> CommitInfo:

@@ -18,7 +18,7 @@ def native_bf16(device: torch.device) -> bool:
     a CPU with AMX tiles. AVX-512 BF16 alone does not pay: on this project's CPU (avx512_bf16, no AMX, torch 2.13)
     a 2048x2048 bf16 matmul runs at 165 GFLOP/s against 322 in fp32 (benchmarks/README.md)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         cpuinfo = Path("/proc/cpuinfo")
         return cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
@@ -34,11 +34,10 @@ def resolve_precision(mixed_precision: str) -> str:
 
 
 def configure_backends(train: TrainConfig, device: torch.device) -> None:
-    """TF32 matmuls and convolutions on CUDA with `train.allow_tf32` (fp32 work on Ampere and later GPUs runs on
-    the tensor cores with a 10-bit mantissa); nothing to do on a CPU."""
+    """TF32 matmuls on CUDA with `train.allow_tf32` (fp32 matmuls on Ampere and later GPUs run on the tensor cores
+    with a 10-bit mantissa; cuDNN convolutions already do by PyTorch's default); nothing to do on a CPU."""
     if train.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     elif train.allow_tf32:
         logger.info("train.allow_tf32: no effect on %s (TF32 is a CUDA GPU feature)", device)
 

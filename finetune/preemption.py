@@ -1,7 +1,9 @@
 """Stop cleanly when asked: SIGTERM (schedulers, torch elastic) or SIGINT (Ctrl-C).
 
-The handler only records the request; the training loop asks `requested()` at each step boundary, where all
-processes agree (one of them was signalled is enough), write a checkpoint and exit.
+The handler only records the request; the training loop asks `requested()` at step boundaries: a single process
+stops at the next one; several agree (one of them signalled is enough) at the next logging step, or earlier
+where a checkpoint or validation is due, so nothing long runs between the signal and the stop. Then they write
+a checkpoint and exit.
 """
 
 import signal
@@ -20,12 +22,12 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def requested(self, accelerator: Accelerator, step: int, every: int) -> bool:
+    def requested(self, accelerator: Accelerator, step: int, every: int, force: bool = False) -> bool:
         """True on every process once any process has been signalled. With several processes they agree every
-        `every` steps (one all-reduce and host sync then, none in between)."""
+        `every` steps and when `force`d (one all-reduce and host sync then, none in between)."""
         if accelerator.num_processes == 1:
             return self.signum is not None
-        if step % every:
+        if step % every and not force:
             return False
         flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -46,8 +46,8 @@ def tracker_settings(config: Config) -> dict:
 
 class StepLogger:
     """Accumulates the loss on the device and logs loss, LR, gradient norm, step time and images/s every `every`
-    steps (the per-step non-finite check already reads the loss on the host, so logging adds no wait of its
-    own). `samples_per_step` is the images one optimizer step trains on, over all processes."""
+    steps (the only host syncs between them). `samples_per_step` is the images one optimizer step trains on, over
+    all processes."""
 
     def __init__(self, accelerator: Accelerator, total: int, every: int, step: int, samples_per_step: int):
         self.progress = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train",

@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
     step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config))
+    for ema in emas:  # accelerate loads custom states onto the CPU
+        ema.to(accelerator.device)
 
     # Train.
     accelerator.init_trackers("finetune", config=tracker_settings(config))
@@ -300,10 +302,11 @@ def main(argv: list[str] | None = None) -> None:
             step += 1
             for ema, model in zip(emas, trained):
                 ema.step(trainable(model))
-            stopping = stop.requested(accelerator, step, train.logging_steps)
-            save = stopping or train.checkpointing_steps and step % train.checkpointing_steps == 0
+            save = train.checkpointing_steps and step % train.checkpointing_steps == 0
             sample = config.validation.validation_steps and step % config.validation.validation_steps == 0 \
                 and step < train.max_train_steps  # the export samples the last step
+            stopping = stop.requested(accelerator, step, train.logging_steps, force=save or sample)
+            save, sample = save or stopping, sample and not stopping  # a stop saves at once, samples nothing
             guard.check(accelerator, step, force=save or sample or step >= train.max_train_steps)
             step_logger.step(step, step == train.max_train_steps, lr_scheduler.get_last_lr()[0], grad_norm)
             if save:

@@ -2,6 +2,7 @@
 (the forward process on a training image, the reverse process for the first prompt), saved as PNG under
 output_dir/samples/ and logged to the trackers."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from pipelines import TextToImageDDPMPipeline
 
 from . import visualize
 from .config import ValidationConfig
+
+logger = logging.getLogger(__name__)
 
 
 def make_grid(images: list[Image.Image], columns: int, pad: int = 2) -> Image.Image:
@@ -50,7 +53,11 @@ def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, 
     grid.save(path)
     log_image(trackers, "validation", grid, step)
     if config.process_strips:
-        log_process(pipeline, config, step, Path(output_dir) / "samples" / "process", trackers)
+        try:  # pictures for people: a failure here (say, an unreadable first training image) must not end the run
+            log_process(pipeline, config, step, Path(output_dir) / "samples" / "process", trackers)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("step %d: the diffusion-process strips were not drawn (%s: %s)", step,
+                           type(error).__name__, error)
     return path
 
 
@@ -72,10 +79,14 @@ def log_process(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, ste
 
 
 def log_image(trackers: list, name: str, image: Image.Image, step: int) -> None:
-    """Hand one picture to every tracker that takes pictures (tensorboard; wandb and the others through
-    accelerate's `log_images`)."""
+    """Hand one picture to the trackers that take pictures: tensorboard, and wandb / swanlab through accelerate's
+    `log_images` (a list of images each); the others get none. A tracker that fails is a warning."""
+    array = np.asarray(image.convert("RGB"))
     for tracker in trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({name: [np.asarray(image.convert("RGB"))]}, step=step)
+        try:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, array, step, dataformats="HWC")
+            elif tracker.name in ("wandb", "swanlab"):
+                tracker.log_images({name: [array]}, step=step)
+        except Exception as error:  # noqa: BLE001 - a tracker's hiccup must not end a run
+            logger.warning("could not log %s to %s: %s", name, tracker.name, error)

@@ -68,8 +68,8 @@ class FakeHub:
     """The server (a thread on 127.0.0.1, a free port) and its state: `repos` by id, the `requests` seen
     (method and path, never headers) and the `unknown` ones."""
 
-    def __init__(self, tokens: dict[str, str]):
-        self.tokens = dict(tokens)
+    def __init__(self, tokens: dict[str, str], read_only: tuple[str, ...] = ()):
+        self.tokens, self.read_only = dict(tokens), set(read_only)  # token -> user; tokens that may only read
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []
         self.unknown: list[str] = []
@@ -288,7 +288,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             auth, method = self.headers.get("Authorization"), self.command
             if method == "GET" and path == "/api/whoami-v2":
                 user = hub.user(auth, required=True)
-                return 200, {"type": "user", "name": user, "auth": {"type": "access_token"}}, {}
+                role = "read" if auth.removeprefix("Bearer ").strip() in hub.read_only else "write"
+                return 200, {"type": "user", "name": user,
+                             "auth": {"type": "access_token", "accessToken": {"role": role}}}, {}
             if method == "POST" and path == "/api/validate-yaml":
                 errors = validate_readme(json.loads(body)["content"])
                 return (400 if errors else 200), {"errors": [{"message": e} for e in errors], "warnings": []}, {}

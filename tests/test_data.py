@@ -81,7 +81,7 @@ def test_judge_reads_the_training_images():
 
 def _stream(shards, rank=0, world_size=1, **overrides):
     config = DataConfig(source="webdataset", path=shapes.shard_pattern(shards, 64), resolution=8,
-                        shuffle_buffer=16, **overrides)
+                        **{"shuffle_buffer": 16, **overrides})
     source = build_source(config, seed=0)
     tokenizer = build_tokenizer(caption_texts(config, source), 10)
     return ImageTextStream(source, config, tokenizer, seed=0, rank=rank, world_size=world_size)
@@ -140,6 +140,20 @@ def test_resampled_stream_that_yields_nothing_stops(tiny_shards):
     stream = _stream(tiny_shards, resampled=True, num_samples=100, filters=FilterConfig(min_width=10**6))
     with pytest.raises(RuntimeError, match="10000 samples in a row gave no training example.*min_width"):
         next(iter(stream))
+
+
+def test_resampled_stream_gives_up_on_shards_that_never_open(tmp_path):
+    config = DataConfig(source="webdataset", path=str(tmp_path / "missing-{0..3}.tar"), resolution=8,
+                        resampled=True, num_samples=100)
+    stream = ImageTextStream(build_source(config, seed=0), config, build_tokenizer(shapes.all_captions(), 10), 0)
+    with pytest.raises(RuntimeError, match="100 shards drawn in a row gave no sample"):
+        next(iter(stream))
+
+
+def test_a_large_shuffle_buffer_is_no_reason_to_give_up(tiny_shards):
+    """The give-up count starts once the buffer is full: filling it yields nothing by design."""
+    stream = _stream(tiny_shards, resampled=True, num_samples=40, shuffle_buffer=20_000)
+    assert len(list(stream)) == 40
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -287,3 +287,13 @@ def test_the_command_writes_and_merges_evaluation_json(tiny_pipeline, tmp_path):
             "validation_loss_t750"} == set(data["metrics"])
     assert data["settings"]["adherence_colors"] == ["red"] and data["settings"]["loss_num_samples"] == 3
     assert data["settings"]["loss_data"].startswith("builtin held-out renderings (seed 1")
+
+
+def test_held_out_data_of_a_resampled_run_is_read_once(tmp_path):
+    """A run that resampled its shards still evaluates each held-out pair once (the SD/LAION recipe)."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "sd15-lora-laion.yaml"
+    save_config(load_config(recipe), tmp_path / "config.yaml")
+    run, held_out = evaluate.held_out_data(str(tmp_path), ["data.path=val/{000..001}.tar"], 512)
+    assert run.resampled and not held_out.resampled and held_out.num_samples is None

@@ -39,9 +39,12 @@ PROMPTS = ["a red circle", "a blue square"]
 RUN = [*TINY_RUN, f"validation.prompts={json.dumps(PROMPTS)}", "validation.num_images_per_prompt=2"]
 
 
+READ_TOKEN = "hf_TestAliceRead0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def hub():
-    with FakeHub({TOKEN: "alice", BOB_TOKEN: "bob"}) as server:
+    with FakeHub({TOKEN: "alice", BOB_TOKEN: "bob", READ_TOKEN: "alice"}, read_only=(READ_TOKEN,)) as server:
         yield server
 
 
@@ -432,10 +435,13 @@ def test_the_trainer_pushes_its_checkpoints_and_result(hub, tmp_path):
     assert TOKEN not in result.stdout + result.stderr
 
 
-def test_a_run_that_cannot_push_stops_before_training(hub, tmp_path):
+@pytest.mark.parametrize("token, expected", [
+    (None, "the Hub did not accept the credentials"),
+    (READ_TOKEN, "the token is read-only"),
+])
+def test_a_run_that_cannot_push_stops_before_training(hub, tmp_path, token, expected):
     out = tmp_path / "run"
-    result = _train_and_push(hub, out, None, "hub.hub_model_id=alice/never", "train.max_train_steps=4")
+    result = _train_and_push(hub, out, token, "hub.hub_model_id=alice/never", "train.max_train_steps=4")
     assert result.returncode == 1
-    assert "cannot push to alice/never: the Hub did not accept the credentials" in result.stderr
-    assert "set HF_TOKEN" in result.stderr
+    assert f"cannot push to alice/never: {expected}" in result.stderr and "HF_TOKEN" in result.stderr
     assert "alice/never" not in hub.repos and not list(out.glob("checkpoint-*")) and "train:" not in result.stderr

@@ -59,8 +59,7 @@ class WebDatasetSource:
             logger.warning("skipping unreadable shard data: %s", error)
             return True
 
-        stream = wds.tarfile_samples(({"url": url} for url in shards), handler=on_error)
-        for sample in stream:
+        for sample in self._read(shards, on_error):
             image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
             metadata = {}
             if "json" in sample:
@@ -70,6 +69,25 @@ class WebDatasetSource:
                     counts["bad metadata"] += 1
             caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else metadata.get(self.caption_field)
             yield RawSample(key=str(sample["__key__"]), image=image, caption=caption, metadata=metadata)
+
+
+    def _read(self, shards, on_error) -> Iterator[dict]:
+        """The samples of `shards`, in order. Resampled (endless), shard by shard: when a run of draws opens no
+        shard with a sample in it (a wrong path, an unreachable host), stop with an error instead of forever."""
+        if not self.resampled:
+            yield from wds.tarfile_samples(({"url": url} for url in shards), handler=on_error)
+            return
+        empty, limit = 0, max(100, 2 * len(self.shards))
+        for url in shards:
+            opened = False
+            for sample in wds.tarfile_samples(iter([{"url": url}]), handler=on_error):
+                opened, empty = True, 0
+                yield sample
+            if not opened:
+                empty += 1
+                if empty >= limit:
+                    raise RuntimeError(f"{limit} shards drawn in a row gave no sample (the last: {url}); check "
+                                       "data.path, and that the shards can be read from here")
 
 
 def build_source(config: DataConfig, seed: int):
@@ -229,13 +247,8 @@ class ImageTextStream(IterableDataset):
         order_rng = random.Random(f"order-{self.seed}-{self.epoch}")
         rng = random.Random(f"sample-{self.seed}-{self.epoch}-{part}")
         buffer: list[RawSample] = []
-        used = self.counts["used"]
-        for i, raw in enumerate(self.source.samples(order_rng, part, parts, self.counts)):
-            if give_up and i % give_up == give_up - 1:
-                if self.counts["used"] == used:
-                    raise RuntimeError(f"{give_up} samples in a row gave no training example "
-                                       f"({dict(self.counts)}); check data.path and data.filters")
-                used = self.counts["used"]
+        attempts, used = 0, self.counts["used"]
+        for raw in self.source.samples(order_rng, part, parts, self.counts):
             if len(buffer) < self.config.shuffle_buffer:
                 buffer.append(raw)
                 continue
@@ -243,6 +256,12 @@ class ImageTextStream(IterableDataset):
                 index = rng.randrange(len(buffer))
                 buffer[index], raw = raw, buffer[index]
             example = self._example(raw, rng)
+            attempts += 1
+            if give_up and attempts % give_up == 0:
+                if self.counts["used"] == used:
+                    raise RuntimeError(f"{give_up} samples in a row gave no training example "
+                                       f"({dict(self.counts)}); check data.path and data.filters")
+                used = self.counts["used"]
             if example is not None:
                 yield example
         rng.shuffle(buffer)
