@@ -10,7 +10,7 @@ from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, TrainConfig
 from .models import Components, count_parameters
 
 logger = get_logger("finetune")
@@ -45,14 +45,16 @@ def tracker_settings(config: Config) -> dict:
 
 
 class StepLogger:
-    """Accumulates the loss on the device and logs loss, LR, gradient norm, step time and images/s every `every`
-    steps (the only host syncs between them). `samples_per_step` is the images one optimizer step trains on, over
-    all processes."""
+    """Accumulates the loss on the device and logs loss, LR, gradient norm, step time and images/s every
+    `train.logging_steps` steps (the only host syncs between them), from `step` (where the run starts or
+    resumes) to `train.max_train_steps`."""
 
-    def __init__(self, accelerator: Accelerator, total: int, every: int, step: int, samples_per_step: int):
-        self.progress = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train",
-                             unit="step")
-        self.accelerator, self.every, self.samples_per_step = accelerator, every, samples_per_step
+    def __init__(self, accelerator: Accelerator, train: TrainConfig, step: int):
+        self.progress = tqdm(total=train.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+                             desc="train", unit="step")
+        self.accelerator, self.every = accelerator, train.logging_steps
+        # the images one optimizer step trains on, over all processes
+        self.samples_per_step = train.train_batch_size * train.gradient_accumulation_steps * accelerator.num_processes
         self.loss_sum, self.count = torch.zeros((), device=accelerator.device), 0
         self.start, self.start_step = time.perf_counter(), step
         self.run_start, self.first_step = self.start, step

@@ -273,10 +273,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Train.
     accelerator.init_trackers("finetune", config=tracker_settings(config))
-    samples_per_step = train.train_batch_size * train.gradient_accumulation_steps * accelerator.num_processes
-    step_logger = StepLogger(accelerator, train.max_train_steps, train.logging_steps, step, samples_per_step)
-    grad_norm = None
-    stop, stopped = StopOnSignal(), False  # stopped: every process agreed to stop and wrote the checkpoint
+    step_logger = StepLogger(accelerator, train, step)
+    stop, stopped, grad_norm = StopOnSignal(), False, None  # stopped: all processes agreed and wrote the checkpoint
     guard = NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_steps, train.logging_steps)
     while step < train.max_train_steps and not stopped:
         dataset.set_epoch(epoch)
