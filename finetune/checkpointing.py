@@ -95,6 +95,9 @@ def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tu
     data = read_data_state(path, accelerator.process_index)
     logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
     changed = changed_settings(path, config_text)
+    if manifest.get("mixed_precision", accelerator.mixed_precision) != accelerator.mixed_precision:
+        changed.append(f"precision in effect: {manifest['mixed_precision']} -> {accelerator.mixed_precision} "
+                       "(train.mixed_precision: auto chose differently on this machine)")
     if changed:
         logger.warning(f"settings changed since {path.name}: {'; '.join(changed)}", main_process_only=True)
     return manifest["step"], data["epoch"], data["batches_in_epoch"], path
@@ -120,6 +123,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     if accelerator.is_main_process:
         (tmp / CONFIG).write_text(config_text)
         manifest = {"step": step, "world_size": accelerator.num_processes,
+                    "mixed_precision": accelerator.mixed_precision,  # what `auto` resolved to
                     "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
                     "files": sorted(p.name for p in tmp.iterdir()),
                     "sizes": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}}

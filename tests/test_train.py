@@ -2,6 +2,7 @@
 
 import ast
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -175,6 +176,22 @@ def test_resume_names_the_settings_that_changed(tmp_path):
                     f"train.output_dir={out}", "train.resume_from_checkpoint=latest")
     assert "settings changed since checkpoint-2: train.learning_rate: 0.001 -> 0.0005; train.max_train_steps: 2 -> 3" \
         in result.stderr
+
+
+def test_resume_names_a_precision_that_auto_resolved_differently(tmp_path):
+    """A checkpoint records the precision in effect; one written where `auto` meant bf16 and resumed where it means
+    fp32 is named (the config text alone, `auto`, would not show it)."""
+    out = tmp_path / "run"
+    run = ["train.mixed_precision=auto", "train.checkpointing_steps=2", f"train.output_dir={out}"]
+    _train(tmp_path, "train.max_train_steps=2", *run)
+    manifest_path = out / "checkpoint-2" / checkpointing.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    here = manifest["mixed_precision"]
+    assert here in ("no", "bf16")
+    manifest["mixed_precision"] = "bf16" if here == "no" else "no"  # as written on another machine
+    manifest_path.write_text(json.dumps(manifest))
+    result = _train(tmp_path, "train.max_train_steps=3", *run, "train.resume_from_checkpoint=latest")
+    assert f"precision in effect: {manifest['mixed_precision']} -> {here}" in result.stderr
 
 
 def test_resume_refuses_an_incomplete_or_mismatched_checkpoint(tmp_path):
