@@ -1,12 +1,15 @@
 """The trainer itself on a GPU at Stable Diffusion 1.5 shape: LoRA rank 4, batch 8, 512 px, bf16, the encodings
-cached (`data.cache`), on the built-in data; plain, with `train.gradient_checkpointing` and with `train.compile`.
+cached (`data.cache`), on the built-in data; plain, with `train.gradient_checkpointing`, with `train.compile`, and
+plain but logging every 20 steps (the recipe's `train.logging_steps`) instead of every step.
 
 It writes a randomly initialised SD-1.5-shaped base (bench_gpu.py's configs, a character-level CLIP tokenizer: no
 download), runs `finetune/train.py` once per variant in a subprocess, and reads the per-step `step_time` the
-trainer logs (median after the first epoch, when every encoding is cached) and the peak GPU memory from its
-end-of-run summary. bench_gpu.py's `cached` variant is the bare floor of the same step.
+trainer logs (the median over the logging windows after the first two epochs, when every encoding is cached) and
+the peak GPU memory from its end-of-run summary. bench_gpu.py's `cached` variant is the bare floor of the same
+step; like it, a run logging every step waits for the GPU at the end of each step. `--sync-debug` also runs the
+plain variant under CUDA's sync debug mode and lists the lines of code where the host waited for the GPU.
 
-    python benchmarks/bench_gpu_trainer.py --out OUT_DIR [--tiny] [--steps 60] [--skip compile ...]
+    python benchmarks/bench_gpu_trainer.py --out OUT_DIR [--tiny] [--steps 60] [--skip compile ...] [--sync-debug]
 """
 
 import argparse
@@ -30,8 +33,13 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from tests.conftest import clip_tokenizer  # noqa: E402
 
-VARIANTS = {"plain": [], "ckpt": ["train.gradient_checkpointing=true"], "compile": ["train.compile=true"]}
+VARIANTS = {"plain": [], "ckpt": ["train.gradient_checkpointing=true"], "compile": ["train.compile=true"],
+            "log20": ["train.logging_steps=20"]}
 SAMPLES = 64  # 8 batches an epoch: from the second epoch on, every step trains from the cache
+WARM_STEPS = 2 * SAMPLES // 8  # steps of the first two epochs, left out of the timing
+# Runs the trainer with CUDA's sync debug mode on: each line that makes the host wait for the GPU warns (once).
+SYNC_DEBUG = ("import runpy, sys, torch; torch.cuda.set_sync_debug_mode('warn'); sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def write_base(folder: Path, shape) -> Path:
@@ -47,7 +55,7 @@ def write_base(folder: Path, shape) -> Path:
     return folder
 
 
-def run_trainer(base: Path, out: Path, resolution: int, steps: int, extra: list[str]) -> dict:
+def run_trainer(base: Path, out: Path, resolution: int, steps: int, extra: list[str], sync_debug: bool = False) -> dict:
     overrides = [
         f"model.pretrained_model_name_or_path={base}", "model.train_text_encoder=false",
         "data.source=builtin", f"data.path={out.parent / 'shapes'}", "data.resampled=false",
@@ -59,20 +67,28 @@ def run_trainer(base: Path, out: Path, resolution: int, steps: int, extra: list[
         "validation.num_inference_steps=4", "validation.num_images_per_prompt=1", "validation.validation_steps=0",
         *extra]
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "finetune" / "train.py"), "--config",
+    python = [sys.executable, "-W", "default", "-c", SYNC_DEBUG] if sync_debug else [sys.executable]
+    result = subprocess.run([*python, str(ROOT / "finetune" / "train.py"), "--config",
                              str(ROOT / "configs" / "sd15-lora-laion.yaml"), *overrides],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
     if result.returncode != 0:
         return {"error": (result.stdout + result.stderr)[-3000:], "wall_s": round(wall, 1)}
+    if sync_debug:  # "FILE:LINE: UserWarning: called a synchronizing CUDA operation", then the line itself
+        lines = result.stderr.splitlines()
+        return {"syncs": [f"{line.split(': UserWarning')[0]}: {lines[i + 1].strip() if i + 1 < len(lines) else ''}"
+                          for i, line in enumerate(lines) if "synchronizing CUDA operation" in line],
+                "wall_s": round(wall, 1)}
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    times = [e.value for e in events.Scalars("step_time")][2 * SAMPLES // 8:]  # after two epochs: all cached
+    logged = events.Scalars("step_time")
+    every = logged[1].step - logged[0].step
+    times = [e.value for e in logged if e.step - every >= WARM_STEPS]  # windows after two epochs: all cached
     memory = re.search(r"peak GPU memory ([\d.]+) GiB", result.stdout)
     median = statistics.median(times)
-    return {"median_ms": round(1000 * median, 1), "images_per_s": round(8 / median, 1), "steps_timed": len(times),
-            "peak_gib": float(memory[1]) if memory else None, "wall_s": round(wall, 1),
-            "summary": result.stdout.strip().splitlines()[-7]}
+    return {"median_ms": round(1000 * median, 1), "images_per_s": round(8 / median, 1), "windows_timed": len(times),
+            "steps_per_window": every, "peak_gib": float(memory[1]) if memory else None, "wall_s": round(wall, 1),
+            "summary": next(line for line in result.stdout.splitlines() if line.startswith("trained "))}
 
 
 def main() -> None:
@@ -81,6 +97,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="shrunk shapes, for a check on a CPU")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", nargs="*", default=[], choices=list(VARIANTS))
+    parser.add_argument("--sync-debug", action="store_true", help="also list where the plain run syncs (CUDA)")
     args = parser.parse_args()
     shape, out = (TINY if args.tiny else SD15), Path(args.out)
     work = Path("/tmp/bench-gpu-trainer")
@@ -89,10 +106,10 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "base_written_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(results), flush=True)
-    for name, extra in VARIANTS.items():
-        if name in args.skip:
-            continue
-        results[name] = run_trainer(base, work / name, shape.resolution, args.steps, extra)
+    runs = [(name, extra, False) for name, extra in VARIANTS.items() if name not in args.skip]
+    for name, extra, sync_debug in runs[:1] + [("sync-debug", [], True)] * args.sync_debug + runs[1:]:
+        steps = args.steps + 40 if name == "log20" else WARM_STEPS + 8 if sync_debug else args.steps
+        results[name] = run_trainer(base, work / name, shape.resolution, steps, extra, sync_debug)
         print(name, json.dumps(results[name]), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_gpu_trainer.json").write_text(json.dumps(results, indent=2))

@@ -4,7 +4,8 @@ x_0 is the image itself (pixel-space models) or its VAE latent scaled by `vae.co
 (latent-space models). With `data.cache`, the frozen encoders' outputs are kept in memory: the VAE's latent
 distribution per sample key (a latent is still drawn from it at every step, as without the cache) and the text
 embedding per token sequence (so caption dropout still works). The first sight of a sample encodes it; every
-later one reuses the stored result.
+later one reuses the stored result. Stored results are kept on the CPU (a LAION-scale cache does not fit a GPU)
+and reach a GPU through pinned memory, without a host sync.
 """
 
 import torch
@@ -28,7 +29,7 @@ class BatchEncoder:
             moments = self._cached(self.latent_cache, batch["key"], pixels, self._moments)
         else:
             moments = self._moments(pixels)
-        latents = DiagonalGaussianDistribution(moments.to(device)).sample()
+        latents = DiagonalGaussianDistribution(_to(moments, device)).sample()
         return latents.float() * self.vae.config.scaling_factor
 
     def text(self, batch: dict, device: torch.device) -> torch.Tensor:
@@ -37,7 +38,7 @@ class BatchEncoder:
         if self.text_trains:
             return self.text_encoder(ids.to(device, non_blocking=True), return_dict=False)[0]
         if self.cache:
-            return self._cached(self.text_cache, [tuple(row.tolist()) for row in ids], ids, self._embed).to(device)
+            return _to(self._cached(self.text_cache, [tuple(row.tolist()) for row in ids], ids, self._embed), device)
         return self._embed(ids)
 
     def _check_keys(self, keys: list[str], pixels: torch.Tensor) -> None:
@@ -68,3 +69,11 @@ class BatchEncoder:
             for i, row in zip(missing, encode(inputs[missing])):
                 cache[keys[i]] = row.cpu()
         return torch.stack([cache[key] for key in keys])
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from the host to a GPU through pinned memory with a non-blocking copy (a copy from
+    pageable memory waits for every kernel queued before it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -2,8 +2,13 @@
 
 Ho et al. 2020, Algorithm 1: take x_0, draw t ~ U{0..T-1} and eps ~ N(0, I), form
 x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps and regress the model's output on the target.
-Noise and timesteps come from the global torch RNG, which accelerate saves per process in checkpoints.
+Noise and timesteps come from the global torch RNG (the CPU's, so a run draws the same numbers on any device),
+which accelerate saves per process in checkpoints. On a GPU they are drawn into pinned memory and copied without
+a host sync, and the schedule's tables live on the GPU (`on_device`): a step then never waits for the GPU to
+finish the previous one before it can queue its own kernels.
 """
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +24,28 @@ def sample_noise_and_timesteps(samples: torch.Tensor, num_train_timesteps: int,
     With `noise_offset` > 0, eps also gets a constant per (sample, channel) drawn from N(0, noise_offset^2)
     (the "offset noise" of Guttenberg 2023): plain eps never shifts a whole channel, so the model cannot learn
     images much darker or brighter than the mean. The shifted eps is also the epsilon target."""
-    noise = torch.randn(samples.shape, dtype=samples.dtype).to(samples.device)
+    noise = _draw(torch.randn, samples.shape, dtype=samples.dtype, device=samples.device)
     if noise_offset:
-        offset = torch.randn((samples.shape[0], samples.shape[1], *[1] * (samples.ndim - 2)), dtype=samples.dtype)
-        noise = noise + noise_offset * offset.to(samples.device)
-    timesteps = torch.randint(0, num_train_timesteps, (samples.shape[0],)).to(samples.device)
+        shape = (samples.shape[0], samples.shape[1], *[1] * (samples.ndim - 2))
+        noise = noise + noise_offset * _draw(torch.randn, shape, dtype=samples.dtype, device=samples.device)
+    timesteps = _draw(torch.randint, 0, num_train_timesteps, (samples.shape[0],), device=samples.device)
     return noise, timesteps
+
+
+def _draw(factory, *args, device: torch.device, **kwargs) -> torch.Tensor:
+    """`factory(*args)` from the CPU generator, on `device`. For a GPU the draw goes into pinned memory and is
+    copied without blocking (a copy from pageable memory waits for every kernel queued before it)."""
+    pin = device.type == "cuda"
+    return factory(*args, **kwargs, pin_memory=pin).to(device, non_blocking=pin)
+
+
+def on_device(scheduler: DDPMScheduler, device: torch.device) -> DDPMScheduler:
+    """A copy of `scheduler` for the training step, its alpha_bar table on `device`: add_noise, get_velocity and
+    compute_snr gather from it at every step, and a table on the host is copied over each time (a host sync, on a
+    GPU between the forward and the backward pass). The original stays as it is for sampling."""
+    scheduler = copy.copy(scheduler)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    return scheduler
 
 
 def perturb_noise(noise: torch.Tensor, input_perturbation: float) -> torch.Tensor:
@@ -33,7 +54,7 @@ def perturb_noise(noise: torch.Tensor, input_perturbation: float) -> torch.Tenso
     wrong ones of its own sampling (exposure bias). gamma = 0 returns `noise` itself."""
     if not input_perturbation:
         return noise
-    return noise + input_perturbation * torch.randn(noise.shape, dtype=noise.dtype).to(noise.device)
+    return noise + input_perturbation * _draw(torch.randn, noise.shape, dtype=noise.dtype, device=noise.device)
 
 
 def training_target(scheduler: DDPMScheduler, samples: torch.Tensor, noise: torch.Tensor,

@@ -32,7 +32,8 @@ from .distributed import check_in_sync, finish
 from .encoding import BatchEncoder
 from .models import Components, build_components, changed_schedule, check_objective, load_components
 from .nonfinite import NonFiniteGuard
-from .objective import diffusion_loss, min_snr_weights, perturb_noise, sample_noise_and_timesteps, training_target
+from .objective import (diffusion_loss, min_snr_weights, on_device, perturb_noise, sample_noise_and_timesteps,
+                        training_target)
 from .preemption import StopOnSignal
 from .progress import StepLogger, print_summary, run_summary, tracker_names, tracker_settings
 from .validation import log_validation
@@ -124,7 +125,8 @@ def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: to
 @contextlib.contextmanager
 def exported(accelerator: Accelerator, components: Components, emas: list[EMAModel]):
     """The pipeline to sample and save: unwrapped models in eval mode (no adapter dropout) with the EMA weights,
-    when EMA is on, in place of the trained ones; the training weights and mode come back afterwards."""
+    when EMA is on, in place of the trained ones; the training weights and mode come back afterwards. A compiled
+    UNet samples eagerly: compiling the sampling shapes would take longer than the few samples it speeds up."""
     models = [accelerator.unwrap_model(components.unet), accelerator.unwrap_model(components.text_encoder)]
     modes = [model.training for model in models]
     for ema, model in zip(emas, models):
@@ -133,7 +135,7 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
     for model in models:
         model.eval()
     try:
-        with accelerator.autocast():
+        with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             yield Components(models[0], components.scheduler, models[1], components.tokenizer, components.vae)
     finally:
         for ema, model in zip(emas, models):
@@ -262,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.lora.enabled:  # checkpoints hold the adapters, not the frozen base
         lora.AdapterCheckpoints(accelerator)
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    components.unet = trained[0]
-    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
+    components.unet, components.text_encoder = trained[0], trained[1] if len(trained) > 1 else components.text_encoder
+    schedule = on_device(components.scheduler, accelerator.device)  # the training step's copy, its tables there
     encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in itertools.islice(loader, skip_batches, None):
             batches_in_epoch += 1
             with accelerator.accumulate(*trained):
-                loss = compute_loss(batch, components.unet, encoder, components.scheduler, accelerator.device, train)
+                loss = compute_loss(batch, components.unet, encoder, schedule, accelerator.device, train)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # clip (max_norm inf: measure only), then refuse NaN/Inf
                     grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)

@@ -7,6 +7,7 @@ from finetune.models import check_objective
 from finetune.objective import (
     diffusion_loss,
     min_snr_weights,
+    on_device,
     perturb_noise,
     sample_noise_and_timesteps,
     training_target,
@@ -107,3 +108,19 @@ def test_v_prediction_target_is_the_velocity():
     x0, noise, timesteps = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([10, 900])
     a = scheduler.alphas_cumprod[timesteps].reshape(2, 1, 1, 1)
     torch.testing.assert_close(training_target(scheduler, x0, noise, timesteps), a.sqrt() * noise - (1 - a).sqrt() * x0)
+
+
+def test_the_training_copy_of_the_schedule_gives_the_same_numbers_and_leaves_the_original():
+    """`on_device` copies the scheduler for the training step (its alpha_bar table on the training device);
+    the scheduler that sampling uses keeps its own table, and every training quantity is unchanged."""
+    scheduler = DDPMScheduler(prediction_type="v_prediction", clip_sample=False)
+    table = scheduler.alphas_cumprod
+    copy = on_device(scheduler, torch.device("cpu"))
+    copy.alphas_cumprod = copy.alphas_cumprod.clone()  # as a move to a GPU would: the copy has its own table
+    assert scheduler.alphas_cumprod is table and copy.config is scheduler.config
+    torch.manual_seed(0)
+    samples, noise, timesteps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
+    for method in ("add_noise", "get_velocity"):
+        assert torch.equal(getattr(copy, method)(samples, noise, timesteps),
+                           getattr(scheduler, method)(samples, noise, timesteps))
+    assert torch.equal(min_snr_weights(copy, timesteps, 5.0), min_snr_weights(scheduler, timesteps, 5.0))

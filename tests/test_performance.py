@@ -1,10 +1,14 @@
 """The speed and memory levers: what they switch on, and the clear refusals of the GPU-only ones on a CPU."""
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from finetune import performance
 from finetune.config import TrainConfig, load_config
+from finetune.train import exported
 
 from .test_train import _train
 
@@ -42,6 +46,28 @@ def test_compile_is_in_place(tiny_components):
     performance.speed_up(unet, None, TrainConfig(compile=True), torch.device("cpu"))
     assert unet._compiled_call_impl is not None  # compiled lazily at the first call
     assert list(unet.state_dict()) == keys  # saving and checkpoints see the same module
+
+
+def test_a_compiled_unet_samples_eagerly(tiny_components):
+    """Validation and the export's grid sample a compiled UNet without compiling it (the sampling shapes would
+    compile anew, for a few images); the training step outside still compiles."""
+    graphs = []
+
+    def backend(graph, inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    unet = tiny_components.unet
+    unet.compile(backend=backend)
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model, autocast=contextlib.nullcontext)
+    with exported(accelerator, tiny_components, []) as models:
+        pipe = models.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        pipe(["a red circle"], num_inference_steps=2, guidance_scale=2.0, output_type="np")
+    assert graphs == []
+    unet(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]),
+         encoder_hidden_states=tiny_components.text_encoder(torch.ones(2, 4, dtype=torch.long))[0])
+    assert graphs
 
 
 @pytest.mark.parametrize("override, message", [

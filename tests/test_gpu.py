@@ -1,0 +1,74 @@
+"""Checks that need a CUDA GPU. Where there is none (this project's CI machines) they are skipped with that
+reason; they run on a lent GPU machine (`pytest tests/test_gpu.py`), and benchmarks/README.md says when they
+last did."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from finetune import performance
+from finetune.config import load_config
+from finetune.encoding import BatchEncoder
+from finetune.nonfinite import NonFiniteGuard
+from finetune.objective import on_device
+from finetune.train import build_model, compute_loss, trainable
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_a_cached_lora_step_never_waits_for_the_gpu(tiny_sd_folder):
+    """Once a batch's encodings are cached, a whole bf16 LoRA step (the noise and timesteps from the CPU
+    generator, offset noise, latents drawn from the cached moments, min-SNR weights, forward, backward, clipping,
+    the deferred non-finite check and fused AdamW) queues its kernels without one host sync: CUDA's sync debug
+    mode turns any into an error. A sync per step stops the host from running ahead of the GPU."""
+    config = load_config(None, [f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                                "model.train_text_encoder=false", "data.resolution=16", "data.cache=true",
+                                "train.snr_gamma=5", "train.noise_offset=0.05", "train.mixed_precision=bf16"])
+    accelerator = Accelerator(mixed_precision="bf16")
+    components, trained = build_model(config, None, accelerator)
+    params = trainable(trained[0])
+    unet, optimizer = accelerator.prepare(trained[0], performance.make_optimizer(params, config.train,
+                                                                                accelerator.device))
+    encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=True)
+    schedule, guard = on_device(components.scheduler, accelerator.device), NonFiniteGuard("error", 0, 10)
+    ids = components.tokenizer(["a red circle", "a blue square"], padding="max_length", return_tensors="pt")
+    batch = {"key": ["a", "b"], "pixel_values": (torch.rand(2, 3, 16, 16) * 2 - 1).pin_memory(),
+             "input_ids": ids.input_ids.pin_memory()}
+
+    def step(number: int) -> None:
+        loss = compute_loss(batch, unet, encoder, schedule, accelerator.device, config.train)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(params, 1.0)
+        assert not guard.skip_step(accelerator, loss, grad_norm, number, batch["key"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(1)  # encodes and caches the batch (copies to the host), initialises the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for number in (2, 3):
+            step(number)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    guard.check(accelerator, 3, force=True)  # the losses were finite (one sync, for both steps)
+    assert len(encoder.latent_cache) == 2 and len(encoder.text_cache) == 2
+
+
+def test_gpu_levers_apply_on_a_gpu(tiny_sd_folder):
+    """TF32 and fused AdamW on the GPU, and auto precision picks bf16 there (an Ampere or later GPU)."""
+    train = SimpleNamespace(allow_tf32=True)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        performance.configure_backends(train, torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    config = load_config(None, [])
+    optimizer = performance.make_optimizer([torch.nn.Parameter(torch.ones(2, device="cuda"))], config.train,
+                                           torch.device("cuda"))
+    assert optimizer.defaults["fused"]
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert performance.resolve_precision("auto") == "bf16"
