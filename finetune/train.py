@@ -32,8 +32,14 @@ from .distributed import check_in_sync, finish
 from .encoding import BatchEncoder
 from .models import Components, build_components, changed_schedule, check_objective, load_components
 from .nonfinite import NonFiniteGuard
-from .objective import (diffusion_loss, min_snr_weights, on_device, perturb_noise, sample_noise_and_timesteps,
-                        training_target)
+from .objective import (
+    diffusion_loss,
+    min_snr_weights,
+    on_device,
+    perturb_noise,
+    sample_noise_and_timesteps,
+    training_target,
+)
 from .preemption import StopOnSignal
 from .progress import StepLogger, print_summary, run_summary, tracker_names, tracker_settings
 from .validation import log_validation
