@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from tests.conftest import clip_tokenizer  # noqa: E402
 
 VARIANTS = {"plain": [], "ckpt": ["train.gradient_checkpointing=true"], "compile": ["train.compile=true"],
-            "log20": ["train.logging_steps=20"]}
+            "log20": ["train.logging_steps=20"], "workers6": ["data.num_workers=6"]}
 SAMPLES = 64  # 8 batches an epoch: from the second epoch on, every step trains from the cache
 WARM_STEPS = 2 * SAMPLES // 8  # steps of the first two epochs, left out of the timing
 # Runs the trainer with CUDA's sync debug mode on: each line that makes the host wait for the GPU warns (once).
@@ -55,7 +55,8 @@ def write_base(folder: Path, shape) -> Path:
     return folder
 
 
-def run_trainer(base: Path, out: Path, resolution: int, steps: int, extra: list[str], sync_debug: bool = False) -> dict:
+def run_trainer(base: Path, out: Path, resolution: int, steps: int, extra: list[str], sync_debug: bool = False,
+                profile: Path | None = None) -> dict:
     overrides = [
         f"model.pretrained_model_name_or_path={base}", "model.train_text_encoder=false",
         "data.source=builtin", f"data.path={out.parent / 'shapes'}", "data.resampled=false",
@@ -68,12 +69,16 @@ def run_trainer(base: Path, out: Path, resolution: int, steps: int, extra: list[
         *extra]
     start = time.perf_counter()
     python = [sys.executable, "-W", "default", "-c", SYNC_DEBUG] if sync_debug else [sys.executable]
+    if profile:
+        python += [str(ROOT / "benchmarks" / "trace_trainer.py"), str(profile), "--wait", str(WARM_STEPS + 4), "--"]
     result = subprocess.run([*python, str(ROOT / "finetune" / "train.py"), "--config",
                              str(ROOT / "configs" / "sd15-lora-laion.yaml"), *overrides],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
     if result.returncode != 0:
         return {"error": (result.stdout + result.stderr)[-3000:], "wall_s": round(wall, 1)}
+    if profile:
+        return {"report": str(profile), "head": profile.read_text().splitlines()[:2], "wall_s": round(wall, 1)}
     if sync_debug:  # "FILE:LINE: UserWarning: called a synchronizing CUDA operation", then the line itself
         lines = result.stderr.splitlines()
         return {"syncs": [f"{line.split(': UserWarning')[0]}: {lines[i + 1].strip() if i + 1 < len(lines) else ''}"
@@ -98,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", nargs="*", default=[], choices=list(VARIANTS))
     parser.add_argument("--sync-debug", action="store_true", help="also list where the plain run syncs (CUDA)")
+    parser.add_argument("--profile", action="store_true", help="also profile the plain run (trace_trainer.py)")
     args = parser.parse_args()
     shape, out = (TINY if args.tiny else SD15), Path(args.out)
     work = Path("/tmp/bench-gpu-trainer")
@@ -107,9 +113,12 @@ def main() -> None:
                "base_written_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(results), flush=True)
     runs = [(name, extra, False) for name, extra in VARIANTS.items() if name not in args.skip]
-    for name, extra, sync_debug in runs[:1] + [("sync-debug", [], True)] * args.sync_debug + runs[1:]:
-        steps = args.steps + 40 if name == "log20" else WARM_STEPS + 8 if sync_debug else args.steps
-        results[name] = run_trainer(base, work / name, shape.resolution, steps, extra, sync_debug)
+    extras = [("sync-debug", [], True)] * args.sync_debug + [("profile", [], False)] * args.profile
+    for name, extra, sync_debug in runs[:1] + extras + runs[1:]:
+        steps = args.steps + 40 if name == "log20" else WARM_STEPS + 16 if name in ("sync-debug", "profile") \
+            else args.steps
+        profile = out / "profile.txt" if name == "profile" else None
+        results[name] = run_trainer(base, work / name, shape.resolution, steps, extra, sync_debug, profile)
         print(name, json.dumps(results[name]), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_gpu_trainer.json").write_text(json.dumps(results, indent=2))

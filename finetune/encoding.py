@@ -11,6 +11,8 @@ and reach a GPU through pinned memory, without a host sync.
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+FINGERPRINT_STRIDE = 97
+
 
 class BatchEncoder:
     def __init__(self, vae, text_encoder, text_trains: bool, cache: bool):
@@ -43,10 +45,11 @@ class BatchEncoder:
 
     def _check_keys(self, keys: list[str], pixels: torch.Tensor) -> None:
         """The latent cache is keyed by sample key: a key that comes back with other pixels would train on the
-        wrong image, so it is an error (a cheap fingerprint of the pixels is kept per key)."""
-        for key, row in zip(keys, pixels):
-            row = row.double()
-            fingerprint = (float(row.sum()), float(row.square().sum()))
+        wrong image, so it is an error. A cheap fingerprint of the pixels is kept per key: the sum and the sum of
+        squares of every 97th value (about 8,000 of a 512 px image; two different images differ there too).
+        Summing every value cost a GPU run 70 ms of host time per batch of 8 at 512 px, more than half a step."""
+        values = pixels.flatten(1)[:, ::FINGERPRINT_STRIDE].double()
+        for key, fingerprint in zip(keys, zip(values.sum(1).tolist(), values.square().sum(1).tolist())):
             if self.fingerprints.setdefault(key, fingerprint) != fingerprint:
                 raise ValueError(f"sample key {key!r} names two different images, but data.cache keeps one encoding "
                                  "per key: the data's keys must be unique and the same every epoch. Make them so, "
