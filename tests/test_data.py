@@ -187,6 +187,23 @@ def test_caption_dropout(tiny_shards):
     assert 16 < dropped < 48
 
 
+def test_repeated_captions_are_tokenised_once(tiny_shards, monkeypatch):
+    """Each distinct caption goes through the tokenizer once, with the same ids as tokenising it every time;
+    past 10,000 remembered captions the memory starts again."""
+    stream = _stream(tiny_shards, caption_dropout=0.5)
+    calls = []
+    tokenize = stream.tokenize
+    monkeypatch.setattr(stream, "tokenize", lambda captions: calls.append(captions) or tokenize(captions))
+    examples = list(stream)
+    captions = {caption for (caption,) in calls}
+    assert len(calls) == len(captions) < len(examples) and "" in captions  # the built-in set repeats captions
+    for example in examples:
+        assert any(torch.equal(example["input_ids"], tokenize([caption])[0]) for caption in captions)
+    stream._token_ids.update({str(i): torch.zeros(1) for i in range(10_000)})
+    stream.token_ids("a caption not seen")
+    assert list(stream._token_ids) == ["a caption not seen"]
+
+
 def test_watermark_filter(tiny_shards):
     stream = _stream(tiny_shards, filters=FilterConfig(max_pwatermark=0.5))
     kept = list(stream)
