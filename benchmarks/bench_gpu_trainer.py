@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from tests.conftest import clip_tokenizer  # noqa: E402
 
 VARIANTS = {"plain": [], "ckpt": ["train.gradient_checkpointing=true"], "compile": ["train.compile=true"],
-            "log20": ["train.logging_steps=20"], "workers6": ["data.num_workers=6"]}
+            "log20": ["train.logging_steps=20"]}
 SAMPLES = 64  # 8 batches an epoch: from the second epoch on, every step trains from the cache
 WARM_STEPS = 2 * SAMPLES // 8  # steps of the first two epochs, left out of the timing
 # Runs the trainer with CUDA's sync debug mode on: each line that makes the host wait for the GPU warns (once).

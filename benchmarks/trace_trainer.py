@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -45,7 +46,10 @@ def main() -> None:
     first = args.wait + 2
     walls = [b - a for a, b in zip(ends[first - 1:first + args.active - 1], ends[first:first + args.active])]
     averages = profiler.key_averages()
-    device_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
+    # Kernel time: the events on the device itself (an operator's device time repeats its kernels'), as the table's
+    # "Self CUDA time total" counts it.
+    device_us = sum(e.self_device_time_total for e in averages
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
     lines = [f"profiled steps {first + 1}..{first + args.active}: wall per step median "
              f"{1000 * statistics.median(walls):.1f} ms ({', '.join(f'{1000 * w:.0f}' for w in walls)})",
              f"device (kernel) time per step: {device_us / 1000 / args.active:.1f} ms", ""]
