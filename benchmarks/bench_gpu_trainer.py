@@ -1,5 +1,6 @@
 """The trainer itself on a GPU at Stable Diffusion 1.5 shape: LoRA rank 4, batch 8, 512 px, bf16, the encodings
-cached (`data.cache`), on the built-in data; plain, with `train.gradient_checkpointing`, with `train.compile`, and
+cached (`data.cache`), on the built-in data; plain, with `train.gradient_checkpointing`, with xformers attention
+(when xformers is installed), with `train.compile`, and
 plain but logging every 20 steps (the recipe's `train.logging_steps`) instead of every step.
 
 It writes a randomly initialised SD-1.5-shaped base (bench_gpu.py's configs, a character-level CLIP tokenizer: no
@@ -33,7 +34,8 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from tests.conftest import clip_tokenizer  # noqa: E402
 
-VARIANTS = {"plain": [], "ckpt": ["train.gradient_checkpointing=true"], "compile": ["train.compile=true"],
+VARIANTS = {"plain": [], "ckpt": ["train.gradient_checkpointing=true"],
+            "xformers": ["train.enable_xformers_memory_efficient_attention=true"], "compile": ["train.compile=true"],
             "log20": ["train.logging_steps=20"]}
 SAMPLES = 64  # 8 batches an epoch: from the second epoch on, every step trains from the cache
 WARM_STEPS = 2 * SAMPLES // 8  # steps of the first two epochs, left out of the timing
