@@ -158,14 +158,14 @@ def row(measure: str, ours: str, reference: str, ratio: float | None, target: st
 # ---- the trainer in a subprocess -----------------------------------------------------------------------------
 
 
-def run_trainer(argv: list[str], out: Path, skip: int) -> dict:
+def run_trainer(argv: list[str], out: Path, skip: int, env: dict | None = None) -> dict:
     """Run finetune.train.main(argv) in a child process; its step times (without the first `skip`), its peak RSS
     (wait4's rusage: this child's alone) and its peak GPU memory. The child's output goes to `out`.log."""
     report, log_path = out.with_suffix(".json"), out.with_suffix(".log")
     start = time.perf_counter()
     with open(log_path, "w") as output:
         child = subprocess.Popen([sys.executable, "-c", TRAINER_CHILD, str(report), *argv], cwd=ROOT,
-                                 stdout=output, stderr=subprocess.STDOUT)
+                                 stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
@@ -337,8 +337,10 @@ class Suite:
         if reference is not None and self.sizes.compiled:
             log(f"lora: trainer with train.compile x {self.sizes.lora_steps} + {LORA_WARMUP} warm-up (subprocess)")
             out = self.work / "lora-compiled"
+            # A fresh inductor cache: the compilation a first run pays (a later one reuses the kernels on disk).
             compiled = run_trainer(trainer_args(None, [*self._lora_overrides(folder, precision), "train.compile=true"],
-                                                self.sizes.lora_steps + LORA_WARMUP, str(out)), out, LORA_WARMUP)
+                                                self.sizes.lora_steps + LORA_WARMUP, str(out)), out, LORA_WARMUP,
+                                   env={"TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor-cache")})
             compiled["compile_s"] = round(compiled["wall_s"] - trainer["wall_s"], 1)  # the same steps otherwise
         if reference is not None:
             log(f"lora: reference loop x {self.sizes.reference_steps}")
@@ -419,9 +421,10 @@ def measure_reference(suite: Suite) -> dict:
     compiled = run.get("compiled")
     if compiled:
         ratio = compiled["samples_per_s"] / reference["samples_per_s"]
-        rows.append(row(f"the same, the trainer with train.compile ({compiled['compile_s']:.0f} s more wall time: "
-                        "compilation)", f"{compiled['samples_per_s']:.1f}/s", f"{reference['samples_per_s']:.1f}/s",
-                        ratio, f">= {TARGETS['reference']}", ratio >= TARGETS["reference"]))
+        rows.append(row(f"the same, the trainer with train.compile (compiling with an empty cache: "
+                        f"{compiled['compile_s']:.0f} s more wall time)", f"{compiled['samples_per_s']:.1f}/s",
+                        f"{reference['samples_per_s']:.1f}/s", ratio, f">= {TARGETS['reference']}",
+                        ratio >= TARGETS["reference"]))
     return {"rows": rows, "ours_samples_per_s": run["samples_per_s"], **reference,
             **({"compiled": compiled} if compiled else {})}
 
