@@ -32,8 +32,8 @@ the reference loop and sampling run in this process, with the same thread count 
 the trainer picks for one process). On a GPU everything runs there. Run it on a quiet machine: threads that share
 their cores with other work wait on each other, and two threads can then be many times slower than one (on a
 busy machine, --threads 1 gives steadier, if different, numbers). `--quick` runs a few steps of everything (about
-2 minutes on two cores): it checks the suite, its numbers are indicative only. The full run takes about 7-11
-minutes on two cores (11 at one thread beside other work, going by the --quick timings).
+2 minutes on two cores): it checks the suite, its numbers are indicative only. The full run takes about 9
+minutes on two cores, 3 of them compiling for the train.compile row (--no-compile: about 6).
 """
 
 import argparse
