@@ -1,6 +1,6 @@
 """The trainer itself on a GPU at Stable Diffusion 1.5 shape: LoRA rank 4, batch 8, 512 px, bf16, the encodings
 cached (`data.cache`), on the built-in data; plain, with `train.gradient_checkpointing`, with xformers attention
-(when xformers is installed), with `train.compile`, and
+(an error in the results where xformers is not installed), with `train.compile`, and
 plain but logging every 20 steps (the recipe's `train.logging_steps`) instead of every step.
 
 It writes a randomly initialised SD-1.5-shaped base (bench_gpu.py's configs, a character-level CLIP tokenizer: no
@@ -89,6 +89,8 @@ def run_trainer(base: Path, out: Path, resolution: int, steps: int, extra: list[
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     logged = events.Scalars("step_time")
+    if len(logged) < 2:
+        return {"error": f"{len(logged)} step_time value(s) logged: run more steps", "wall_s": round(wall, 1)}
     every = logged[1].step - logged[0].step
     times = [e.value for e in logged if e.step - every >= WARM_STEPS]  # windows after two epochs: all cached
     memory = re.search(r"peak GPU memory ([\d.]+) GiB", result.stdout)
@@ -110,6 +112,7 @@ def main() -> None:
     shape, out = (TINY if args.tiny else SD15), Path(args.out)
     work = Path("/tmp/bench-gpu-trainer")
     start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     base = write_base(work / "base", shape)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "base_written_s": round(time.perf_counter() - start, 1)}
@@ -122,7 +125,6 @@ def main() -> None:
         profile = out / "profile.txt" if name == "profile" else None
         results[name] = run_trainer(base, work / name, shape.resolution, steps, extra, sync_debug, profile)
         print(name, json.dumps(results[name]), flush=True)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "bench_gpu_trainer.json").write_text(json.dumps(results, indent=2))
 
 

@@ -67,13 +67,16 @@ class StepLogger:
         self.progress.update(1)
         if step % self.every and not last:
             return
-        step_time = (time.perf_counter() - self.start) / (step - self.start_step)
-        logs = {"loss": (self.loss_sum / self.count).item(), "lr": lr, "grad_norm": float(grad_norm),
-                "step_time": step_time, "images_per_s": self.samples_per_step / step_time}
+        loss, grad_norm = (self.loss_sum / self.count).item(), float(grad_norm)  # wait for the steps to finish
+        # Windows follow each other without a gap: each counts the wait above and the previous window's logging.
+        now = time.perf_counter()
+        step_time = (now - self.start) / (step - self.start_step)
+        logs = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
+                "images_per_s": self.samples_per_step / step_time}
         self.accelerator.log(logs, step=step)
-        self.progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{logs['images_per_s']:.1f}")
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{logs['images_per_s']:.1f}")
         self.loss_sum.zero_()
-        self.count, self.start, self.start_step = 0, time.perf_counter(), step
+        self.count, self.start, self.start_step = 0, now, step
 
     def end_epoch(self, config: Config, dataset, epoch: int, batches: int, step: int) -> None:
         """After an epoch read to the end: its data counts (used, dropped by each filter, skipped by reason; all

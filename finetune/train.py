@@ -175,9 +175,9 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
         return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
 
 
-def build_optimization(train: TrainConfig, params: list, trained: list, accelerator: Accelerator):
+def build_optimization(train: TrainConfig, params: list, trained: list, accelerator: Accelerator, adapters: bool):
     """AdamW over `params`, the LR schedule, and one EMA of the trainable weights of each trained model
-    (registered for checkpoints)."""
+    (registered for checkpoints; with LoRA `adapters`, checkpoints hold those, not the frozen base)."""
     optimizer = performance.make_optimizer(params, train, accelerator.device)
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
     lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
@@ -189,6 +189,8 @@ def build_optimization(train: TrainConfig, params: list, trained: list, accelera
     for ema in emas:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    if adapters:
+        lora.AdapterCheckpoints(accelerator)
     return optimizer, lr_scheduler, emas
 
 
@@ -263,14 +265,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # Build the optimizer, LR schedule and EMA over the trainable weights; frozen models are not wrapped.
     params = [p for model in trained for p in trainable(model)]
-    optimizer, lr_scheduler, emas = build_optimization(train, params, trained, accelerator)
+    optimizer, lr_scheduler, emas = build_optimization(train, params, trained, accelerator, config.lora.enabled)
     print_summary(config, components, params, source, accelerator)
     if args.dry_run:
         return
-    if config.lora.enabled:  # checkpoints hold the adapters, not the frozen base
-        lora.AdapterCheckpoints(accelerator)
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    components.unet, components.text_encoder = trained[0], trained[1] if len(trained) > 1 else components.text_encoder
+    components.unet = trained[0]
+    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
     schedule = on_device(components.scheduler, accelerator.device)  # the training step's copy, its tables there
     encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
 

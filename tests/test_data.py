@@ -188,17 +188,19 @@ def test_caption_dropout(tiny_shards):
 
 
 def test_repeated_captions_are_tokenised_once(tiny_shards, monkeypatch):
-    """Each distinct caption goes through the tokenizer once, with the same ids as tokenising it every time;
-    past 10,000 remembered captions the memory starts again."""
-    stream = _stream(tiny_shards, caption_dropout=0.5)
+    """Each distinct caption goes through the tokenizer once, and every example gets the ids of its own caption:
+    the same as a stream that tokenises every time. Past 10,000 remembered captions the memory starts again."""
+    stream, fresh = _stream(tiny_shards, caption_dropout=0.5), _stream(tiny_shards, caption_dropout=0.5)
+    monkeypatch.setattr(fresh, "token_ids", lambda caption: fresh.tokenize([caption])[0])  # no memory
     calls = []
     tokenize = stream.tokenize
     monkeypatch.setattr(stream, "tokenize", lambda captions: calls.append(captions) or tokenize(captions))
-    examples = list(stream)
-    captions = {caption for (caption,) in calls}
-    assert len(calls) == len(captions) < len(examples) and "" in captions  # the built-in set repeats captions
-    for example in examples:
-        assert any(torch.equal(example["input_ids"], tokenize([caption])[0]) for caption in captions)
+    examples, expected = list(stream), list(fresh)
+    assert [e["key"] for e in examples] == [e["key"] for e in expected]
+    for example, reference in zip(examples, expected):
+        assert torch.equal(example["input_ids"], reference["input_ids"]), example["key"]
+    captions = [caption for (caption,) in calls]
+    assert len(captions) == len(set(captions)) < len(examples) and "" in captions  # the built-in set repeats
     stream._token_ids.update({str(i): torch.zeros(1) for i in range(10_000)})
     stream.token_ids("a caption not seen")
     assert list(stream._token_ids) == ["a caption not seen"]

@@ -18,20 +18,22 @@ from finetune.train import build_model, compute_loss, trainable
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_a_cached_lora_step_never_waits_for_the_gpu(tiny_sd_folder):
-    """Once a batch's encodings are cached, a whole bf16 LoRA step (the noise and timesteps from the CPU
-    generator, offset noise, latents drawn from the cached moments, min-SNR weights, forward, backward, clipping,
-    the deferred non-finite check and fused AdamW) queues its kernels without one host sync: CUDA's sync debug
-    mode turns any into an error. A sync per step stops the host from running ahead of the GPU."""
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_lora_step_never_waits_for_the_gpu(tiny_sd_folder, cache):
+    """A whole bf16 LoRA step (the noise and timesteps from the CPU generator, offset noise, the VAE and text
+    encodings, or with data.cache the cached ones, latents drawn from the moments, min-SNR weights, forward,
+    backward, clipping, the deferred non-finite check and fused AdamW) queues its kernels without one host sync
+    once the first step has run: CUDA's sync debug mode turns any into an error. A sync per step stops the host
+    from running ahead of the GPU."""
     config = load_config(None, [f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
-                                "model.train_text_encoder=false", "data.resolution=16", "data.cache=true",
+                                "model.train_text_encoder=false", "data.resolution=16",
                                 "train.snr_gamma=5", "train.noise_offset=0.05", "train.mixed_precision=bf16"])
     accelerator = Accelerator(mixed_precision="bf16")
     components, trained = build_model(config, None, accelerator)
     params = trainable(trained[0])
     unet, optimizer = accelerator.prepare(trained[0], performance.make_optimizer(params, config.train,
                                                                                 accelerator.device))
-    encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=True)
+    encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=cache)
     schedule, guard = on_device(components.scheduler, accelerator.device), NonFiniteGuard("error", 0, 10)
     ids = components.tokenizer(["a red circle", "a blue square"], padding="max_length", return_tensors="pt")
     batch = {"key": ["a", "b"], "pixel_values": (torch.rand(2, 3, 16, 16) * 2 - 1).pin_memory(),
@@ -45,7 +47,7 @@ def test_a_cached_lora_step_never_waits_for_the_gpu(tiny_sd_folder):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(1)  # encodes and caches the batch (copies to the host), initialises the optimizer state
+    step(1)  # initialises the optimizer state; with the cache, encodes the batch and copies it to the host
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -54,7 +56,7 @@ def test_a_cached_lora_step_never_waits_for_the_gpu(tiny_sd_folder):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     guard.check(accelerator, 3, force=True)  # the losses were finite (one sync, for both steps)
-    assert len(encoder.latent_cache) == 2 and len(encoder.text_cache) == 2
+    assert (len(encoder.latent_cache), len(encoder.text_cache)) == ((2, 2) if cache else (0, 0))
 
 
 def test_gpu_levers_apply_on_a_gpu(tiny_sd_folder):

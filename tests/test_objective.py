@@ -115,9 +115,10 @@ def test_the_training_copy_of_the_schedule_gives_the_same_numbers_and_leaves_the
     the scheduler that sampling uses keeps its own table, and every training quantity is unchanged."""
     scheduler = DDPMScheduler(prediction_type="v_prediction", clip_sample=False)
     table = scheduler.alphas_cumprod
+    moved = on_device(scheduler, torch.device("meta"))  # a device other than the CPU, without one
+    assert moved.alphas_cumprod.device.type == "meta" and moved.config is scheduler.config
+    assert scheduler.alphas_cumprod is table and table.device.type == "cpu"
     copy = on_device(scheduler, torch.device("cpu"))
-    copy.alphas_cumprod = copy.alphas_cumprod.clone()  # as a move to a GPU would: the copy has its own table
-    assert scheduler.alphas_cumprod is table and copy.config is scheduler.config
     torch.manual_seed(0)
     samples, noise, timesteps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
     for method in ("add_noise", "get_velocity"):

@@ -87,3 +87,27 @@ def test_tf32_is_a_no_op_on_a_cpu_and_auto_precision_loads(tmp_path):
     result = _train(tmp_path, "train.mixed_precision=auto", "--dry-run", f"train.output_dir={tmp_path / 'run'}")
     expected = "bf16" if performance.native_bf16(torch.device("cpu")) else "no"
     assert f"precision {expected}," in result.stdout
+
+
+def test_logged_step_times_cover_the_whole_run(monkeypatch):
+    """The logged step_time windows follow each other without a gap: each includes the wait for the GPU at its
+    log step and the previous window's logging, so step_time x steps adds up to the wall time (benchmarks read
+    step_time; a window that restarted after the logging left both out)."""
+    from finetune import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    logged = []
+
+    def log(logs, step):
+        logged.append(logs["step_time"])
+        clock[0] += 0.5  # slow logging
+
+    accelerator = SimpleNamespace(is_main_process=False, device=torch.device("cpu"), num_processes=1, log=log)
+    logger = progress.StepLogger(accelerator, TrainConfig(max_train_steps=4, logging_steps=1), 0)
+    for step in range(1, 5):
+        clock[0] += 1.0  # the step itself
+        logger.add(torch.tensor(1.0))
+        logger.step(step, step == 4, 0.1, torch.tensor(1.0))
+    assert logged == [1.0, 1.5, 1.5, 1.5]
+    assert sum(logged) == clock[0] - 0.5  # all but the last window's own logging
