@@ -30,7 +30,7 @@ from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import check_in_sync, finish
 from .encoding import BatchEncoder
-from .models import Components, build_components, changed_schedule, check_objective, load_components
+from .models import Components, build_components, changed_schedule, check_objective, load_components, trainable
 from .nonfinite import NonFiniteGuard
 from .objective import (
     diffusion_loss,
@@ -74,10 +74,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(config.cpu_threads or max(1, cores // accelerator.state.num_processes))
     return accelerator
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Components, list[torch.nn.Module]]:
@@ -274,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
     schedule = on_device(components.scheduler, accelerator.device)  # the training step's copy, its tables there
     encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
+    ema_weights = [trainable(model) for model in trained] if emas else []  # listed once (0.5 ms a walk)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
     step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config))
@@ -307,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            for ema, model in zip(emas, trained):
-                ema.step(trainable(model))
+            for ema, weights in zip(emas, ema_weights):
+                ema.step(weights)
             save = train.checkpointing_steps and step % train.checkpointing_steps == 0
             sample = config.validation.validation_steps and step % config.validation.validation_steps == 0 \
                 and step < train.max_train_steps  # the export samples the last step

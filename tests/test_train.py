@@ -135,6 +135,19 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(exported[key], again[key], rtol=0, atol=0, msg=key)
 
 
+def test_the_ema_follows_the_trained_weights(tmp_path):
+    """With a decay of 0.001 the EMA is the training weights of the last step up to ~1e-6, so the exported UNet
+    (the EMA weights) matches the last checkpoint's training weights. An EMA that stopped following the weights
+    would export the initial ones, which 6 steps at lr 1e-3 move by about 1e-2."""
+    out = tmp_path / "run"
+    _train(tmp_path, "train.max_train_steps=6", "train.checkpointing_steps=6", "train.use_ema=true",
+           "train.ema_max_decay=0.001", f"train.output_dir={out}")
+    trained, exported = _weights(out / "checkpoint-6"), load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert trained.keys() == exported.keys()
+    for key in trained:
+        torch.testing.assert_close(exported[key], trained[key], rtol=0, atol=1e-4, msg=key)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", ["checkpoint:5", "checkpoint:10", "between checkpoints"])
 def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, kill):
