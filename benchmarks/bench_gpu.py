@@ -27,6 +27,7 @@ Variants, in the order they run (compile last, so a slow compile cannot cost the
   fp32-tf32        (f) (a) in fp32 without autocast, TF32 on for matmuls and convolutions
   fp32             (f) (a) in fp32 without autocast, TF32 off (fewer steps: it is slow)
   full             (g) full fine-tuning: all UNet weights train, fp32 master weights, bf16 autocast, AdamW
+  full-8bit        (h) (g) with bitsandbytes' 8-bit AdamW (`train.use_8bit_adam`), when bitsandbytes imports
   compile          (d) (a) + torch.compile(unet); compile time reported apart
 and the measures: the bf16 matmul peak (8192^3), the FLOPs of one (a) step (FlopCounterMode) and so its
 achieved TFLOP/s, and sampling (classifier-free guidance at batch 2x4, DDIM, 25 and 50 steps, bf16; the VAE
@@ -85,7 +86,8 @@ SD15_UNET_PARAMS = 859_520_964
 SD15_LORA_PARAMS = 797_184  # rank 4 on to_q/to_k/to_v/to_out.0 of the 16 transformer blocks
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
-VARIANTS = ["cached", "cudnn-benchmark", "ckpt", "xformers", "encode", "fp32-tf32", "fp32", "full", "compile"]
+VARIANTS = ["cached", "cudnn-benchmark", "ckpt", "xformers", "encode", "fp32-tf32", "fp32", "full", "full-8bit",
+            "compile"]
 MEASURES = ["matmul", "flops", "sampling"]
 
 
@@ -212,10 +214,11 @@ class Batch:
 class TrainStep:
     """One step of the diffusers LoRA example: (encode), noise, UNet, MSE on epsilon, backward, AdamW."""
 
-    def __init__(self, model, params, batch: Batch, noise_scheduler, autocast: bool, encoders=None, lr=1e-4):
+    def __init__(self, model, params, batch: Batch, noise_scheduler, autocast: bool, encoders=None, lr=1e-4,
+                 optimizer_class=torch.optim.AdamW):
         self.model, self.params, self.batch, self.noise_scheduler = model, params, batch, noise_scheduler
         self.autocast, self.encoders = autocast, encoders
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+        self.optimizer = optimizer_class(params, lr=lr, weight_decay=1e-2)
         self.grads_ok: bool | None = None
         self.loss: torch.Tensor | None = None
 
@@ -400,15 +403,24 @@ class Bench:
             self.unet.to(dtype=torch.bfloat16)
             cast_training_params(self.unet, dtype=torch.float32)
 
-    def variant_full(self) -> dict:
+    def variant_full(self, eight_bit: bool = False) -> dict:
+        optimizer_class, optimizer_name = torch.optim.AdamW, "AdamW"
+        if eight_bit:
+            if self.device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+                return {"skipped": "needs a CUDA GPU and bitsandbytes"}
+            import bitsandbytes
+
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+            optimizer_name = f"bitsandbytes {package_version('bitsandbytes')} AdamW8bit"
         self.unet.to("cpu")  # Only the fully trained copy on the GPU, so its peak is its own.
         try:
             torch.manual_seed(0)
             with self.device:
                 unet = UNet2DConditionModel(**self.shape.unet).train()
-            step = TrainStep(unet, list(unet.parameters()), self.batch, self.noise_scheduler, autocast=True, lr=1e-5)
+            step = TrainStep(unet, list(unet.parameters()), self.batch, self.noise_scheduler, autocast=True, lr=1e-5,
+                             optimizer_class=optimizer_class)
             result = self.measure_training(step) | {
-                "notes": "full fine-tuning: fp32 master weights, bf16 autocast, AdamW on all UNet weights"}
+                "notes": f"full fine-tuning: fp32 master weights, bf16 autocast, {optimizer_name} on all UNet weights"}
             del step, unet
             return result
         finally:
@@ -553,7 +565,8 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": str(device),
-        **{name: package_version(name) for name in ("diffusers", "transformers", "peft", "accelerate", "xformers")},
+        **{name: package_version(name) for name in ("diffusers", "transformers", "peft", "accelerate", "xformers",
+                                                         "bitsandbytes")},
         "tf32_default": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
     }
     if device.type == "cuda":
@@ -649,6 +662,7 @@ def main() -> None:
     bench.run("fp32", bench.variant_fp32, False)
     bench.run("sampling", bench.measure_sampling)
     bench.run("full", bench.variant_full)
+    bench.run("full-8bit", bench.variant_full, True)
     bench.run("compile", bench.variant_compile)
 
     bench.save()

@@ -74,3 +74,17 @@ def test_gpu_levers_apply_on_a_gpu(tiny_sd_folder):
     assert optimizer.defaults["fused"]
     if torch.cuda.get_device_capability() >= (8, 0):
         assert performance.resolve_precision("auto") == "bf16"
+
+
+def test_8bit_adamw_keeps_8_bit_moments_on_a_gpu():
+    """`train.use_8bit_adam` gives bitsandbytes' AdamW8bit, whose moments are stored in 8 bits (a quarter of
+    AdamW's), and a step with it moves the weights. Needs bitsandbytes (an optional extra) besides the GPU."""
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    config = load_config(None, ["train.use_8bit_adam=true", "train.learning_rate=1e-2"])
+    weight = torch.nn.Parameter(torch.ones(64, 64, device="cuda"))  # 4,096 values: bitsandbytes' 8-bit minimum
+    optimizer = performance.make_optimizer([weight], config.train, torch.device("cuda"))
+    assert isinstance(optimizer, bitsandbytes.optim.AdamW8bit)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    assert optimizer.state[weight]["state1"].dtype == torch.uint8
+    assert bool((weight < 1).all())
