@@ -20,6 +20,8 @@ The JSON (--out) is rewritten after each variant, so a run cut short still leave
 
 Variants, in the order they run (compile last, so a slow compile cannot cost the others):
   cached           (a) latents and text embeddings precomputed: the UNet step alone
+  no-input-cast    (a) with peft's casts of the adapters' inputs to fp32 off (`disable_input_dtype_casting`; autocast
+                   casts them back to bf16 at once), as the trainer runs a mixed-precision LoRA without dropout
   cudnn-benchmark  (a) with torch.backends.cudnn.benchmark = True
   ckpt             (c) (a) + unet.enable_gradient_checkpointing()
   xformers         (e) (a) + unet.enable_xformers_memory_efficient_attention(), when xformers imports
@@ -59,6 +61,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+from peft.helpers import disable_input_dtype_casting  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
@@ -86,8 +89,8 @@ SD15_UNET_PARAMS = 859_520_964
 SD15_LORA_PARAMS = 797_184  # rank 4 on to_q/to_k/to_v/to_out.0 of the 16 transformer blocks
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
-VARIANTS = ["cached", "cudnn-benchmark", "ckpt", "xformers", "encode", "fp32-tf32", "fp32", "full", "full-8bit",
-            "compile"]
+VARIANTS = ["cached", "no-input-cast", "cudnn-benchmark", "ckpt", "xformers", "encode", "fp32-tf32", "fp32", "full",
+            "full-8bit", "compile"]
 MEASURES = ["matmul", "flops", "sampling"]
 
 
@@ -354,6 +357,11 @@ class Bench:
         result = self.measure_training(self.lora_step())
         self.cached_median_s = result["median_ms"] / 1e3
         return result | {"notes": "UNet step alone: latents and text embeddings precomputed"}
+
+    def variant_no_input_cast(self) -> dict:
+        with disable_input_dtype_casting(self.unet):
+            return self.measure_training(self.lora_step()) | {
+                "notes": "cached, without peft's input casts to the fp32 adapters (the trainer's way under autocast)"}
 
     def variant_cudnn_benchmark(self) -> dict:
         torch.backends.cudnn.benchmark = True
@@ -654,6 +662,7 @@ def main() -> None:
     bench.run("matmul", bench.measure_matmul)
     bench.run("cached", bench.variant_cached)
     bench.run("flops", bench.measure_flops)
+    bench.run("no-input-cast", bench.variant_no_input_cast)
     bench.run("cudnn-benchmark", bench.variant_cudnn_benchmark)
     bench.run("ckpt", bench.variant_ckpt)
     bench.run("xformers", bench.variant_xformers)

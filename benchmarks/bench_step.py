@@ -74,7 +74,7 @@ class Floor:
             components = build_components(config.model, config.data.resolution, shapes.all_captions())
         self.dtype = dtype = DTYPES.get(self.precision, torch.float32)
         if config.lora.enabled:  # as the trainer's build_model: frozen base in the training precision, fp32 adapters
-            lora.attach(components, config.lora)
+            lora.attach(components, config.lora, autocast=self.precision in DTYPES)
             components.unet.to(self.device, dtype)
             cast_training_params(components.unet, dtype=torch.float32)
         self.unet = components.unet.to(self.device).train()

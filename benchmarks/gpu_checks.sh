@@ -6,8 +6,8 @@
 # 51 MB in all, under the 64 MiB a call carries).
 #
 #   OUT=... bash benchmarks/gpu_checks.sh 1   # about 7 minutes on an H200
-#     the GPU tests; bench_gpu.py's floors (the cached LoRA step: plain, checkpointed, with xformers; full
-#     fine-tuning with AdamW and with 8-bit AdamW); bench_gpu_trainer.py plain, with xformers, checkpointed and
+#     the GPU tests; bench_gpu.py's floors (the cached LoRA step: plain, without peft's input casts as the
+#     trainer runs it, checkpointed, with xformers; full fine-tuning with AdamW and with 8-bit AdamW); bench_gpu_trainer.py plain, with xformers, checkpointed and
 #     logging every 20 steps, and the sync list
 #   OUT=... bash benchmarks/gpu_checks.sh 2   # about 6 minutes: torch.compile, the floor and the trainer
 #
@@ -24,11 +24,11 @@ SKIP_FLOORS=(cudnn-benchmark encode fp32-tf32 fp32 matmul flops sampling)
 if [ "$PART" = 1 ]; then
     python -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/test_gpu.txt"
     python benchmarks/bench_gpu.py --out "$OUT/floor.json" --skip "${SKIP_FLOORS[@]}" compile 2>&1 \
-        | grep -E "^\| (variant|cached|ckpt|xformers|full|full-8bit) "
+        | grep -E "^\| (variant|cached|no-input-cast|ckpt|xformers|full|full-8bit) "
     python benchmarks/bench_gpu_trainer.py --out "$OUT" --skip compile --sync-debug "$@" 2>&1 | grep -v -i warn | tail -12
 elif [ "$PART" = 2 ]; then
     python benchmarks/bench_gpu.py --out "$OUT/floor-compile.json" --skip "${SKIP_FLOORS[@]}" ckpt xformers full \
-        full-8bit 2>&1 | grep -E "^\| (variant|cached|compile) "
+        full-8bit no-input-cast 2>&1 | grep -E "^\| (variant|cached|compile) "
     python benchmarks/bench_gpu_trainer.py --out "$OUT" --skip plain ckpt xformers log20 "$@" 2>&1 \
         | grep -v -i warn | tail -12
 else

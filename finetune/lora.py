@@ -13,6 +13,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -28,9 +29,10 @@ def peft_config(rank: int, alpha: float | None, targets: list[str], config: Lora
                           use_dora=config.use_dora)
 
 
-def attach(components: Components, config: LoraConfig) -> list[torch.nn.Module]:
+def attach(components: Components, config: LoraConfig, autocast: bool = False) -> list[torch.nn.Module]:
     """Freeze the base and add adapters to its UNet (and text encoder, when asked); return the models that now
-    train. A target that matches no module is an error naming the modules that exist."""
+    train. A target that matches no module is an error naming the modules that exist. `autocast`: the models only
+    ever run under autocast (mixed precision training), so the adapters skip peft's input casts."""
     components.unet.requires_grad_(False)
     components.text_encoder.requires_grad_(False)
     adapted = [(components.unet, peft_config(config.rank, config.alpha, config.target_modules, config))]
@@ -46,7 +48,21 @@ def attach(components: Components, config: LoraConfig) -> list[torch.nn.Module]:
             raise ValueError(f"LoRA targets {adapter.target_modules} for {type(model).__name__}: {error}. Its linear "
                              f"layers end in: {', '.join(linear)} (lora.target_modules matches name suffixes, e.g. "
                              "attn2.to_k)") from None
+        if autocast and not config.dropout and not config.use_dora:
+            _skip_input_casts(model)
     return [model for model, _ in adapted]
+
+
+def _skip_input_casts(model: torch.nn.Module) -> None:
+    """peft casts each adapter's input to its weights' dtype: from the bf16 base's activations to the fp32 adapters.
+    Under autocast that cast is undone at once (the adapter's matmuls run in bf16 all the same), so it only adds
+    copies, forward and backward: about 3.5 per adapted layer and step, 6.6% of the operators of the SD-shaped LoRA
+    step (benchmarks/README.md). That counts where the host limits the step, as on an H200. Switched off for good,
+    as `peft.helpers.disable_input_dtype_casting` does for a while. The numbers stay bit-identical; with adapter
+    dropout or DoRA they would not (those would run in bf16), so those keep the casts."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def _add_adapter(model: torch.nn.Module, adapter: PeftLoraConfig) -> None:

@@ -95,7 +95,7 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
                          "the adapters only, so downstream the base's own scheduler would sample them. Leave these "
                          "null for a LoRA run, or fine-tune in full (lora.enabled: false)")
     if config.lora.enabled:
-        trained = lora.attach(components, config.lora)
+        trained = lora.attach(components, config.lora, autocast=accelerator.mixed_precision != "no")
     else:
         components.text_encoder.requires_grad_(config.model.train_text_encoder)
         trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])

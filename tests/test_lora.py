@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from finetune import lora
@@ -29,9 +31,9 @@ def _sample(pipe, **kwargs):
                 output_type="np", **kwargs).images
 
 
-def _adapted(folder, **lora_kwargs):
+def _adapted(folder, autocast=False, **lora_kwargs):
     components = load_components(ModelConfig(pretrained_model_name_or_path=str(folder)))
-    trained = lora.attach(components, LoraConfig(enabled=True, **lora_kwargs))
+    trained = lora.attach(components, LoraConfig(enabled=True, **lora_kwargs), autocast=autocast)
     _perturb(trained)
     return components, trained
 
@@ -45,6 +47,40 @@ def test_defaults_target_the_cross_attention_only(tiny_sd_folder):
         {"to_q", "to_k", "to_v", "to_out.0"}
     assert not any(p.requires_grad for name, p in components.unet.named_parameters() if "lora_" not in name)
     assert not any(p.requires_grad for p in components.text_encoder.parameters())
+
+
+def _bf16_step(unet) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Loss, adapter gradients and the number of dtype copies of one forward and backward under bf16 autocast."""
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 5, 16, generator=generator)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+        loss = pred.float().square().mean()
+        loss.backward()
+    grads = [p.grad.clone() for p in unet.parameters() if p.requires_grad]
+    unet.zero_grad(set_to_none=True)
+    return loss.detach(), grads, sum(e.count for e in profile.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_under_autocast_adapters_skip_the_input_casts_with_identical_numbers(tiny_sd_folder):
+    """In a mixed-precision run the adapters skip peft's cast of their bf16 inputs to the fp32 adapter weights
+    (autocast casts them straight back): the same loss and adapter gradients, bit for bit, with fewer copies. With
+    adapter dropout the casts stay."""
+    components, _ = _adapted(tiny_sd_folder, autocast=True)
+    unet = components.unet.to(torch.bfloat16)
+    cast_training_params(unet, dtype=torch.float32)
+    adapter_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert adapter_layers and not any(m.cast_input_dtype_enabled for m in adapter_layers)
+    loss, grads, copies = _bf16_step(unet)
+    for layer in adapter_layers:
+        layer.cast_input_dtype_enabled = True  # peft's default
+    loss_cast, grads_cast, copies_cast = _bf16_step(unet)
+    assert torch.equal(loss, loss_cast) and len(grads) == len(grads_cast) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
+    assert copies < copies_cast
+    with_dropout, _ = _adapted(tiny_sd_folder, autocast=True, dropout=0.1)
+    assert all(m.cast_input_dtype_enabled for m in with_dropout.unet.modules() if isinstance(m, BaseTunerLayer))
 
 
 def test_reloads_exactly_in_a_stock_stable_diffusion_pipeline(tiny_sd_folder, tmp_path):
