@@ -32,7 +32,8 @@ def peft_config(rank: int, alpha: float | None, targets: list[str], config: Lora
 def attach(components: Components, config: LoraConfig, autocast: bool = False) -> list[torch.nn.Module]:
     """Freeze the base and add adapters to its UNet (and text encoder, when asked); return the models that now
     train. A target that matches no module is an error naming the modules that exist. `autocast`: the models only
-    ever run under autocast (mixed precision training), so the adapters skip peft's input casts."""
+    ever run under autocast (mixed precision training), so the adapters skip peft's input casts (unless they have
+    dropout or DoRA)."""
     components.unet.requires_grad_(False)
     components.text_encoder.requires_grad_(False)
     adapted = [(components.unet, peft_config(config.rank, config.alpha, config.target_modules, config))]
@@ -56,9 +57,11 @@ def attach(components: Components, config: LoraConfig, autocast: bool = False) -
 def _skip_input_casts(model: torch.nn.Module) -> None:
     """peft casts each adapter's input to its weights' dtype: from the bf16 base's activations to the fp32 adapters.
     Under autocast that cast is undone at once (the adapter's matmuls run in bf16 all the same), so it only adds
-    copies, forward and backward: about 3.5 per adapted layer and step, 6.6% of the operators of the SD-shaped LoRA
-    step (benchmarks/README.md). That counts where the host limits the step, as on an H200. Switched off for good,
-    as `peft.helpers.disable_input_dtype_casting` does for a while. The numbers stay bit-identical; with adapter
+    copies, forward and backward. On the CPU they were 6.6% of the SD-shaped LoRA step's operators (28 casts per
+    transformer block; benchmarks/README.md). CUDA's autocast keeps the norms' outputs in fp32, so there fewer
+    inputs are bf16 (by the source, about 12 casts per block with the targets of SD LoRA recipes): fewer operators
+    where the host limits the step, as on an H200, by an amount not yet measured. Switched off for good, as
+    `peft.helpers.disable_input_dtype_casting` does for a while. The numbers stay bit-identical; with adapter
     dropout or DoRA they would not (those would run in bf16), so those keep the casts."""
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):

@@ -171,23 +171,24 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
         return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
 
 
-def build_optimization(train: TrainConfig, params: list, trained: list, accelerator: Accelerator, adapters: bool):
+def build_optimization(config: Config, params: list, trained: list, accelerator: Accelerator):
     """AdamW over `params`, the LR schedule, and one EMA of the trainable weights of each trained model
-    (registered for checkpoints; with LoRA `adapters`, checkpoints hold those, not the frozen base)."""
+    (registered for checkpoints; with LoRA, checkpoints hold the adapters, not the frozen base), with the list
+    of weights each EMA follows (listed once: walking the modules at every step took 0.45 ms)."""
+    train = config.train
     optimizer = performance.make_optimizer(params, train, accelerator.device)
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
     lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
                                  num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=train.max_train_steps * accelerator.num_processes)
-    emas = []
-    if train.use_ema:
-        emas = [EMAModel(trainable(m), decay=train.ema_max_decay, use_ema_warmup=True, foreach=True) for m in trained]
+    ema_weights = [trainable(model) for model in trained] if train.use_ema else []
+    emas = [EMAModel(weights, decay=train.ema_max_decay, use_ema_warmup=True, foreach=True) for weights in ema_weights]
     for ema in emas:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    if adapters:
+    if config.lora.enabled:
         lora.AdapterCheckpoints(accelerator)
-    return optimizer, lr_scheduler, emas
+    return optimizer, lr_scheduler, emas, ema_weights
 
 
 def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Build the optimizer, LR schedule and EMA over the trainable weights; frozen models are not wrapped.
     params = [p for model in trained for p in trainable(model)]
-    optimizer, lr_scheduler, emas = build_optimization(train, params, trained, accelerator, config.lora.enabled)
+    optimizer, lr_scheduler, emas, ema_weights = build_optimization(config, params, trained, accelerator)
     print_summary(config, components, params, source, accelerator)
     if args.dry_run:
         return
@@ -270,7 +271,6 @@ def main(argv: list[str] | None = None) -> None:
     components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
     schedule = on_device(components.scheduler, accelerator.device)  # the training step's copy, its tables there
     encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
-    ema_weights = [trainable(model) for model in trained] if emas else []  # listed once (0.5 ms a walk)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
     step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config))

@@ -135,17 +135,21 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(exported[key], again[key], rtol=0, atol=0, msg=key)
 
 
-def test_the_ema_follows_the_trained_weights(tmp_path):
-    """With a decay of 0.001 the EMA is the training weights of the last step up to ~1e-6, so the exported UNet
-    (the EMA weights) matches the last checkpoint's training weights. An EMA that stopped following the weights
-    would export the initial ones, which 6 steps at lr 1e-3 move by about 1e-2."""
-    out = tmp_path / "run"
-    _train(tmp_path, "train.max_train_steps=6", "train.checkpointing_steps=6", "train.use_ema=true",
-           "train.ema_max_decay=0.001", f"train.output_dir={out}")
-    trained, exported = _weights(out / "checkpoint-6"), load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-    assert trained.keys() == exported.keys()
-    for key in trained:
-        torch.testing.assert_close(exported[key], trained[key], rtol=0, atol=1e-4, msg=key)
+def test_the_export_holds_an_ema_that_follows_the_trained_weights(tmp_path):
+    """With a decay capped at 0.001 the EMA is the last step's training weights up to ~1e-7, so the exported UNet
+    matches the last checkpoint's training weights; an EMA that stopped following the weights would export the
+    initial ones, which the 6 steps move by up to 3.5e-3 (the cosine schedule's six learning rates add up to about
+    that). With the default decay the export lags behind the training weights, so it is the EMA that is exported."""
+    lags = {}
+    for cap in ("0.001", "0.999"):
+        out = tmp_path / cap
+        _train(tmp_path, "train.max_train_steps=6", "train.checkpointing_steps=6", "train.use_ema=true",
+               f"train.ema_max_decay={cap}", f"train.output_dir={out}")
+        trained = _weights(out / "checkpoint-6")
+        exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+        assert trained.keys() == exported.keys()
+        lags[cap] = max((exported[key] - trained[key]).abs().max().item() for key in trained)
+    assert lags["0.001"] < 1e-5 < 1e-4 < lags["0.999"], lags
 
 
 @pytest.mark.slow
