@@ -180,13 +180,14 @@ def run_trainer(argv: list[str], out: Path, skip: int, env: dict | None = None) 
 # ---- the tiny Stable-Diffusion-shaped base and the reference script's loop ------------------------------------
 
 
-def build_tiny_sd(folder: Path) -> Path:
-    """Save a randomly initialised SD-shaped pipeline (SD_* shapes, an offline character-level CLIPTokenizer)."""
+def build_tiny_sd(folder: Path, unet: dict = SD_UNET) -> Path:
+    """Save a randomly initialised SD-shaped pipeline (SD_* shapes, or another UNet config; an offline
+    character-level CLIPTokenizer)."""
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(folder.parent / (folder.name + "-vocab"))
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **SD_TEXT))
     pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=UNet2DConditionModel(**SD_UNET), scheduler=DDPMScheduler(**SD_SCHEDULER),
+                                   unet=UNet2DConditionModel(**unet), scheduler=DDPMScheduler(**SD_SCHEDULER),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder

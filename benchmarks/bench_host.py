@@ -1,0 +1,57 @@
+"""The host's share of a training step, measured on a CPU: bench_all.py's SD-shaped LoRA job with SD 1.x's
+structure kept (4 levels, 2 layers per block, 16 transformer blocks, 8 heads) but the UNet's widths cut to
+8-16-16-16 channels, so the arithmetic is next to nothing and a step is Python and operator dispatch. That is the
+regime of a GPU that outruns its host: on an H200 the SD-1.5 LoRA step is host-bound (benchmarks/README.md).
+
+The trainer's step (finetune/train.py in a subprocess, logged `step_time`) over the bare floor (bench_step.Floor,
+timed before and after it, the lower median kept) is then the host work the trainer adds to the UNet's own:
+a stand-in for the GPU ratio that needs no GPU, without the GPU's copies and waits. No target; for finding and
+checking host-side costs between GPU sessions.
+
+    python benchmarks/bench_host.py [--steps 150] [--floor-steps 60] [--threads N]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_all import LORA_BATCH, LORA_WARMUP, QUICK, SD_UNET, Suite, build_tiny_sd, run_trainer  # noqa: E402
+from bench_step import Floor, trainer_args  # noqa: E402
+
+from finetune.config import load_config  # noqa: E402
+
+HOST_UNET = {**SD_UNET, "block_out_channels": (8, 16, 16, 16), "norm_num_groups": 8}
+RESOLUTION = 64  # 8x8 latents
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150, help="timed trainer steps (after the cache fills)")
+    parser.add_argument("--floor-steps", type=int, default=60, help="timed floor steps, before and after")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-host-") as work:
+        folder = build_tiny_sd(Path(work) / "base", unet=HOST_UNET)
+        overrides = [*Suite(QUICK, args.threads, Path(work), False)._lora_overrides(folder, "no"),
+                     f"data.resolution={RESOLUTION}"]
+        floor = Floor(load_config(None, overrides))
+        before = statistics.median(floor.times(args.floor_steps))
+        out = Path(work) / "trainer"
+        trainer = run_trainer(trainer_args(None, overrides, args.steps + LORA_WARMUP, str(out)), out, LORA_WARMUP)
+        after = statistics.median(floor.times(args.floor_steps))
+    step, floor_s = statistics.median(trainer["times"]), min(before, after)
+    print("\n| job | trainer step | floor step | trainer - floor | ratio |\n|---|---|---|---|---|")
+    print(f"| SD-1.x-structured LoRA, UNet 8-16-16-16 wide, batch {LORA_BATCH}, {RESOLUTION} px, fp32, data.cache, "
+          f"{args.threads} threads | {step * 1000:.1f} ms | {floor_s * 1000:.1f} ms (before {before * 1000:.1f}, "
+          f"after {after * 1000:.1f}) | {(step - floor_s) * 1000:.1f} ms | {step / floor_s:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
