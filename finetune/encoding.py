@@ -5,11 +5,14 @@ x_0 is the image itself (pixel-space models) or its VAE latent scaled by `vae.co
 distribution per sample key (a latent is still drawn from it at every step, as without the cache) and the text
 embedding per token sequence (so caption dropout still works). The first sight of a sample encodes it; every
 later one reuses the stored result. Stored results are kept on the CPU (a LAION-scale cache does not fit a GPU)
-and reach a GPU through pinned memory, without a host sync.
+and reach a GPU through pinned memory, without a host sync. The batch's pixels come as uint8 and are scaled to
+[-1, 1] on the device.
 """
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from .data.transforms import to_unit_range
 
 FINGERPRINT_VALUES = 8192
 
@@ -25,7 +28,7 @@ class BatchEncoder:
         """x_0 in float32: pixels in [-1, 1], or z ~ q(z | x) times the VAE's scaling factor."""
         pixels = batch["pixel_values"]
         if self.vae is None:
-            return _to(pixels, device)
+            return to_unit_range(_to(pixels, device))
         if self.cache:
             self._check_keys(batch["key"], pixels)
             moments = self._cached(self.latent_cache, batch["key"], pixels, self._moments)
@@ -59,7 +62,7 @@ class BatchEncoder:
     @torch.no_grad()
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
         device = self.vae.device
-        return self.vae.encode(_to(pixels, device).to(self.vae.dtype), return_dict=False)[0].parameters
+        return self.vae.encode(to_unit_range(_to(pixels, device)).to(self.vae.dtype), return_dict=False)[0].parameters
 
     @torch.no_grad()
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from finetune.config import ConfigError, DataConfig, FilterConfig
 from finetune.data import ImageTextStream, WebDatasetSource, build_source, caption_texts, failed_filter, shapes
-from finetune.data.transforms import decode_rgb, to_tensor
+from finetune.data.transforms import decode_rgb, to_tensor, to_uint8, to_unit_range
 from finetune.evaluate import judge
 from finetune.models import build_tokenizer
 
@@ -91,8 +91,7 @@ def test_stream_reads_every_sample_once_per_epoch(tiny_shards):
     stream = _stream(tiny_shards, caption_dropout=0.0)
     examples = list(stream)
     assert sorted(e["key"] for e in examples) == [f"{i:09d}" for i in range(64)]
-    assert examples[0]["pixel_values"].shape == (3, 8, 8)
-    assert -1 <= float(examples[0]["pixel_values"].min()) and float(examples[0]["pixel_values"].max()) <= 1
+    assert examples[0]["pixel_values"].shape == (3, 8, 8) and examples[0]["pixel_values"].dtype == torch.uint8
     again = [e["key"] for e in stream]
     assert again == [e["key"] for e in examples]  # the same epoch gives the same order
     stream.set_epoch(1)
@@ -261,6 +260,19 @@ def test_decode_modes():
     assert decode_rgb(grey.getvalue()).getpixel((0, 0)) == (100, 100, 100)
     tensor = to_tensor(Image.new("RGB", (40, 20), "white"), 8, True, False, random.Random(0))
     assert tensor.shape == (3, 8, 8) and float(tensor.min()) == 1.0
+
+
+def test_pixels_travel_as_uint8_and_scale_exactly_as_float32_did():
+    """The stream's pixels are uint8, scaled to [-1, 1] where they are used: bit for bit what the float32
+    transform (numpy's x / 127.5 - 1) gave, for every value; anything but uint8 is refused, not scaled twice."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(np.stack([values, values[::-1], values.T], axis=-1))
+    pixels = to_uint8(image, 16, True, False, random.Random(0))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
+    expected = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    assert torch.equal(to_unit_range(pixels), expected)
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
+        to_unit_range(expected)
 
 
 def test_command_line_writes_the_set_anywhere(tmp_path):

@@ -122,7 +122,8 @@ class _CountingEncoder(torch.nn.Module):
 def test_cache_encodes_each_caption_once():
     text = _CountingEncoder()
     encoder = BatchEncoder(None, text, text_trains=False, cache=True)
-    batch = {"input_ids": torch.tensor([[1, 2], [3, 4], [1, 2]]), "pixel_values": torch.zeros(3, 3, 8, 8)}
+    batch = {"input_ids": torch.tensor([[1, 2], [3, 4], [1, 2]]),
+             "pixel_values": torch.zeros(3, 3, 8, 8, dtype=torch.uint8)}
     first = encoder.text(batch, torch.device("cpu"))
     second = encoder.text({**batch, "input_ids": torch.tensor([[3, 4], [5, 6]])}, torch.device("cpu"))
     assert text.rows == 2 + 1  # [1, 2] and [3, 4], then only [5, 6]
@@ -229,7 +230,7 @@ def test_lora_refuses_a_schedule_the_base_would_not_sample_with(pixel_base):
 def test_cache_refuses_a_key_that_names_two_images(tiny_sd_folder):
     components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
     encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=True)
-    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     encoder.samples({"key": ["a", "b"], "pixel_values": pixels}, torch.device("cpu"))
     encoder.samples({"key": ["b", "a"], "pixel_values": pixels.flip(0)}, torch.device("cpu"))  # same images
     with pytest.raises(ValueError, match="sample key 'a' names two different images"):

@@ -36,7 +36,7 @@ def test_a_lora_step_never_waits_for_the_gpu(tiny_sd_folder, cache):
     encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=cache)
     schedule, guard = on_device(components.scheduler, accelerator.device), NonFiniteGuard("error", 0, 10)
     ids = components.tokenizer(["a red circle", "a blue square"], padding="max_length", return_tensors="pt")
-    batch = {"key": ["a", "b"], "pixel_values": (torch.rand(2, 3, 16, 16) * 2 - 1).pin_memory(),
+    batch = {"key": ["a", "b"], "pixel_values": torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8).pin_memory(),
              "input_ids": ids.input_ids.pin_memory()}
 
     def step(number: int) -> None:

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..config import DataConfig, FilterConfig
 from . import shapes
 from .tables import HFDatasetSource, ParquetSource, RawSample, SidecarFolderSource
-from .transforms import decode_rgb, to_tensor, unreadable_reason
+from .transforms import decode_rgb, to_uint8, unreadable_reason
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -159,7 +159,8 @@ def pick_caption(caption, rng: random.Random) -> str | None:
 
 
 class ImageTextStream(IterableDataset):
-    """Training examples `{"pixel_values", "input_ids", "key"}` for process `rank` of `world_size`.
+    """Training examples `{"pixel_values", "input_ids", "key"}` for process `rank` of `world_size`; the pixels
+    are (3, H, W) uint8 (`transforms.to_uint8`), scaled to [-1, 1] where they are used.
 
     Each (process, worker) pair reads a disjoint part of the source; the order is a function of
     (seed, epoch) only. Call `set_epoch` before iterating each epoch.
@@ -209,7 +210,7 @@ class ImageTextStream(IterableDataset):
             return self._bad(raw.key, "no image" if raw.image is None else "no caption", "")
         try:
             image = decode_rgb(raw.image, self.config.max_image_pixels, min_size=self.config.resolution)
-            pixels = to_tensor(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
+            pixels = to_uint8(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)
         (width, height), filters = image.info["source_size"], self.config.filters
