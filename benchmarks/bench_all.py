@@ -180,6 +180,15 @@ def run_trainer(argv: list[str], out: Path, skip: int, env: dict | None = None) 
 # ---- the tiny Stable-Diffusion-shaped base and the reference script's loop ------------------------------------
 
 
+def lora_overrides(folder: Path, precision: str, threads: int) -> list[str]:
+    """The trainer's overrides for the LoRA job on the base in `folder`."""
+    return [f"model.pretrained_model_name_or_path={folder}", "model.train_text_encoder=false",
+            "lora.enabled=true", f"lora.rank={LORA_RANK}", f"lora.target_modules=[{', '.join(LORA_TARGETS)}]",
+            f"data.num_samples={LORA_SAMPLES}", f"data.resolution={LORA_RESOLUTION}", "data.cache=true",
+            f"train.train_batch_size={LORA_BATCH}", "train.use_ema=false", f"train.mixed_precision='{precision}'",
+            f"train.cpu_threads={threads}", "validation.num_images_per_prompt=1", "validation.process_strips=false"]
+
+
 def build_tiny_sd(folder: Path, unet: dict = SD_UNET) -> Path:
     """Save a randomly initialised SD-shaped pipeline (SD_* shapes, or another UNet config; an offline
     character-level CLIPTokenizer)."""
@@ -362,12 +371,7 @@ class Suite:
         return summary
 
     def _lora_overrides(self, folder: Path, precision: str) -> list[str]:
-        return [f"model.pretrained_model_name_or_path={folder}", "model.train_text_encoder=false",
-                "lora.enabled=true", f"lora.rank={LORA_RANK}", f"lora.target_modules=[{', '.join(LORA_TARGETS)}]",
-                f"data.num_samples={LORA_SAMPLES}", f"data.resolution={LORA_RESOLUTION}", "data.cache=true",
-                f"train.train_batch_size={LORA_BATCH}", "train.use_ema=false", f"train.mixed_precision='{precision}'",
-                f"train.cpu_threads={self.threads}", "validation.num_images_per_prompt=1",
-                "validation.process_strips=false"]
+        return lora_overrides(folder, precision, self.threads)
 
     def _summary(self, name: str, config, floor: Floor, before: list[float], after: list[float],
                  trainer: dict) -> dict:

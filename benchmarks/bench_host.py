@@ -5,8 +5,9 @@ regime of a GPU that outruns its host: on an H200 the SD-1.5 LoRA step is host-b
 
 The trainer's step (finetune/train.py in a subprocess, logged `step_time`) over the bare floor (bench_step.Floor,
 timed before and after it, the lower median kept) is then the host work the trainer adds to the UNet's own:
-a stand-in for the GPU ratio that needs no GPU, without the GPU's copies and waits. No target; for finding and
-checking host-side costs between GPU sessions.
+a stand-in for the GPU ratio that needs no GPU, without the GPU's copies and waits. The data loader runs in the
+training process (`data.num_workers` 0, as on a CPU), where bench_gpu_trainer.py gives it a worker. No target;
+for finding and checking host-side costs between GPU sessions. It runs on the CPU, also where there is a GPU.
 
     python benchmarks/bench_host.py [--steps 150] [--floor-steps 60] [--threads N]
 """
@@ -21,13 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_all import LORA_BATCH, LORA_WARMUP, QUICK, SD_UNET, Suite, build_tiny_sd, run_trainer  # noqa: E402
+from bench_all import LORA_BATCH, LORA_WARMUP, SD_UNET, build_tiny_sd, lora_overrides, run_trainer  # noqa: E402
 from bench_step import Floor, trainer_args  # noqa: E402
 
 from finetune.config import load_config  # noqa: E402
 
-HOST_UNET = {**SD_UNET, "block_out_channels": (8, 16, 16, 16), "norm_num_groups": 8}
 RESOLUTION = 64  # 8x8 latents
+HOST_UNET = {**SD_UNET, "block_out_channels": (8, 16, 16, 16), "norm_num_groups": 8, "sample_size": RESOLUTION // 8}
 
 
 def main() -> None:
@@ -39,12 +40,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-host-") as work:
         folder = build_tiny_sd(Path(work) / "base", unet=HOST_UNET)
-        overrides = [*Suite(QUICK, args.threads, Path(work), False)._lora_overrides(folder, "no"),
-                     f"data.resolution={RESOLUTION}"]
+        overrides = [*lora_overrides(folder, "no", args.threads), f"data.resolution={RESOLUTION}"]
         floor = Floor(load_config(None, overrides))
         before = statistics.median(floor.times(args.floor_steps))
         out = Path(work) / "trainer"
-        trainer = run_trainer(trainer_args(None, overrides, args.steps + LORA_WARMUP, str(out)), out, LORA_WARMUP)
+        trainer = run_trainer(trainer_args(None, overrides, args.steps + LORA_WARMUP, str(out)), out, LORA_WARMUP,
+                              env={"CUDA_VISIBLE_DEVICES": ""})  # the floor runs on the CPU too
         after = statistics.median(floor.times(args.floor_steps))
     step, floor_s = statistics.median(trainer["times"]), min(before, after)
     print("\n| job | trainer step | floor step | trainer - floor | ratio |\n|---|---|---|---|---|")

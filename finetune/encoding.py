@@ -12,7 +12,7 @@ and reach a GPU through pinned memory, without a host sync. The batch's pixels c
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .data.transforms import to_unit_range
+from .data.transforms import check_uint8, to_unit_range
 
 FINGERPRINT_VALUES = 8192
 
@@ -27,6 +27,7 @@ class BatchEncoder:
     def samples(self, batch: dict, device: torch.device) -> torch.Tensor:
         """x_0 in float32: pixels in [-1, 1], or z ~ q(z | x) times the VAE's scaling factor."""
         pixels = batch["pixel_values"]
+        check_uint8(pixels)  # (here too: with every key cached they are never scaled)
         if self.vae is None:
             return to_unit_range(_to(pixels, device))
         if self.cache:

@@ -249,8 +249,10 @@ def generate_images(pipeline: TextToImageDDPMPipeline, prompts: list[str], num_i
     return images
 
 
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] to an RGB uint8 image (H, W, 3)."""
+def to_rgb_array(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [-1, 1] to an RGB uint8 array (H, W, 3); refuses uint8 pixels, which are that already."""
+    if pixels.dtype == torch.uint8:
+        raise TypeError("to_rgb_array takes float pixels in [-1, 1]; uint8 pixels need only .permute(1, 2, 0)")
     return ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
@@ -395,7 +397,7 @@ def report_generated(images: list[np.ndarray], pairs: list[dict], models: dict, 
         results["clip"] = ({"clip_score": score, "per_image": scores.tolist()}, {"clip_score": score}, settings)
     if "fid" in models:
         model = models["fid"]
-        real = model.image_features([to_uint8(p["pixels"]) for p in pairs], batch_size).numpy()
+        real = model.image_features([to_rgb_array(p["pixels"]) for p in pairs], batch_size).numpy()
         value = metrics.fid(model.image_features(images, batch_size).numpy(), real)
         features = f"{type(model.model).__name__} {'image embeddings' if model.is_clip else 'pooled features'}"
         print(f"FID {value:.3f} ({features} of {model.path}) between {len(images)} generated and {len(real)} "

@@ -42,7 +42,7 @@ from pipelines import TextToImageDDPMPipeline
 from .config import ValidationConfig, load_config
 from .data import build_source
 from .data import shapes as builtin_shapes
-from .data.transforms import decode_rgb, to_tensor
+from .data.transforms import decode_rgb, to_tensor, to_unit_range
 from .results import check_folder, load_result, run_guidance_scale
 
 BACKGROUND, EMPTY_CELL, INK = (255, 255, 255), (225, 225, 225), (0, 0, 0)
@@ -83,8 +83,10 @@ def spaced(last: int, count: int) -> list[int]:
 
 
 def to_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """A (3, H, W) float32 tensor in [-1, 1]: a tensor as training feeds it, or an RGB image scaled as training does."""
+    """A (3, H, W) float32 tensor in [-1, 1]: a float tensor already in that range, the uint8 pixels the data stream
+    gives (scaled as training scales them), or an RGB image scaled the same way."""
     if isinstance(image, torch.Tensor):
+        image = to_unit_range(image) if image.dtype == torch.uint8 else image
         return image.detach().float().cpu().reshape(-1, *image.shape[-2:])
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

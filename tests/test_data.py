@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune import visualize
 from finetune.config import ConfigError, DataConfig, FilterConfig
 from finetune.data import ImageTextStream, WebDatasetSource, build_source, caption_texts, failed_filter, shapes
 from finetune.data.transforms import decode_rgb, to_tensor, to_uint8, to_unit_range
@@ -270,7 +271,7 @@ def test_pixels_travel_as_uint8_and_scale_exactly_as_float32_did():
     pixels = to_uint8(image, 16, True, False, random.Random(0))
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
     expected = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    assert torch.equal(to_unit_range(pixels), expected)
+    assert torch.equal(to_unit_range(pixels), expected) and torch.equal(visualize.to_pixels(pixels), expected)
     with pytest.raises(TypeError, match="expected uint8 pixels"):
         to_unit_range(expected)
 

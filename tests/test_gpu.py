@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 from finetune import performance
 from finetune.config import load_config
+from finetune.data.transforms import to_unit_range
 from finetune.encoding import BatchEncoder
 from finetune.nonfinite import NonFiniteGuard
 from finetune.objective import on_device
@@ -88,3 +89,10 @@ def test_8bit_adamw_keeps_8_bit_moments_on_a_gpu():
     optimizer.step()
     assert optimizer.state[weight]["state1"].dtype == torch.uint8
     assert bool((weight < 1).all())
+
+
+def test_pixels_scale_on_the_gpu_to_the_bits_of_the_cpu():
+    """The stream's uint8 pixels scaled on the GPU equal the CPU's scaling, for every value (a division by a host
+    scalar would multiply by its reciprocal on CUDA, 1 ulp off for some)."""
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    assert torch.equal(to_unit_range(pixels.cuda()).cpu(), to_unit_range(pixels))

@@ -53,10 +53,17 @@ def to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_fli
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels as float32 in [-1, 1], x / 127.5 - 1, wherever they are (the trainer scales on its device)."""
+    """uint8 pixels as float32 in [-1, 1], x / 127.5 - 1, wherever they are (the trainer scales on its device).
+    The divisor is a scalar on the pixels' device: CUDA divides by a host scalar as a multiplication by its
+    reciprocal, which is 1 ulp off for some values, while a true division gives the bits of the CPU's."""
+    check_uint8(pixels)
+    return pixels.float() / torch.full((), 127.5, device=pixels.device) - 1.0
+
+
+def check_uint8(pixels: torch.Tensor) -> None:
     if pixels.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 pixels (as the data stream gives them), got {pixels.dtype}")
-    return pixels.float() / 127.5 - 1.0
+        raise TypeError(f"expected uint8 pixels, as the data stream gives them, got {pixels.dtype}; scale float "
+                        "pixels yourself, or pass the stream's pixel_values unchanged")
 
 
 def to_uint8(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
