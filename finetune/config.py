@@ -42,6 +42,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of `pretrained_model_name_or_path`."""
     variant: str | None = None
     """Weight variant to load (e.g. fp16) from `pretrained_model_name_or_path`."""
+    use_safetensors: bool = True
+    """Load the base's weights from `.safetensors` files only (a base with pickle-based `.bin` weights alone is
+    refused). false also accepts `.bin` weights: loading a pickle can run code, so only for a base you trust."""
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     """UNet channels per resolution level (from scratch)."""
     layers_per_block: int = 1
