@@ -7,6 +7,7 @@ torch, diffusers and transformers installed:
     image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -71,6 +72,9 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         vae: AutoencoderKL | None = None,
     ):
         super().__init__()
+        for model in (unet, text_encoder, vae):
+            if isinstance(model, torch.nn.Module):
+                _own_aligned_storage(model)
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.vae_scale_factor = scale
@@ -288,6 +292,21 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         with open(index_path, "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+# torch allocates CPU tensors at 64-byte boundaries; its vectorised kernels split a reduction into an unaligned head,
+# aligned blocks and a tail, so the same numbers at another alignment can be summed in another order.
+_ALIGNMENT = 64
+
+
+def _own_aligned_storage(model: torch.nn.Module) -> None:
+    """Give weights that sit at an unaligned address (`from_pretrained` maps them straight out of the safetensors
+    file, at offsets that are multiples of 8 bytes) storage of their own. Without it a loaded pipeline computes
+    other float32 roundings (up to 1e-6 in images) than the pipeline that was saved, whose weights torch
+    allocated; with it both compute the same bits."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+            tensor.data = tensor.data.clone()
 
 
 # The scheduler file's name inside a saved folder (`scheduler/scheduling_ddpm.py`).
