@@ -1,22 +1,27 @@
 """Resumable checkpoints: written whole or not at all, rotated only after the new one is complete.
 
-A checkpoint is `output_dir/checkpoint-<step>/`: accelerate's state (weights, optimizer, LR scheduler,
-registered objects such as the EMA, and one RNG file per process) plus `manifest.json`, written last.
-It is assembled in a temporary folder and renamed into place, so a crash leaves no half checkpoint
-under a real name.
+A checkpoint is `output_dir/checkpoint-<step>/`: accelerate's state (weights in safetensors; the optimizer's and
+LR scheduler's state in torch's format, which accelerate reads back with `weights_only=True`), the EMA and each
+process's random number generators in safetensors, and `manifest.json`, written last. Nothing in it is a pickle
+that loading could execute. It is assembled in a temporary folder and renamed into place, so a crash leaves no half
+checkpoint under a real name.
 """
 
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
-import signal
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import TrainConfig
 
@@ -24,9 +29,13 @@ logger = get_logger("finetune")
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
-# Fault injection for tests: "checkpoint:STEP" SIGKILLs the process midway through writing checkpoint-STEP.
-FAULT_ENV = "FINETUNE_FAULT_KILL"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+EMA = "ema_{}.safetensors"
+RNG = "rng_state_{}.safetensors"
+ACCELERATE_RNG = "random_states_{}.pkl"  # accelerate's pickle of the same states, removed once ours is written
+# What accelerate writes with torch.save and reads back with weights_only=True (tensors and plain values only).
+_TORCH_FORMAT = re.compile(r"^(optimizer|scheduler|sampler)(_\d+)?\.bin$|^scaler\.pt$")
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -65,6 +74,11 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
     path = Path(path)
     with open(path / MANIFEST) as f:
         manifest = json.load(f)
+    pickles = [p.name for p in sorted(path.iterdir()) if p.suffix in _PICKLE_SUFFIXES and not _TORCH_FORMAT.match(p.name)]
+    if pickles:
+        raise ValueError(f"checkpoint {path} holds {', '.join(pickles)}: pickle files this trainer does not write "
+                         "(an earlier version pickled the EMA and the random states), and loading a pickle can run "
+                         "code. Resume from a checkpoint written by this version, or start afresh")
     missing = [name for name in manifest["files"] if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from "
@@ -92,6 +106,7 @@ def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tu
         return 0, 0, 0, None
     manifest = read_manifest(path, accelerator.num_processes)
     accelerator.load_state(str(path))
+    load_rng_state(path / RNG.format(accelerator.process_index))
     data = read_data_state(path, accelerator.process_index)
     logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
     changed = changed_settings(path, config_text)
@@ -116,9 +131,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    save_rng_state(tmp / RNG.format(accelerator.process_index))
+    (tmp / ACCELERATE_RNG.format(accelerator.process_index)).unlink(missing_ok=True)
     with open(tmp / f"data_state_{accelerator.process_index}.json", "w") as f:
         json.dump(data_state, f)
-    _fault("checkpoint", step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / CONFIG).write_text(config_text)
@@ -162,6 +178,54 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _fault(where: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+def save_rng_state(path: Path) -> None:
+    """This process's random number generators (Python's, numpy's, torch's CPU and CUDA ones: what accelerate
+    saves) as tensors, with their few scalars in the metadata."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"python": torch.tensor(py_state, dtype=torch.int64),
+               "numpy": torch.from_numpy(np_keys.astype(np.int64)), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {"python": [py_version, py_gauss], "numpy": [np_kind, np_pos, np_has_gauss, np_gauss]}
+    save_file(tensors, str(path), metadata={"state": json.dumps(scalars)})  # one key: the same state, the same bytes
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what `save_rng_state` wrote."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors, scalars = {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["state"])
+    py_version, py_gauss = scalars["python"]
+    np_kind, np_pos, np_has_gauss, np_gauss = scalars["numpy"]
+    random.setstate((py_version, tuple(tensors["python"].tolist()), py_gauss))
+    np.random.set_state((np_kind, tensors["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class EmaCheckpoints:
+    """accelerate save/load hooks that keep each EMA in `ema_<i>.safetensors`: its averaged weights as tensors, its
+    counters in the metadata. (`register_for_checkpointing` would pickle it, and accelerate loads that pickle with
+    `weights_only=False`.)"""
+
+    def __init__(self, accelerator: Accelerator, emas: list):
+        self.accelerator, self.emas = accelerator, emas
+        accelerator.register_save_state_pre_hook(self.save)
+        accelerator.register_load_state_pre_hook(self.load)
+
+    def save(self, models: list, weights: list, output_dir: str) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        for i, ema in enumerate(self.emas):
+            state = ema.state_dict()
+            shadows = {f"shadow.{j}": p.detach().cpu().contiguous() for j, p in enumerate(state.pop("shadow_params"))}
+            save_file(shadows, str(Path(output_dir) / EMA.format(i)), metadata={"state": json.dumps(state)})
+
+    def load(self, models: list, input_dir: str) -> None:
+        for i, ema in enumerate(self.emas):
+            with safe_open(str(Path(input_dir) / EMA.format(i)), framework="pt") as f:
+                state = json.loads(f.metadata()["state"])
+                state["shadow_params"] = [f.get_tensor(f"shadow.{j}") for j in range(len(f.keys()))]
+            ema.load_state_dict(state)

@@ -11,7 +11,6 @@ is checked (one host sync per step), on every process alike, and the run stops a
 
 import logging
 import math
-import os
 
 import torch
 from accelerate import Accelerator
@@ -19,17 +18,11 @@ from accelerate import Accelerator
 logger = logging.getLogger(__name__)
 
 
-# Fault injection for tests: "STEP:RANK" makes that process see a NaN loss at that optimizer step.
-FAULT_ENV = "FINETUNE_FAULT_NONFINITE"
-
-
 class NonFiniteGuard:
     def __init__(self, on_nonfinite: str, max_nonfinite_steps: int, every: int):
         self.on_nonfinite, self.max_nonfinite_steps, self.every = on_nonfinite, max_nonfinite_steps, every
         self.consecutive = 0
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, list[str]]] = []  # error mode: not yet checked
-        fault = os.environ.get(FAULT_ENV)
-        self.fault = tuple(int(v) for v in fault.split(":")) if fault else None
 
     def skip_step(self, accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
                   keys: list[str]) -> bool:
@@ -39,8 +32,6 @@ class NonFiniteGuard:
             self.pending.append((step, loss.detach(), torch.as_tensor(grad_norm).detach(), keys))
             return False
         value = loss.item()
-        if self.fault == (step, accelerator.process_index):
-            value, self.fault = math.nan, None  # once
         bad = torch.tensor([0.0 if math.isfinite(value) and math.isfinite(float(grad_norm)) else 1.0],
                            device=accelerator.device)
         if accelerator.num_processes > 1:
@@ -69,9 +60,6 @@ class NonFiniteGuard:
         pending, self.pending = self.pending, []
         values = torch.stack([torch.stack([loss.float(), norm.to(loss.device).float()])
                               for _, loss, norm, _ in pending])
-        for i, (at, *_) in enumerate(pending):
-            if self.fault == (at, accelerator.process_index):
-                values[i, 0], self.fault = math.nan, None  # once
         bad = (~torch.isfinite(values)).any(dim=1).float()
         if accelerator.num_processes > 1:
             bad = accelerator.reduce(bad, reduction="sum")

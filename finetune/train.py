@@ -185,7 +185,7 @@ def build_optimization(config: Config, params: list, trained: list, accelerator:
     emas = [EMAModel(weights, decay=train.ema_max_decay, use_ema_warmup=True, foreach=True) for weights in ema_weights]
     for ema in emas:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    checkpointing.EmaCheckpoints(accelerator, emas)  # safetensors, not accelerate's pickle
     if config.lora.enabled:
         lora.AdapterCheckpoints(accelerator)
     return optimizer, lr_scheduler, emas, ema_weights

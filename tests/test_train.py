@@ -26,8 +26,10 @@ TRAIN = str(ROOT / "finetune" / "train.py")
 
 def _env(tmp_path, extra=None):
     # CPU only, so the checks below (threads, fp16 refusal, bit-exact resume) mean the same on a GPU machine.
+    # tests/faults on the path: its sitecustomize injects the faults that `extra` asks for (none by default).
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-            "CUDA_VISIBLE_DEVICES": "", **(extra or {})}
+            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path, **(extra or {})}
 
 
 def _command(launcher, overrides):
@@ -153,7 +155,7 @@ def test_the_export_holds_an_ema_that_follows_the_trained_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", ["checkpoint:5", "checkpoint:10", "between checkpoints"])
+@pytest.mark.parametrize("kill", ["5", "10", "between checkpoints"])
 def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, kill):
     """SIGKILL (no handler can run) in the middle of writing the first or the second checkpoint, or at whatever
     step the run has reached after checkpoint-5: a half-written folder is never resumed from (with none complete,
@@ -162,11 +164,11 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, kill):
     common = ["train.max_train_steps=20", "train.checkpointing_steps=5", "train.gradient_accumulation_steps=2"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     _train(tmp_path, *common, f"train.output_dir={full}")
-    if kill.startswith("checkpoint:"):
+    if kill.isdigit():
         result = _train(tmp_path, *common, f"train.output_dir={killed}", check=False,
-                        env={checkpointing.FAULT_ENV: kill})
+                        env={"FINETUNE_TEST_KILL_AT_CHECKPOINT": kill})
         assert result.returncode == -9
-        step = kill.split(":")[1]
+        step = kill
         assert (killed / f".tmp-checkpoint-{step}").is_dir() and not (killed / f"checkpoint-{step}").exists()
     else:
         process = subprocess.Popen(_command([sys.executable], [*common, f"train.output_dir={killed}"]), cwd=tmp_path,
@@ -177,9 +179,10 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, kill):
         assert process.wait(timeout=60) == -9
     assert not (killed / "model_index.json").exists()
     result = _train(tmp_path, *common, f"train.output_dir={killed}", "train.resume_from_checkpoint=latest")
-    assert ("no checkpoint yet" if kill == "checkpoint:5" else "resumed from") in result.stderr
+    assert ("no checkpoint yet" if kill == "5" else "resumed from") in result.stderr
     assert "settings changed" not in result.stderr
-    for name in ("checkpoint-20/model.safetensors", "checkpoint-20/custom_checkpoint_0.pkl",
+    for name in ("checkpoint-20/model.safetensors", "checkpoint-20/ema_0.safetensors",
+                 "checkpoint-20/rng_state_0.safetensors",
                  "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (full / name).read_bytes() == (killed / name).read_bytes(), name
 
@@ -217,19 +220,37 @@ def test_resume_refuses_an_incomplete_or_mismatched_checkpoint(tmp_path):
     checkpoint = out / "checkpoint-2"
     with pytest.raises(ValueError, match="written by 1 processes but this run has 2"):
         checkpointing.read_manifest(checkpoint, world_size=2)
-    rng = checkpoint / "random_states_0.pkl"
+    rng = checkpoint / "rng_state_0.safetensors"
     rng_bytes = rng.read_bytes()
     rng.unlink()
-    with pytest.raises(FileNotFoundError, match="missing random_states_0.pkl"):
+    with pytest.raises(FileNotFoundError, match="missing rng_state_0.safetensors"):
         checkpointing.read_manifest(checkpoint, world_size=1)
     result = _train(tmp_path, "train.max_train_steps=4", f"train.output_dir={out}",
                     f"train.resume_from_checkpoint={checkpoint}", check=False)
-    assert result.returncode != 0 and "missing random_states_0.pkl" in result.stderr
+    assert result.returncode != 0 and "missing rng_state_0.safetensors" in result.stderr
     rng.write_bytes(rng_bytes)
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"model.safetensors is \d+ bytes but was written with \d+"):
         checkpointing.read_manifest(checkpoint)
+
+
+def test_checkpoints_hold_no_pickle_and_refuse_one(tmp_path):
+    """The EMA and the random states are safetensors; what is in torch's format (optimizer, LR scheduler) loads
+    with weights_only=True, as accelerate reads it; a pickle the trainer does not write stops the resume."""
+    out = tmp_path / "run"
+    _train(tmp_path, "train.max_train_steps=2", "train.checkpointing_steps=2", f"train.output_dir={out}")
+    checkpoint = out / "checkpoint-2"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert not [n for n in names if n.endswith(".pkl")], names
+    assert {"ema_0.safetensors", "ema_1.safetensors", "rng_state_0.safetensors"} <= set(names), names
+    assert [n for n in names if n.endswith(".bin")] == ["optimizer.bin", "scheduler.bin"]
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.load(checkpoint / name, weights_only=True)  # tensors and plain values only
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(b"\x80\x04N.")  # what an earlier version wrote
+    result = _train(tmp_path, "train.max_train_steps=4", f"train.output_dir={out}",
+                    f"train.resume_from_checkpoint={checkpoint}", check=False)
+    assert result.returncode != 0 and "holds custom_checkpoint_0.pkl: pickle files" in result.stderr
 
 
 def test_checkpoint_rotation_and_missing_manifest(tmp_path):
@@ -333,7 +354,7 @@ def test_sigterm_to_a_two_process_launch(tmp_path):
     assert "stopped by signal 15" in stderr, stderr[-3000:]
     [checkpoint] = checkpointing.list_checkpoints(out)
     manifest = checkpointing.read_manifest(checkpoint, world_size=2)
-    assert {"data_state_0.json", "data_state_1.json", "random_states_1.pkl"} <= set(manifest["files"])
+    assert {"data_state_0.json", "data_state_1.json", "rng_state_1.safetensors"} <= set(manifest["files"])
 
     total = f"train.max_train_steps={manifest['step'] + 2}"
     _train(tmp_path, *common, total, f"train.output_dir={out}", "train.resume_from_checkpoint=latest",
@@ -363,7 +384,7 @@ def test_nonfinite_checks_between_log_steps_name_the_first_bad_step(tmp_path):
     steps stops the run at the step-4 check, naming step 3 (and its batch), and nothing is exported."""
     out = tmp_path / "run"
     result = _train(tmp_path, "train.logging_steps=4", "train.max_train_steps=8", "train.checkpointing_steps=0",
-                    f"train.output_dir={out}", env={"FINETUNE_FAULT_NONFINITE": "3:0"}, check=False)
+                    f"train.output_dir={out}", env={"FINETUNE_TEST_NAN_LOSS": "3:0"}, check=False)
     assert result.returncode != 0 and "non-finite loss or gradient norm at step 3" in result.stderr
     assert "loss nan" in result.stderr and "batch keys ['" in result.stderr
     assert not (out / "model_index.json").exists()
@@ -372,7 +393,7 @@ def test_nonfinite_checks_between_log_steps_name_the_first_bad_step(tmp_path):
 def test_skip_mode_skips_one_bad_step(tmp_path):
     out = tmp_path / "run"
     result = _train(tmp_path, "train.on_nonfinite=skip", "train.max_train_steps=4", f"train.output_dir={out}",
-                    env={"FINETUNE_FAULT_NONFINITE": "3:0"})
+                    env={"FINETUNE_TEST_NAN_LOSS": "3:0"})
     assert "at step 3 on some process" in result.stderr and "skipping this optimizer step" in result.stderr
     assert (out / "model_index.json").is_file()
 
@@ -384,7 +405,7 @@ def test_nonfinite_on_one_of_two_processes(tmp_path, mode):
     out = tmp_path / "run"
     result = _train(tmp_path, "data.num_samples=2000", f"train.on_nonfinite={mode}", "train.max_train_steps=5",
                     f"train.output_dir={out}", launcher=_two_process_launcher(), check=False,
-                    env={"ACCELERATE_USE_CPU": "1", "FINETUNE_FAULT_NONFINITE": "3:1"})
+                    env={"ACCELERATE_USE_CPU": "1", "FINETUNE_TEST_NAN_LOSS": "3:1"})
     assert "process 1: loss nan" in result.stderr and "process 0: loss" in result.stderr  # both saw it
     if mode == "error":
         assert result.returncode != 0 and not (out / "model_index.json").exists()
