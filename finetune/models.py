@@ -3,6 +3,7 @@
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -107,17 +108,32 @@ def load_components(config: ModelConfig) -> Components:
     library, text_encoder_class = index["text_encoder"]
     if library != "transformers" or not hasattr(transformers, text_encoder_class):
         raise ValueError(f"{path}: the text encoder is {library}.{text_encoder_class}; a transformers model is needed")
-    weights = {**where, "variant": config.variant}
+    weights = {**where, "variant": config.variant, "use_safetensors": True if config.use_safetensors else None}
     overrides = {k: v for k, v in (("prediction_type", config.prediction_type),
                                    ("rescale_betas_zero_snr", config.rescale_betas_zero_snr)) if v is not None}
     return Components(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
+        unet=_load_weights(UNet2DConditionModel, path, "unet", weights),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **where, **overrides),
-        text_encoder=getattr(transformers, text_encoder_class).from_pretrained(path, subfolder="text_encoder",
-                                                                               **weights),
+        text_encoder=_load_weights(getattr(transformers, text_encoder_class), path, "text_encoder", weights),
         tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **where),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights) if _has(index, "vae") else None,
+        vae=_load_weights(AutoencoderKL, path, "vae", weights) if _has(index, "vae") else None,
     )
+
+
+def _load_weights(cls, path: str, subfolder: str, weights: dict):
+    """`cls.from_pretrained` of one component; a base with only pickle-based weights there (while
+    `model.use_safetensors` asks for safetensors) is refused naming the setting."""
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **weights)
+    except OSError as error:
+        local = Path(path, subfolder)
+        pickled = list(local.glob("*.bin")) if local.is_dir() else not Path(path).exists()  # a Hub id: maybe
+        if not weights["use_safetensors"] or ".safetensors" not in str(error) or not pickled:
+            raise
+        raise ValueError(f"model.pretrained_model_name_or_path={path!r}: {subfolder}/ has no .safetensors weights "
+                         f"({'only' if local.is_dir() else 'perhaps only'} pickle-based .bin ones, and loading a "
+                         "pickle can run code). Convert the base to safetensors, or set model.use_safetensors=false "
+                         "if you trust where it came from") from error
 
 
 def _has(index: dict, name: str) -> bool:

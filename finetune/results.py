@@ -34,9 +34,10 @@ def load_result(folder: str) -> TextToImageDDPMPipeline:
     """The pipeline a run wrote to `folder`; for a LoRA run, its base (from the run's config.yaml) with the
     adapters loaded."""
     if not (Path(folder) / LORA_WEIGHTS).is_file():
-        return TextToImageDDPMPipeline.from_pretrained(folder)
+        return TextToImageDDPMPipeline.from_pretrained(folder, use_safetensors=True)
     model = load_config(Path(folder) / "config.yaml").model
     pipeline = TextToImageDDPMPipeline.from_pretrained(model.pretrained_model_name_or_path, revision=model.revision,
-                                                       variant=model.variant)
+                                                       variant=model.variant,
+                                                       use_safetensors=True if model.use_safetensors else None)
     pipeline.load_lora_weights(folder)
     return pipeline

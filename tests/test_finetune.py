@@ -178,6 +178,20 @@ def test_variant_and_revision_reach_every_component(tiny_pipeline, tmp_path):
         load_components(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "base")))
 
 
+def test_a_base_with_pickled_weights_is_refused_unless_allowed(tiny_sd_folder, tmp_path):
+    """model.use_safetensors (default true): `.bin` weights are pickles, whose loading can run code."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+    pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(ValueError, match=r"unet/ has no .safetensors weights \(only pickle-based .bin ones.*"
+                                         r"model.use_safetensors=false"):
+        load_components(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "bin")))
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "bin"),
+                                              use_safetensors=False))
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(components.unet.state_dict()[name], value)
+
+
 @pytest.mark.slow
 def test_a_lora_run_resumes_exactly(pixel_base, tmp_path):
     """Checkpoints of a LoRA run hold the adapters (UNet and text encoder), and resuming from one is exact."""
