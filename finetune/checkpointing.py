@@ -74,7 +74,8 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
     path = Path(path)
     with open(path / MANIFEST) as f:
         manifest = json.load(f)
-    pickles = [p.name for p in sorted(path.iterdir()) if p.suffix in _PICKLE_SUFFIXES and not _TORCH_FORMAT.match(p.name)]
+    pickles = [p.name for p in sorted(path.iterdir())
+               if p.suffix in _PICKLE_SUFFIXES and not _TORCH_FORMAT.match(p.name)]
     if pickles:
         raise ValueError(f"checkpoint {path} holds {', '.join(pickles)}: pickle files this trainer does not write "
                          "(an earlier version pickled the EMA and the random states), and loading a pickle can run "
