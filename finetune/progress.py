@@ -2,7 +2,10 @@
 logs sent to the trackers, and the end-of-run summary."""
 
 import dataclasses
+import re
 import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from accelerate import Accelerator
@@ -32,16 +35,46 @@ def tracker_names(report_to: str) -> list[str]:
     return names
 
 
+# A config field or URL query parameter named like a credential (`hub_token`, `api_key`, `X-Amz-Signature`; not
+# `max_caption_tokens`).
+SECRET_NAME = re.compile(r"(^|[_-])(access[_-]?)?(token|key|api[_-]?key|secret|password|passwd|credentials?|"
+                         r"signature|sig|auth)$", re.IGNORECASE)
+
+
 def tracker_settings(config: Config) -> dict:
-    """The resolved config flattened to `section.key` scalars, as trackers take hyperparameters."""
+    """The resolved config flattened to `section.key` scalars, as trackers take hyperparameters, without what should
+    not leave this machine: fields named like a credential are left out, and the paths are reduced by
+    `public_location` (a Hub id or a remote URL stays, without its credentials)."""
+    paths = {"train.output_dir": False, "train.resume_from_checkpoint": False, "data.path": config.data.source == "hf",
+             "model.pretrained_model_name_or_path": True}  # the fields that hold paths; true: or a Hub id
     flat = {}
     for section, values in dataclasses.asdict(config).items():
         for key, value in values.items():
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for sub, item in items:
                 name = f"{section}.{key}" + (f".{sub}" if sub else "")
+                if SECRET_NAME.search(sub or key):
+                    continue
+                if name in paths and item:  # (`::` joins webdataset patterns)
+                    item = "::".join(public_location(part, paths[name]) for part in item.split("::"))
                 flat[name] = item if isinstance(item, (int, float, str, bool)) else str(item)
     return flat
+
+
+def public_location(location: str, may_be_hub_id: bool) -> str:
+    """A path or URL as trackers may see it: a local path (or `file:` URL) reduced to its last part; a remote URL
+    without a `user:password@` and with the values of credential-named query parameters redacted; a `pipe:` command
+    (which may carry credentials anywhere) redacted. When `may_be_hub_id`, a name that is no local path (a Hub id)
+    stays as it is."""
+    url = urlsplit(location)
+    if url.scheme == "pipe":
+        return "pipe:REDACTED"
+    if len(url.scheme) > 1 and url.scheme != "file":  # (a one-letter scheme is a Windows drive)
+        params = [param.partition("=") for param in url.query.split("&")] if url.query else []
+        query = "&".join(k + ("=REDACTED" if SECRET_NAME.search(k) else sep + v) for k, sep, v in params)
+        return urlunsplit((url.scheme, url.netloc.rpartition("@")[2], url.path, query, url.fragment))
+    path = Path(url.path if url.scheme == "file" else location).expanduser()
+    return location if may_be_hub_id and not path.exists() else path.name
 
 
 class StepLogger:

@@ -159,7 +159,7 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
     """Write the result (EMA weights when enabled) to output_dir: the whole pipeline, or for a LoRA run the
     adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
     final sample grid, whose path it returns on the main process."""
-    check_in_sync(accelerator, components.unet)
+    check_in_sync(accelerator, [components.unet, components.text_encoder])  # every trained tensor
     if not accelerator.is_main_process:
         return None
     out = config.train.output_dir
