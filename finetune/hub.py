@@ -7,7 +7,8 @@ The token is never handled here: huggingface_hub finds it (`HF_TOKEN`, else the 
 so it is not printed, logged or written anywhere. Uploaded: the pipeline or the LoRA weights, config.yaml, the sample
 grids, README.md, evaluation.json when present, and the tensorboard logs (`logs/`: a few hundred KiB even for long
 runs, and the Hub plots them on the model page). Checkpoints (`checkpoint-<step>/`) go only when asked for
-(`hub.push_checkpoints`): they hold the optimizer state, several times the size of the weights.
+(`hub.push_checkpoints`): they hold the optimizer state, several times the size of the weights. A pickle (`*.pkl`,
+`*.pickle`, such as accelerate's `random_states_<rank>.pkl`) is never uploaded: loading one runs arbitrary code.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from .config import (
@@ -42,6 +43,16 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME
 # A checkpoint still being written (checkpointing.py renames it into place when complete) is never uploaded.
 IN_PROGRESS = ".tmp-checkpoint-*"
 CHECKPOINTS = "checkpoint-*"
+PICKLES = ["*.pkl", "*.pickle"]
+# The code a pipeline folder of this project ships (TextToImageDDPMPipeline.save_pretrained writes model_index.json's
+# `_class_name` as [module, class] and copies the files), and what each file does.
+PROJECT_PIPELINE = ["pipeline_text2image_ddpm", "TextToImageDDPMPipeline"]
+PROJECT_CODE = {
+    "pipeline_text2image_ddpm.py": "the pipeline: it encodes the prompt with the text encoder, runs the reverse "
+                                   "diffusion loop with the UNet, with classifier-free guidance, and decodes the "
+                                   "images",
+    "scheduler/scheduling_ddpm.py": "the DDPM scheduler: the noise schedule and the reverse step",
+}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -62,13 +73,14 @@ def model_card(output_dir: str | os.PathLike, repo_id: str, *, revision: str | N
     config = load_config(folder / "config.yaml")
     model, lora = config.model, config.lora
     metadata = card_metadata(model, config.data, lora, license)
-    trust_remote_code = custom_code(folder) if not lora.enabled else None
+    # The model_index.json of what from_pretrained loads: this output or, for a LoRA, its base.
+    loaded = (model.pretrained_model_name_or_path, model.revision) if lora.enabled else (str(folder), None)
+    index = read_model_index(*loaded)
     body = "\n\n".join(part for part in [
         f"# {repo_id.split('/')[-1]}",
         describe(model, lora),
         samples_section(final_grid(folder), config.validation),
-        usage_section(repo_id, revision, model, lora, config.validation, trust_remote_code,
-                      config.train.mixed_precision),
+        usage_section(repo_id, revision, model, lora, config.validation, index, config.train.mixed_precision),
         training_section(config.train, config.data, model, lora, num_processes or recorded_num_processes(folder)),
         evaluation_section(folder / "evaluation.json"),
     ] if part)
@@ -134,44 +146,92 @@ def samples_section(grid: tuple[int, str] | None, validation: ValidationConfig) 
             f"The final grid, at step {step}: one row per prompt, {settings}.\n\n{prompts}")
 
 
-def custom_code(pipeline_folder: str | os.PathLike) -> bool:
-    """Whether a pipeline folder names its own code in model_index.json (diffusers then needs trust_remote_code);
-    True when it cannot tell (no model_index.json)."""
-    index = Path(pipeline_folder) / "model_index.json"
-    return not index.is_file() or isinstance(json.loads(index.read_text())["_class_name"], list)
+def read_model_index(pipeline: str, revision: str | None = None) -> dict | None:
+    """A pipeline's model_index.json: from its folder or, for a Hub id, from the local cache (a run that trained on
+    that base downloaded it), else from the Hub; None when it cannot be read."""
+    if os.path.isdir(pipeline):
+        return _json_or_none(lambda: Path(pipeline) / "model_index.json")
+    return (_json_or_none(lambda: hf_hub_download(pipeline, "model_index.json", revision=revision,
+                                                  local_files_only=True))
+            or _json_or_none(lambda: hf_hub_download(pipeline, "model_index.json", revision=revision)))
+
+
+def _json_or_none(locate) -> dict | None:
+    """The JSON object in the file at `locate()`; None when that fails (not cached, offline, unreachable, not found,
+    not a JSON object)."""
+    try:
+        value = json.loads(Path(locate()).read_text())
+    except (OSError, ValueError, TransportError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def pipeline_code(index: dict | None) -> str:
+    """What loading a pipeline runs, as its model_index.json says: "project" (this project's code, which the folder
+    ships), "stock" (a diffusers class), "other" (another pipeline's own code) or "unknown" (no model_index.json).
+    (A stock pipeline with a custom component needs trust_remote_code too; diffusers says so, and runs nothing.)"""
+    if index is None:
+        return "unknown"
+    name = index.get("_class_name")
+    return "project" if name == PROJECT_PIPELINE else "other" if isinstance(name, list) else "stock"
+
+
+def code_note(index: dict | None, subject: str, where: str) -> str:
+    """What the card says about the code that loading `subject` ("the base", "this repository") runs: for this
+    project's code, which files they are and what they do; for code it cannot vouch for, to read it first."""
+    code = pipeline_code(index)
+    if code == "project":
+        ships_scheduler = (index.get("scheduler") or [None])[0] == "scheduling_ddpm"
+        files = [name for name in PROJECT_CODE if ships_scheduler or not name.startswith("scheduler/")]
+        listed = " and ".join(f"`{name}` ({PROJECT_CODE[name]})" for name in files)
+        return (f"`trust_remote_code=True` runs the Python files {subject} ships, as finetune-ddpm writes them: "
+                f"{listed}. Read them {where} before you run them.")
+    if code == "other":
+        return (f"{subject.capitalize()} ships pipeline code of its own (`{index['_class_name'][0]}.py`, not this "
+                "project's), so the code above leaves out the `trust_remote_code=True` it needs: read that code "
+                f"{where} before you trust it.")
+    if code == "unknown":
+        return (f"{subject.capitalize()} could not be inspected when this card was written (its model_index.json "
+                "could not be read), so the code above loads it without `trust_remote_code`: if it ships custom "
+                f"code (diffusers then asks for `trust_remote_code=True`), read that code {where} before you trust "
+                "it.")
+    return ""
 
 
 def usage_section(repo_id: str, revision: str | None, model: ModelConfig, lora: LoraConfig,
-                  validation: ValidationConfig, trust_remote_code: bool | None, mixed_precision: str) -> str:
-    """The code that loads this output (for a LoRA: its base, then the adapters) and draws the final grid's images."""
+                  validation: ValidationConfig, index: dict | None, mixed_precision: str) -> str:
+    """The code that loads this output (for a LoRA: its base, then the adapters) and draws the final grid's images.
+    `index` is the model_index.json of what `from_pretrained` loads (this output, or the LoRA's base), None when it
+    could not be read: `trust_remote_code=True` only for a pipeline that ships this project's code."""
     at = f", revision={_py(revision)}" if revision else ""
+    trust = ", trust_remote_code=True" if pipeline_code(index) == "project" else ""
     if lora.enabled:
         base = model.pretrained_model_name_or_path
         base_kwargs = "".join(f", {k}={_py(v)}" for k, v in (("revision", model.revision), ("variant", model.variant))
                               if v)
-        # A Hub base cannot be inspected offline: trust_remote_code is needed for a base this project trained and
-        # harmless for any other.
-        trust = ", trust_remote_code=True" if not os.path.isdir(base) or custom_code(base) else ""
         load = (f"pipe = DiffusionPipeline.from_pretrained({_py(base)}{base_kwargs}{trust})\n"
                 f"pipe.load_lora_weights({_py(repo_id)}, weight_name={_py(LORA_WEIGHTS)}{at})")
-        note = "" if is_hub_id(base) else (f"\n\nThe base was the local folder `{base}`: put its Hub id (or your own "
-                                           "path to it) in its place.")
+        notes = [code_note(index, "the base", f"in {_base_reference(base)}")]
+        if not is_hub_id(base):
+            notes.append(f"The base was the local folder `{base}`: put its Hub id (or your own path to it) in its "
+                         "place.")
+        needs = "torch, diffusers, transformers and peft"  # load_lora_weights needs peft
     else:
-        trust = ", trust_remote_code=True" if trust_remote_code else ""
         load = f"pipe = DiffusionPipeline.from_pretrained({_py(repo_id)}{at}{trust})"
-        note = ("\n\nThe pipeline's code (`pipeline_text2image_ddpm.py`, and the scheduler's) travels in this "
-                "repository, hence `trust_remote_code=True`." if trust_remote_code else "")
+        notes = [code_note(index, "this repository", "here")]
+        needs = "torch, diffusers and transformers"
     exact = ("exactly" if mixed_precision == "no" else
              f"up to rounding (the run sampled under {mixed_precision} autocast)")
     return (
-        "## Use it\n\nWith torch, diffusers and transformers (this project is not needed):\n\n```python\n"
+        f"## Use it\n\nWith {needs} (this project is not needed):\n\n```python\n"
         "import torch\nfrom diffusers import DiffusionPipeline\n\n"
         f"{load}\nimages = pipe(\n    {_py(list(validation.prompts))},\n"
         f"    num_images_per_prompt={validation.num_images_per_prompt},\n"
         f"    num_inference_steps={validation.num_inference_steps},\n"
         f"    guidance_scale={validation.guidance_scale},\n"
         f"    generator=torch.Generator().manual_seed({validation.seed}),\n).images\n```\n\n"
-        f"With the run's settings, this draws the grid above {exact}.{note}"
+        f"With the run's settings, this draws the grid above {exact}."
+        + "".join(f"\n\n{note}" for note in notes if note)
     )
 
 
@@ -265,8 +325,8 @@ def push(output_dir: str | os.PathLike, hub: HubConfig, *, num_processes: int | 
 
 def check_credentials(hub: HubConfig) -> str:
     """The user the token belongs to, checked before a run trains for hours; raises HubPushError (no token, an
-    invalid or read-only one, no network) with the fix. (Whether a write token may write to that namespace shows
-    only at the push.)"""
+    invalid or read-only one, a fine-grained one that may write nowhere, no network) with the fix. (Whether the token
+    may write to that namespace shows only at the push.)"""
     api = HfApi()
     with explained_errors(_repo_id(hub), api.endpoint):
         try:
@@ -274,10 +334,25 @@ def check_credentials(hub: HubConfig) -> str:
         except LocalTokenNotFoundError as e:
             cause, fix = _HTTP_CAUSES[401]
             raise HubPushError(f"cannot push to {hub.hub_model_id}: {cause}. Fix: {fix}.") from e
-    if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
+    token = (me.get("auth") or {}).get("accessToken") or {}  # /api/whoami-v2: auth.accessToken.role
+    if token.get("role") == "read":
         raise HubPushError(f"cannot push to {hub.hub_model_id}: the token is read-only. Fix: set HF_TOKEN to a token "
                            "with write access (huggingface.co/settings/tokens), or run `hf auth login` with one.")
+    if token.get("role") == "fineGrained" and not writes_repositories(token):
+        raise HubPushError(f"cannot push to {hub.hub_model_id}: the fine-grained token may write to no repository "
+                           "(none of its permissions is repo.write). Fix: give it write access to the repositories "
+                           "of the namespace you push to (huggingface.co/settings/tokens, edit permissions), or set "
+                           "HF_TOKEN to a write token.")
     return me["name"]
+
+
+def writes_repositories(token: dict) -> bool:
+    """Whether a fine-grained token (whoami's `auth.accessToken`) may write to some repository: `repo.write` among its
+    permissions on a user, an organization or a repository (`fineGrained.scoped`), or among its global ones. Which
+    namespace it may write to shows at the push."""
+    grants = token.get("fineGrained") or {}
+    scoped = [permission for scope in grants.get("scoped", []) for permission in scope.get("permissions", [])]
+    return "repo.write" in [*grants.get("global", []), *scoped]
 
 
 def push_checkpoint(output_dir: str | os.PathLike, step: int, hub: HubConfig) -> CommitInfo:
@@ -291,7 +366,8 @@ def push_checkpoint(output_dir: str | os.PathLike, step: int, hub: HubConfig) ->
     with explained_errors(_repo_id(hub), api.endpoint):
         repo_id = create(api, hub)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=folder.name,
-                                 revision=hub.revision, commit_message=f"Checkpoint at step {step}")
+                                 revision=hub.revision, commit_message=f"Checkpoint at step {step}",
+                                 ignore_patterns=PICKLES)
 
 
 def finished_output(output_dir: str | os.PathLike) -> Path:
@@ -307,8 +383,8 @@ def finished_output(output_dir: str | os.PathLike) -> Path:
 
 
 def ignore_patterns(include_checkpoints: bool) -> list[str]:
-    """What stays local: checkpoints being written, and finished ones unless asked for."""
-    return [IN_PROGRESS] + ([] if include_checkpoints else [CHECKPOINTS])
+    """What stays local: pickles, checkpoints being written, and finished ones unless asked for."""
+    return [IN_PROGRESS, *PICKLES] + ([] if include_checkpoints else [CHECKPOINTS])
 
 
 def create(api: HfApi, hub: HubConfig) -> str:
@@ -355,9 +431,11 @@ def explained_errors(repo_id: str, endpoint: str):
     except OfflineModeIsEnabled as e:
         raise HubPushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set, so huggingface_hub makes no requests. "
                            "Fix: unset it (or set HF_HUB_OFFLINE=0) for the push.") from e
-    except TransportError as e:
-        raise HubPushError(f"cannot push to {repo_id}: could not reach {endpoint} ({type(e).__name__}: {e}). Fix: "
-                           "check the network connection and proxies (and HF_ENDPOINT, if set).") from e
+    except (TransportError, ConnectionError) as e:  # httpx's; hf_xet raises ConnectionError
+        raise HubPushError(f"cannot push to {repo_id}: could not reach {endpoint}, or the Hub's Xet storage where "
+                           f"large files go ({type(e).__name__}: {e}). Fix: check the network connection and proxies "
+                           "(and HF_ENDPOINT, if set); if only the Xet storage is out of reach, set "
+                           "HF_HUB_DISABLE_XET=1 to upload through LFS instead.") from e
     except ValueError as e:
         if not str(e).startswith("Invalid metadata in README.md"):
             raise

@@ -1,13 +1,26 @@
-"""A small in-memory Hugging Face Hub for tests: the routes huggingface_hub 2.x uses to create a repo and a branch,
-upload a folder (every file as a regular git blob, so no LFS or Xet server is needed), and download it again
-(`from_pretrained`, `snapshot_download`, `load_lora_weights`).
+"""A small in-memory Hugging Face Hub for tests: the routes huggingface_hub 2.x uses to check a token (whoami), create
+a repo and a branch, upload a folder, and download it again (`from_pretrained`, `snapshot_download`,
+`load_lora_weights`).
 
-    with FakeHub({"token-alice": "alice"}) as hub:   # token -> user name
-        env["HF_ENDPOINT"] = hub.url                   # huggingface_hub reads it at import: set it in a subprocess
+    with FakeHub({"token-alice": "alice", "token-read": Token("alice", "read")}) as hub:   # token -> user or Token
+        env["HF_ENDPOINT"] = hub.url          # huggingface_hub reads it at import: set it in a subprocess
+        env["HF_HUB_DISABLE_XET"] = "1"       # large files through LFS, which this server speaks (Xet it does not)
 
-Writes need `Authorization: Bearer <token>` of the namespace's owner (401 without a token or with an unknown one,
-403 with another user's token); reads of a private repo need the owner's token. Requests the server does not
-understand answer 404 and are listed in `hub.unknown` (and printed to stderr), so a missing route is obvious.
+Uploads take the two paths the Hub offers. Small files go as regular git blobs, base64 in the commit. A file of
+`lfs_threshold` bytes or more, or one whose name matches a `filter=lfs` pattern of the branch's .gitattributes (a new
+repo's lists *.safetensors), gets "lfs" from preupload: its bytes go to the LFS batch API and an upload URL, the
+commit names them by sha256. With hf_xet installed, `HfApi.upload_folder` hands such files to
+`_upload_pipeline.pipelined_upload` and the Hub's Xet storage instead (a token from
+`/api/models/<repo>/xet-write-token/<revision>`, then Xet's own protocol), which cannot be faked here.
+HF_HUB_DISABLE_XET=1 turns `utils._runtime.is_xet_available()` off: upload_folder then goes through `create_commit`,
+whose `_commit_api._upload_files` uses the LFS batch API.
+
+Writes need `Authorization: Bearer <token>` of the namespace's owner, with write access (401 without a token or with
+an unknown one, 403 with another user's token, a read token, or a fine-grained one without `repo.write` on the
+namespace or the repo); reads of a private repo need the owner's token. /api/whoami-v2 answers in the Hub's shape
+(`auth.accessToken.role`, and `auth.accessToken.fineGrained.scoped` for fine-grained tokens). Requests the server
+does not understand answer 404 and are listed in `hub.unknown` (and printed to stderr), so a missing route is
+obvious.
 """
 
 import base64
@@ -17,7 +30,9 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -26,11 +41,45 @@ import yaml
 KNOWN_LICENSES = {"apache-2.0", "mit", "openrail", "openrail++", "creativeml-openrail-m", "cc-by-4.0",
                   "cc-by-nc-4.0", "bsd-3-clause", "other"}
 _REPO_ID = re.compile(r"([\w.-]+/)?[\w.-]+")
+# Files from this size up go through LFS: the Hub keeps regular git blobs small (huggingface_hub assumes them 5 MB at
+# most: `_commit_api.CommitOperationAdd._local_oid`).
+LFS_THRESHOLD = 5 * 1024 * 1024
 
 
 def git_blob_sha1(content: bytes) -> str:
     """The git object id of a file: what the Hub sends as the ETag of a regular (non-LFS) file."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+@dataclass
+class Token:
+    """An access token as /api/whoami-v2 describes it: `role` "read", "write" or "fineGrained"; a fine-grained one
+    holds permissions per entity in `scoped` (a user or organization name, or a repo id: ["repo.content.read",
+    "repo.write", ...])."""
+    user: str
+    role: str = "write"
+    scoped: dict[str, list[str]] = field(default_factory=dict)
+
+    def may_write(self, repo_id: str) -> bool:
+        if self.role == "fineGrained":
+            return "repo.write" in self.scoped.get(repo_id.split("/")[0], []) + self.scoped.get(repo_id, [])
+        return self.role == "write"
+
+    def whoami(self) -> dict:
+        """/api/whoami-v2's answer for this token, in the Hub's shape (the fields a client reads, and a few more)."""
+        access = {"displayName": f"{self.user}-{self.role}", "role": self.role,
+                  "createdAt": "2025-01-01T00:00:00.000Z"}
+        if self.role == "fineGrained":
+            access["fineGrained"] = {
+                "canReadGatedRepos": False, "global": ["discussion.write", "post.write"],
+                "scoped": [{"entity": {"_id": hashlib.sha1(name.encode()).hexdigest()[:24],
+                                       "type": "model" if "/" in name else "user" if name == self.user else "org",
+                                       "name": name}, "permissions": permissions}
+                           for name, permissions in self.scoped.items()]}
+        return {"type": "user", "id": hashlib.sha1(self.user.encode()).hexdigest()[:24], "name": self.user,
+                "fullname": self.user.capitalize(), "isPro": False, "canPay": False, "periodEnd": None,
+                "avatarUrl": "/avatars/default.svg", "orgs": [],
+                "auth": {"type": "access_token", "accessToken": access}}
 
 
 @dataclass
@@ -65,12 +114,16 @@ class HubError(Exception):
 
 
 class FakeHub:
-    """The server (a thread on 127.0.0.1, a free port) and its state: `repos` by id, the `requests` seen
-    (method and path, never headers) and the `unknown` ones."""
+    """The server (a thread on 127.0.0.1, a free port) and its state: `repos` by id, the LFS objects stored by
+    sha256 (`lfs`), the `requests` seen (method and path, never headers) and the `unknown` ones. `tokens` maps a
+    token to its user (a write token) or to a Token."""
 
-    def __init__(self, tokens: dict[str, str], read_only: tuple[str, ...] = ()):
-        self.tokens, self.read_only = dict(tokens), set(read_only)  # token -> user; tokens that may only read
+    def __init__(self, tokens: dict[str, str | Token], lfs_threshold: int = LFS_THRESHOLD):
+        self.tokens = {token: user if isinstance(user, Token) else Token(user) for token, user in tokens.items()}
+        self.lfs_threshold = lfs_threshold
         self.repos: dict[str, Repo] = {}
+        self.lfs: dict[str, bytes] = {}
+        self._lfs_announced: set[str] = set()  # the sha256 of objects a batch request gave an upload URL
         self.requests: list[str] = []
         self.unknown: list[str] = []
         self.lock = threading.Lock()
@@ -90,8 +143,8 @@ class FakeHub:
 
     # ---- auth ------------------------------------------------------------------------------------------------
 
-    def user(self, authorization: str | None, required: bool) -> str | None:
-        """The user a request's `Authorization` header names; 401 for an unknown token, or for none when required."""
+    def token(self, authorization: str | None, required: bool) -> Token | None:
+        """The token a request's `Authorization` header holds; 401 for an unknown one, or for none when required."""
         if not authorization:
             if required:
                 raise HubError(401, "Invalid username or password.")
@@ -108,25 +161,31 @@ class FakeHub:
             raise HubError(401 if user is None else 404, f"Repository Not Found for {repo_id}", "RepoNotFound")
         return repo
 
-    def writable(self, repo_id: str, user: str) -> Repo:
-        repo = self.readable(repo_id, user)
-        if repo.owner != user:
+    def writable(self, repo_id: str, token: Token) -> Repo:
+        repo = self.readable(repo_id, token.user)
+        if repo.owner != token.user or not token.may_write(repo_id):
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
+        return repo
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> Repo:
+        """A repository with `files` on main, made directly (e.g. a base model for the code under test to read)."""
+        repo = self.repos[repo_id] = Repo(owner=repo_id.split("/")[0], private=private)
+        repo.branches["main"] = self._commit(repo, None, files, "initial commit")
         return repo
 
     # ---- writes ----------------------------------------------------------------------------------------------
 
-    def create_repo(self, user: str, payload: dict) -> tuple[int, dict]:
+    def create_repo(self, token: Token, payload: dict) -> tuple[int, dict]:
         if payload.get("type", "model") != "model":
             raise HubError(400, f"fake hub: only model repos, got type {payload.get('type')!r}")
-        namespace = payload.get("organization") or user
+        namespace = payload.get("organization") or token.user
         repo_id = f"{namespace}/{payload['name']}"
-        if namespace != user:
+        if namespace != token.user or not token.may_write(namespace):
             raise HubError(403, f"You don't have the rights to create a model under the namespace {namespace!r}")
         if repo_id in self.repos:
             return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
         private = payload.get("visibility") == "private" or payload.get("private") is True
-        repo = self.repos[repo_id] = Repo(owner=user, private=private)
+        repo = self.repos[repo_id] = Repo(owner=token.user, private=private)
         first = self._commit(repo, None, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
                              "initial commit")
         repo.branches["main"] = first
@@ -142,7 +201,8 @@ class FakeHub:
         return {}
 
     def commit(self, repo: Repo, revision: str, lines: list[dict]) -> str:
-        """Apply an NDJSON commit (header, then file / deletedFile / deletedFolder lines) to a branch; its id."""
+        """Apply an NDJSON commit (header, then file / lfsFile / deletedFile / deletedFolder lines) to a branch; its
+        id. An lfsFile line names, by sha256, an object uploaded through LFS."""
         if revision not in repo.branches:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         head = repo.branches[revision]
@@ -154,16 +214,51 @@ class FakeHub:
             key, value = line["key"], line["value"]
             if key == "file" and value.get("encoding") == "base64":
                 files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                if value.get("oid") not in self.lfs:
+                    raise HubError(422, f"LFS object {value.get('oid')} of {value['path']} was never uploaded")
+                files[value["path"]] = self.lfs[value["oid"]]
             elif key == "deletedFile":
                 files.pop(value["path"], None)
             elif key == "deletedFolder":
                 prefix = value["path"].rstrip("/") + "/"
                 files = {p: c for p, c in files.items() if not p.startswith(prefix)}
             else:
-                raise HubError(422, f"fake hub: commit line {key!r} not supported (no LFS here)")
+                raise HubError(422, f"fake hub: commit line {key!r} not supported")
         commit_id = self._commit(repo, head, files, header.get("summary", ""))
         repo.branches[revision] = commit_id
         return commit_id
+
+    def upload_mode(self, repo: Repo, revision: str, file: dict) -> dict:
+        """preupload's answer for one file: "lfs" from `lfs_threshold` bytes up or for a name matching a `filter=lfs`
+        pattern of the branch's .gitattributes, else "regular"; `oid` is the current content's (sha256 for LFS, the
+        git blob id otherwise), so that huggingface_hub skips an unchanged file."""
+        files = repo.files(revision)
+        patterns = [line.split()[0] for line in files.get(".gitattributes", b"").decode().splitlines()
+                    if "filter=lfs" in line]
+        lfs = file["size"] >= self.lfs_threshold or any(fnmatch(PurePosixPath(file["path"]).name, pattern)
+                                                        for pattern in patterns)
+        current = files.get(file["path"])
+        oid = None if current is None else hashlib.sha256(current).hexdigest() if lfs else git_blob_sha1(current)
+        return {"path": file["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+
+    def lfs_batch(self, payload: dict) -> dict:
+        """The LFS batch API, operation "upload", basic transfer: an upload URL for each object not stored yet."""
+        if payload.get("operation") != "upload":
+            raise HubError(400, f"fake hub: LFS batch operation {payload.get('operation')!r} not supported")
+        objects = []
+        for obj in payload["objects"]:
+            objects.append({"oid": obj["oid"], "size": obj["size"]})
+            if obj["oid"] not in self.lfs:
+                self._lfs_announced.add(obj["oid"])
+                objects[-1]["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{obj['oid']}"}}
+        return {"transfer": "basic", "objects": objects}
+
+    def lfs_upload(self, oid: str, content: bytes) -> None:
+        """The PUT of an object's bytes to its upload URL (presigned storage on the Hub: no token)."""
+        if oid not in self._lfs_announced or hashlib.sha256(content).hexdigest() != oid:
+            raise HubError(400, f"LFS upload of {oid}: not announced by a batch request, or other bytes")
+        self.lfs[oid] = content
 
     def _commit(self, repo: Repo, parent: str | None, files: dict[str, bytes], message: str) -> str:
         self._commits += 1
@@ -235,6 +330,8 @@ def validate_readme(content: str) -> list[str]:
 _MODEL_ROUTE = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<action>revision|tree|preupload|commit|branch|refs)"
                           r"(?:/(?P<rev>[^/]+)(?P<path>/.*)?)?)?")
 _RESOLVE_ROUTE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+_LFS_BATCH_ROUTE = re.compile(r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch")
+_LFS_UPLOAD_ROUTE = re.compile(r"/lfs-upload/(?P<oid>[0-9a-f]{64})")
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -248,6 +345,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._serve()
 
         def do_POST(self):
+            self._serve()
+
+        def do_PUT(self):
             self._serve()
 
         def log_message(self, format, *args):  # quiet: `hub.requests` keeps the method and path
@@ -287,21 +387,25 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _route(self, path: str, query: dict, body: bytes) -> tuple[int, dict | list | bytes, dict]:
             auth, method = self.headers.get("Authorization"), self.command
             if method == "GET" and path == "/api/whoami-v2":
-                user = hub.user(auth, required=True)
-                role = "read" if auth.removeprefix("Bearer ").strip() in hub.read_only else "write"
-                return 200, {"type": "user", "name": user,
-                             "auth": {"type": "access_token", "accessToken": {"role": role}}}, {}
+                return 200, hub.token(auth, required=True).whoami(), {}
             if method == "POST" and path == "/api/validate-yaml":
                 errors = validate_readme(json.loads(body)["content"])
                 return (400 if errors else 200), {"errors": [{"message": e} for e in errors], "warnings": []}, {}
             if method == "POST" and path == "/api/repos/create":
-                status, payload = hub.create_repo(hub.user(auth, required=True), json.loads(body))
+                status, payload = hub.create_repo(hub.token(auth, required=True), json.loads(body))
                 return status, payload, {}
+            if method == "POST" and (match := _LFS_BATCH_ROUTE.fullmatch(path)) is not None:
+                hub.writable(unquote(match["repo"]), hub.token(auth, required=True))
+                return 200, hub.lfs_batch(json.loads(body)), {"Content-Type": "application/vnd.git-lfs+json"}
+            if method == "PUT" and (match := _LFS_UPLOAD_ROUTE.fullmatch(path)) is not None:
+                hub.lfs_upload(match["oid"], body)
+                return 200, b"", {}
             if (match := _MODEL_ROUTE.fullmatch(path)) is not None:
                 return self._model_route(match, query, body, auth)
             if (match := _RESOLVE_ROUTE.fullmatch(path)) is not None and method in ("GET", "HEAD") \
                     and "Range" not in self.headers:
-                repo = hub.readable(unquote(match["repo"]), hub.user(auth, required=False))
+                token = hub.token(auth, required=False)
+                repo = hub.readable(unquote(match["repo"]), token and token.user)
                 commit_id, content = hub.resolve_file(repo, unquote(match["rev"]), unquote(match["path"]))
                 return 200, content, {"X-Repo-Commit": commit_id, "ETag": f'"{git_blob_sha1(content)}"',
                                       "Content-Type": "application/octet-stream"}
@@ -311,7 +415,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo_id, action, method = match["repo"], match["action"], self.command
             revision, path = unquote(match["rev"] or "main"), unquote((match["path"] or "").lstrip("/"))
             if method == "GET" and action in (None, "revision", "tree", "refs"):
-                repo = hub.readable(repo_id, hub.user(auth, required=False))
+                token = hub.token(auth, required=False)
+                repo = hub.readable(repo_id, token and token.user)
                 if action == "tree":
                     recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
                     return 200, hub.tree(repo, revision, path, recursive), {}
@@ -320,24 +425,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                                               for b, c in repo.branches.items()], "converts": [], "tags": []}, {}
                 return 200, hub.model_info(repo_id, repo, revision), {}
             if method == "POST" and action in ("preupload", "commit", "branch") and not path:
-                repo = hub.writable(repo_id, hub.user(auth, required=True))
+                repo = hub.writable(repo_id, hub.token(auth, required=True))
                 if action == "branch":
                     return 200, hub.create_branch(repo, revision, json.loads(body or b"{}")), {}
                 if action == "preupload":
                     hub._resolve(repo, revision)
-                    return 200, {"files": [self._upload_mode(repo, revision, f)
-                                           for f in json.loads(body)["files"]]}, {}
+                    return 200, {"files": [hub.upload_mode(repo, revision, f) for f in json.loads(body)["files"]]}, {}
                 lines = [json.loads(line) for line in body.splitlines() if line.strip()]
                 commit_id = hub.commit(repo, revision, lines)
                 return 200, {"success": True, "commitOid": commit_id,
                              "commitUrl": f"{hub.url}/{repo_id}/commit/{commit_id}"}, {}
             return self._unknown()
-
-        @staticmethod
-        def _upload_mode(repo: Repo, revision: str, file: dict) -> dict:
-            current = repo.commits[repo.resolve(revision)].files.get(file["path"])
-            return {"path": file["path"], "uploadMode": "regular", "shouldIgnore": False,
-                    "oid": git_blob_sha1(current) if current is not None else None}
 
         def _unknown(self):
             line = f"{self.command} {self.path}"

@@ -2,7 +2,8 @@
 
 huggingface_hub reads HF_ENDPOINT at import and this process runs offline (conftest), so every client, the push
 and the downstream load alike, runs in a subprocess pointed at the fake Hub, with its own HF_HOME (no real cache or
-login is touched).
+login is touched) and HF_HUB_DISABLE_XET=1: huggingface_hub then uploads large files through LFS, which the fake Hub
+speaks, rather than through Xet, which it cannot.
 """
 
 import hashlib
@@ -29,7 +30,7 @@ from finetune.config import HubConfig, config_yaml, load_config
 from finetune.hub import HubPushError, model_card, push
 
 from .conftest import TINY_RUN
-from .fake_hub import FakeHub
+from .fake_hub import FakeHub, Token
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "finetune" / "train.py")
@@ -44,7 +45,7 @@ READ_TOKEN = "hf_TestAliceRead0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def hub():
-    with FakeHub({TOKEN: "alice", BOB_TOKEN: "bob", READ_TOKEN: "alice"}, read_only=(READ_TOKEN,)) as server:
+    with FakeHub({TOKEN: "alice", BOB_TOKEN: "bob", READ_TOKEN: Token("alice", "read")}) as server:
         yield server
 
 
@@ -60,7 +61,7 @@ def no_unknown_routes(request):
 def _client_env(hub: FakeHub, home: Path, token: str | None = TOKEN, endpoint: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE"))}
     env.update(HF_ENDPOINT=endpoint or hub.url, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_VERBOSITY="debug", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+               HF_HUB_DISABLE_XET="1", HF_HUB_VERBOSITY="debug", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     if token:
         env["HF_TOKEN"] = token
     return env
@@ -107,7 +108,8 @@ def _made_output(folder: Path, *overrides: str) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(config_yaml(config))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": ["pipeline_text2image_ddpm",
-                                                                         "TextToImageDDPMPipeline"]}))
+                                                                         "TextToImageDDPMPipeline"],
+                                                         "scheduler": ["scheduling_ddpm", "DDPMScheduler"]}))
     (folder / "unet").mkdir()
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(2048))
     _png(folder / "samples" / "step-4.png")
@@ -149,6 +151,10 @@ def test_model_card_of_a_pipeline_trained_from_scratch(made_output):
             '    num_inference_steps=2,\n    guidance_scale=1.0,\n'
             '    generator=torch.Generator().manual_seed(0),\n).images') in _python_block(card)
     compile(_python_block(card), "snippet", "exec")
+    assert "With torch, diffusers and transformers (this project is not needed)" in card
+    assert ("`trust_remote_code=True` runs the Python files this repository ships, as finetune-ddpm writes them: "
+            "`pipeline_text2image_ddpm.py` (the pipeline: ") in card
+    assert "and `scheduler/scheduling_ddpm.py` (the DDPM scheduler: " in card
     for row in ("| steps | 4 |", "| effective batch | 4 (4 per process x 1 accumulation x 1 process) |",
                 "| resolution | 8 px |", "| learning rate | 0.001 peak, cosine schedule, 0 warm-up steps |",
                 "| precision | fp32 |", "| EMA | on (max decay 0.999) |", "| text encoder | trained |",
@@ -157,7 +163,10 @@ def test_model_card_of_a_pipeline_trained_from_scratch(made_output):
     assert "## Evaluation" not in card and "LoRA" not in card
 
 
-def test_model_card_of_a_lora_on_a_hub_base_with_an_evaluation(tmp_path):
+def test_model_card_of_a_lora_on_a_hub_base_with_an_evaluation(tmp_path, monkeypatch):
+    """Offline (conftest) and with an empty cache, the base cannot be inspected: no trust_remote_code (tests/
+    test_hub_security.py has the bases that can)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     folder = _made_output(tmp_path / "run", "model.pretrained_model_name_or_path=someone/base-ddpm",
                           "model.train_text_encoder=false", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
                           "data.source=hf", "data.path=someone/captions", "data.num_samples=null",
@@ -178,9 +187,11 @@ def test_model_card_of_a_lora_on_a_hub_base_with_an_evaluation(tmp_path):
                     "tags": ["text-to-image", "diffusers", "diffusers-training", "lora", "ddpm"]}
     assert "LoRA adapters for [someone/base-ddpm](/someone/base-ddpm): rank 4, alpha 8" in card
     assert "![sample grid at step 200](samples/step-200.png)" in card
-    assert ('pipe = DiffusionPipeline.from_pretrained("someone/base-ddpm", trust_remote_code=True)\n'
+    assert ('pipe = DiffusionPipeline.from_pretrained("someone/base-ddpm")\n'
             'pipe.load_lora_weights("alice/tiny-lora", weight_name="pytorch_lora_weights.safetensors", '
             'revision="v2")\n') in _python_block(card)
+    assert "With torch, diffusers, transformers and peft (this project is not needed)" in card  # load_lora_weights
+    assert "The base could not be inspected when this card was written" in card
     assert "up to rounding (the run sampled under bf16 autocast)" in card
     for row in ("| effective batch | 24 (4 per process x 2 accumulation x 3 processes) |",
                 "| LoRA | rank 4, alpha 8, on attn2.to_q, attn2.to_k, attn2.to_v, attn2.to_out.0 |",
@@ -270,6 +281,8 @@ def test_lora_round_trip_on_a_branch(hub, lora_run, pipeline_run, tmp_path):
         repo.files("v1").keys()
     card = (lora_run / "README.md").read_text()
     assert f'DiffusionPipeline.from_pretrained("{pipeline_run}", trust_remote_code=True)' in card
+    assert "runs the Python files the base ships, as finetune-ddpm writes them: `pipeline_text2image_ddpm.py`" in card
+    assert f"Read them in the local pipeline `{pipeline_run}` before you run them." in card
     assert 'pipe.load_lora_weights("alice/tiny-lora", weight_name="pytorch_lora_weights.safetensors", ' \
            'revision="v1")' in card
     assert yaml.safe_load(card.split("---\n")[1])["tags"][3] == "lora"
@@ -310,6 +323,41 @@ def test_checkpoints_stay_local_unless_asked_for(hub, made_output):
     assert files["checkpoint-4/model.safetensors"] == (made_output / "checkpoint-4" / "model.safetensors").read_bytes()
     assert "checkpoint-2/manifest.json" in files
     assert not [path for path in files if ".tmp-checkpoint" in path]  # one still being written never goes
+
+
+def test_a_large_file_goes_through_lfs_intact(hub, made_output):
+    """A file from the fake Hub's LFS size up (a tensorboard log here, 5 MiB), and the UNet weights (*.safetensors,
+    LFS by the repo's .gitattributes), go through the LFS batch API and a PUT of their bytes, not base64 in the commit,
+    and arrive byte for byte. (With hf_xet installed, huggingface_hub would send them through Xet, which the fake Hub
+    cannot speak: _client_env sets HF_HUB_DISABLE_XET=1.)"""
+    large = made_output / "logs" / "finetune" / "events.out.tfevents.2.host"
+    large.write_bytes(os.urandom(hub.lfs_threshold + 1024))
+    weights = made_output / "unet" / "diffusion_pytorch_model.safetensors"
+    before = len(hub.requests)
+    result = _push(hub, made_output, "--hub-model-id", "alice/large")
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub.repos["alice/large"].files()
+    assert files["logs/finetune/events.out.tfevents.2.host"] == large.read_bytes()
+    assert files["unet/diffusion_pytorch_model.safetensors"] == weights.read_bytes()
+    requests = hub.requests[before:]
+    assert "POST /alice/large.git/info/lfs/objects/batch" in requests
+    for path in (large, weights):
+        assert f"PUT /lfs-upload/{hashlib.sha256(path.read_bytes()).hexdigest()}" in requests, path
+    assert files["config.yaml"] == (made_output / "config.yaml").read_bytes()  # small text: a regular blob
+    assert len([r for r in requests if r.startswith("PUT ")]) == 2
+
+
+def test_a_failed_xet_upload_says_why_and_how_to_fix_it(hub, made_output):
+    """With hf_xet on, huggingface_hub sends large files to the Hub's Xet storage, which the fake Hub does not serve
+    (as when a network lets the Hub through but not its Xet storage): one line with the cause and the fix."""
+    env = {**_client_env(hub, made_output.parent / "hf-home"), "HF_HUB_DISABLE_XET": "0"}
+    result = subprocess.run([sys.executable, "-m", "finetune.hub", str(made_output), "--hub-model-id", "alice/xet"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [message] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert message.startswith("error: cannot push to alice/xet: could not reach http://127.0.0.1:"), message
+    assert "xet-write-token" in message and "set HF_HUB_DISABLE_XET=1 to upload through LFS" in message
+    assert hub.unknown.pop() == "GET /api/models/alice/xet/xet-write-token/main"  # the Xet route the fake lacks
 
 
 def test_push_checkpoint_uploads_that_folder_only(hub, made_output):
