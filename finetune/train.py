@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                 skip = accelerator.sync_gradients and guard.skip_step(accelerator, loss, grad_norm, step + 1,
                                                                       batch["key"])
                 if not skip:
-                    optimizer.step()
+                    guard.step(optimizer)  # under fp16 the loss scaler may skip it
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if skip:
