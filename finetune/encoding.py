@@ -9,19 +9,19 @@ and reach a GPU through pinned memory, without a host sync. The batch's pixels c
 [-1, 1] on the device.
 """
 
+import zlib
+
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .data.transforms import check_uint8, to_unit_range
-
-FINGERPRINT_VALUES = 8192
 
 
 class BatchEncoder:
     def __init__(self, vae, text_encoder, text_trains: bool, cache: bool):
         self.vae, self.text_encoder, self.text_trains, self.cache = vae, text_encoder, text_trains, cache
         self.latent_cache: dict[str, torch.Tensor] = {}
-        self.fingerprints: dict[str, tuple[float, float]] = {}
+        self.fingerprints: dict[str, tuple[tuple[int, ...], int]] = {}
         self.text_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def samples(self, batch: dict, device: torch.device) -> torch.Tensor:
@@ -49,12 +49,11 @@ class BatchEncoder:
 
     def _check_keys(self, keys: list[str], pixels: torch.Tensor) -> None:
         """The latent cache is keyed by sample key: a key that comes back with other pixels would train on the
-        wrong image, so it is an error. A cheap fingerprint of the pixels is kept per key: the sum and the sum of
-        squares of about FINGERPRINT_VALUES values spread evenly over the image (all of them for an image that
-        small). Summing every value of a batch of 8 at 512 px took an H200 run's host about 70 ms a step."""
-        stride = max(1, pixels[0].numel() // FINGERPRINT_VALUES)
-        values = pixels.flatten(1)[:, ::stride].double()
-        for key, fingerprint in zip(keys, zip(values.sum(1).tolist(), values.square().sum(1).tolist())):
+        wrong image, so it is an error. Each key keeps its image's size and a CRC-32 of every byte of it: any
+        changed pixel shows. (0.9 ms for a batch of 8 at 512 px on this project's CPU, against about 20 ms to
+        decode them; double-precision sums of every value took an H200 run's host about 70 ms a step.)"""
+        for key, image in zip(keys, pixels.cpu()):
+            fingerprint = (tuple(image.shape), zlib.crc32(image.contiguous().numpy()))
             if self.fingerprints.setdefault(key, fingerprint) != fingerprint:
                 raise ValueError(f"sample key {key!r} names two different images, but data.cache keeps one encoding "
                                  "per key: the data's keys must be unique and the same every epoch. Make them so, "

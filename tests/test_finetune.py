@@ -251,6 +251,22 @@ def test_cache_refuses_a_key_that_names_two_images(tiny_sd_folder):
         encoder.samples({"key": ["a"], "pixel_values": pixels[1:]}, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("change", ["one value", "two values swapped"])
+def test_the_cache_key_check_sees_every_pixel(change):
+    """One value off by one anywhere in a 128 px image, or two values swapped (same sums), is another image."""
+    encoder = BatchEncoder(None, None, text_trains=False, cache=True)
+    image = torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8)
+    other = image.clone()
+    if change == "one value":
+        other.view(-1)[1] += 1
+    else:
+        image.view(-1)[1:3] = torch.tensor([7, 9], dtype=torch.uint8)
+        other.view(-1)[1:3] = torch.tensor([9, 7], dtype=torch.uint8)
+    encoder._check_keys(["k"], image)
+    with pytest.raises(ValueError, match="sample key 'k' names two different images"):
+        encoder._check_keys(["k"], other)
+
+
 @pytest.mark.slow
 def test_the_sd_laion_recipe_runs_on_a_tiny_base(tiny_sd_folder, tiny_shards, tmp_path):
     """configs/sd15-lora-laion.yaml as shipped (bf16, resampled shards, workers, filters, resume: latest), with
