@@ -100,7 +100,9 @@ class StepLogger:
         self.progress.update(1)
         if step % self.every and not last:
             return
-        loss, grad_norm = (self.loss_sum / self.count).item(), float(grad_norm)  # wait for the steps to finish
+        # The mean over all processes, as diffusers' scripts log it (each process's mean covers as many steps).
+        loss = self.accelerator.reduce(self.loss_sum / self.count, reduction="mean").item()
+        grad_norm = float(grad_norm)  # (both wait for the steps to finish)
         # Windows follow each other without a gap: each counts the wait above and the previous window's logging.
         now = time.perf_counter()
         step_time = (now - self.start) / (step - self.start_step)

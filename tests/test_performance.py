@@ -103,7 +103,8 @@ def test_logged_step_times_cover_the_whole_run(monkeypatch):
         logged.append(logs["step_time"])
         clock[0] += 0.5  # slow logging
 
-    accelerator = SimpleNamespace(is_main_process=False, device=torch.device("cpu"), num_processes=1, log=log)
+    accelerator = SimpleNamespace(is_main_process=False, device=torch.device("cpu"), num_processes=1, log=log,
+                                  reduce=lambda tensor, reduction: tensor)
     logger = progress.StepLogger(accelerator, TrainConfig(max_train_steps=4, logging_steps=1), 0)
     for step in range(1, 5):
         clock[0] += 1.0  # the step itself
@@ -111,3 +112,23 @@ def test_logged_step_times_cover_the_whole_run(monkeypatch):
         logger.step(step, step == 4, 0.1, torch.tensor(1.0))
     assert logged == [1.0, 1.5, 1.5, 1.5]
     assert sum(logged) == clock[0] - 0.5  # all but the last window's own logging
+
+
+def test_the_logged_loss_is_the_mean_over_processes():
+    """Each process's mean loss since the last log, averaged over the processes (here the other process's mean is
+    3.0): not the main process's alone."""
+    from finetune import progress
+
+    logged, reduced = [], []
+
+    def reduce(tensor, reduction):
+        reduced.append(reduction)
+        return (tensor + 3.0) / 2  # the mean with the other process's 3.0
+
+    accelerator = SimpleNamespace(is_main_process=False, device=torch.device("cpu"), num_processes=2,
+                                  log=lambda logs, step: logged.append(logs["loss"]), reduce=reduce)
+    logger = progress.StepLogger(accelerator, TrainConfig(max_train_steps=2, logging_steps=2), 0)
+    for step, loss in [(1, 0.5), (2, 1.5)]:
+        logger.add(torch.tensor(loss))
+        logger.step(step, step == 2, 0.1, torch.tensor(1.0))
+    assert logged == [2.0] and reduced == ["mean"]
