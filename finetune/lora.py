@@ -89,12 +89,23 @@ def save(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.M
     layers, metadata = {}, {}
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
         if model is not None:
-            layers[f"{prefix}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            layers[f"{prefix}_lora_layers"] = _full_magnitude_names(state) if prefix == "text_encoder" else state
             adapter = model.peft_config["default"].to_dict()  # sets sorted: the same run, the same metadata
             adapter = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
             metadata[f"{prefix}_lora_adapter_metadata"] = {**adapter, "lora_dropout": 0.0}
     StableDiffusionLoraLoaderMixin.save_lora_weights(output_dir, **layers, **metadata, weight_name=WEIGHT_NAME)
     return Path(output_dir) / WEIGHT_NAME
+
+
+def _full_magnitude_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DoRA's magnitudes under the name of the parameter they are, `...lora_magnitude_vector.weight`, for the text
+    encoder. peft writes `...lora_magnitude_vector` (its format from before the magnitude became a layer) and its
+    own loader, `set_peft_model_state_dict`, adds the `.weight` back; it takes both forms, and loads the UNet.
+    diffusers hands the text encoder's keys to transformers' `load_adapter`, which from transformers 5 renames them
+    itself (`lora_*` to `lora_*.<adapter>`, peft's `build_peft_weight_mapping`): without `.weight` it reports every
+    magnitude unexpected, leaves it at the base's weight norms and loads the rest, a silently different encoder."""
+    return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value for key, value in state.items()}
 
 
 class AdapterCheckpoints:
