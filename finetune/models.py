@@ -5,9 +5,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
@@ -27,10 +29,12 @@ class Components:
     text_encoder: transformers.PreTrainedModel
     tokenizer: transformers.PreTrainedTokenizerBase
     vae: AutoencoderKL | None = None
+    sampler: SchedulerMixin | None = None
+    """What samples, when not `scheduler`: for a LoRA, the base's own scheduler, which samples it downstream."""
 
     def pipeline(self) -> TextToImageDDPMPipeline:
-        return TextToImageDDPMPipeline(unet=self.unet, scheduler=self.scheduler, text_encoder=self.text_encoder,
-                                       tokenizer=self.tokenizer, vae=self.vae)
+        return TextToImageDDPMPipeline(unet=self.unet, scheduler=self.sampler or self.scheduler,
+                                       text_encoder=self.text_encoder, tokenizer=self.tokenizer, vae=self.vae)
 
 
 def build_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTokenizerFast:
@@ -134,6 +138,32 @@ def _load_weights(cls, path: str, subfolder: str, weights: dict):
                          f"({'only' if local.is_dir() else 'perhaps only'} pickle-based .bin ones, and loading a "
                          "pickle can run code). Convert the base to safetensors, or set model.use_safetensors=false "
                          "if you trust where it came from") from error
+
+
+def sample_as_downstream(config: ModelConfig, components: Components) -> None:
+    """For a LoRA run. A LoRA file carries the adapters only, so downstream the base's own scheduler samples them:
+    refuse settings that would change the schedule, and draw validation grids with that scheduler."""
+    changed = changed_schedule(config, components.scheduler)
+    if changed:
+        raise ValueError(f"{'; '.join(changed)}: a LoRA file carries the adapters only, so downstream the base's own "
+                         "scheduler would sample them. Leave these null for a LoRA run, or fine-tune in full "
+                         "(lora.enabled: false)")
+    components.sampler = base_scheduler(config)
+
+
+def base_scheduler(config: ModelConfig) -> SchedulerMixin:
+    """The scheduler the base pipeline loads itself, in its own class (PNDM for SD-1.x): what samples a LoRA on it
+    downstream."""
+    path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
+    library, name = DiffusionPipeline.load_config(path, **where)["scheduler"]
+    if library == "diffusers":
+        cls = getattr(diffusers, name)
+    elif (library, name) == ("scheduling_ddpm", "DDPMScheduler"):  # a pipeline this project wrote
+        cls = DDPMScheduler
+    else:
+        raise ValueError(f"{path}: its scheduler is custom code ({library}.{name}), which samples a LoRA downstream; "
+                         "this trainer cannot draw validation grids with it. Use a base with a diffusers scheduler")
+    return cls.from_pretrained(path, subfolder="scheduler", **where)
 
 
 def _has(index: dict, name: str) -> bool:

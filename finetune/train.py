@@ -6,6 +6,7 @@
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -30,7 +31,7 @@ from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import check_in_sync, finish
 from .encoding import BatchEncoder
-from .models import Components, build_components, changed_schedule, check_objective, load_components, trainable
+from .models import Components, build_components, check_objective, load_components, sample_as_downstream, trainable
 from .nonfinite import NonFiniteGuard
 from .objective import (
     diffusion_loss,
@@ -89,12 +90,8 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
         raise ValueError(f"{config.model.pretrained_model_name_or_path}: the VAE makes "
                          f"{components.vae.config.latent_channels}-channel latents but the UNet takes "
                          f"{components.unet.config.in_channels} channels")
-    changed = changed_schedule(config.model, components.scheduler) if config.lora.enabled else []
-    if changed:
-        raise ValueError(f"{'; '.join(changed)}: a LoRA file carries "
-                         "the adapters only, so downstream the base's own scheduler would sample them. Leave these "
-                         "null for a LoRA run, or fine-tune in full (lora.enabled: false)")
     if config.lora.enabled:
+        sample_as_downstream(config.model, components)  # with the base's own scheduler, unchanged
         trained = lora.attach(components, config.lora, autocast=accelerator.mixed_precision != "no")
     else:
         components.text_encoder.requires_grad_(config.model.train_text_encoder)
@@ -138,7 +135,7 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
         model.eval()
     try:
         with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            yield Components(models[0], components.scheduler, models[1], components.tokenizer, components.vae)
+            yield dataclasses.replace(components, unet=models[0], text_encoder=models[1])
     finally:
         for ema, model in zip(emas, models):
             ema.restore(trainable(model))

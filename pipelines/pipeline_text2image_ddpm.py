@@ -7,6 +7,7 @@ torch, diffusers and transformers installed:
     image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
 """
 
+import inspect
 import itertools
 import json
 import os
@@ -204,6 +205,9 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
             latents = latents.to(device=device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
+        # Only a scheduler whose step draws noise takes the generator (PNDM's and LMS's `step` refuse it).
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
         trajectory = [latents] if return_trajectory else None
         pred_original_samples = [] if return_trajectory else None
 
@@ -216,7 +220,7 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 if do_guidance:
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
-                step = self.scheduler.step(noise_pred, t, latents, generator=generator, return_dict=True)
+                step = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
                 latents = step.prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": prompt_embeds,

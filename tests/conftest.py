@@ -9,6 +9,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# The real bases' configs and CLIP's BPE vocabulary (../shared/fixtures/real-configs/README.md), beside the project.
+REAL_CONFIGS = ROOT.parent / "shared" / "fixtures" / "real-configs"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -77,9 +79,10 @@ def clip_tokenizer(folder: Path):
 
 
 def build_tiny_sd_pipeline(folder: Path):
-    """A Stable-Diffusion-shaped pipeline (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer,
-    diffusers' DDPMScheduler) with every width shrunk, built from config dicts: 16 px images, 8 px latents."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """A Stable-Diffusion-shaped pipeline (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer) with
+    every width shrunk, built from config dicts, and SD-1.5's own scheduler: PNDM, with its config as published
+    (../shared/fixtures/real-configs/sd15). 16 px images, 8 px latents."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -95,8 +98,7 @@ def build_tiny_sd_pipeline(folder: Path):
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
                                 attention_head_dim=2, norm_num_groups=4)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                              clip_sample=False)
+    scheduler = PNDMScheduler.from_pretrained(REAL_CONFIGS / "sd15", subfolder="scheduler")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

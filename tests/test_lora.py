@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from finetune import lora
 from finetune.config import LoraConfig, ModelConfig
-from finetune.models import load_components
+from finetune.models import load_components, sample_as_downstream
 from pipelines import TextToImageDDPMPipeline
 
 
@@ -35,7 +35,10 @@ def _sample(pipe, **kwargs):
 
 
 def _adapted(folder, autocast=False, **lora_kwargs):
-    components = load_components(ModelConfig(pretrained_model_name_or_path=str(folder)))
+    """The base's components with adapters (perturbed), sampling as the trainer samples a LoRA run."""
+    config = ModelConfig(pretrained_model_name_or_path=str(folder))
+    components = load_components(config)
+    sample_as_downstream(config, components)
     trained = lora.attach(components, LoraConfig(enabled=True, **lora_kwargs), autocast=autocast)
     _perturb(trained)
     return components, trained

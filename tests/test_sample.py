@@ -201,3 +201,21 @@ def test_clear_errors(base, adapted, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_on_a_pndm_base_samples_and_evaluates(tiny_sd_folder, tmp_path):
+    """SD-1.5's own scheduler, PNDM (what samples a LoRA on it downstream), takes no generator in `step`: sampling
+    and evaluating a LoRA output on such a base crashed there."""
+    from finetune import evaluate
+
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    lora.attach(components, LoraConfig(enabled=True))
+    folder = tmp_path / "lora"
+    lora.save(folder, components.unet, None)
+    save_config(load_config(None, [f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                                   "data.resolution=16", "model.train_text_encoder=false"]), folder / "config.yaml")
+    out = sample.main([str(folder), "a red circle", "--num-inference-steps", "3", "--num-images-per-prompt", "2"])
+    assert json.loads((out / "settings.json").read_text())["scheduler"] == "PNDMScheduler"
+    report = evaluate.main([str(folder), "--colors", "red", "--num-images-per-prompt", "1", "--num-inference-steps",
+                            "3", "--no-save"])
+    assert report["num_images"] == 3

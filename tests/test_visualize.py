@@ -12,7 +12,7 @@ from finetune.config import ModelConfig
 from finetune.data import shapes
 from finetune.data.transforms import decode_rgb, to_tensor
 from finetune.models import build_components
-from pipelines import TextToImageDDPMPipeline
+from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 
 from .conftest import TINY_MODEL
 
@@ -28,8 +28,10 @@ def pixel_pipeline():
 
 @pytest.fixture(scope="module")
 def latent_pipeline(tiny_sd_folder):
-    """A tiny Stable-Diffusion-shaped pipeline (VAE, 8 px latents, 16 px images) loaded as this project's pipeline."""
+    """A tiny Stable-Diffusion-shaped pipeline (VAE, 8 px latents, 16 px images) loaded as this project's pipeline,
+    sampling with DDPM, whose steps predict x_0 (the base's own PNDM predicts none)."""
     pipe = TextToImageDDPMPipeline.from_pretrained(tiny_sd_folder)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
