@@ -71,7 +71,8 @@ class BatchEncoder:
     @staticmethod
     def _cached(cache: dict, keys: list, inputs: torch.Tensor, encode) -> torch.Tensor:
         """Rows for `keys`, encoding (in one batch) and storing on the CPU the rows not seen before."""
-        missing = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in cache}.values())
+        # In batch order (the encoders' roundings depend on a row's place in the batch), each key's first row.
+        missing = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in cache}.values())
         if missing:
             for i, row in zip(missing, encode(inputs[missing])):
                 cache[keys[i]] = row.cpu()
