@@ -169,7 +169,7 @@ class DataConfig:
 
     source: Literal["builtin", "webdataset", "imagefolder", "hf", "parquet"] = "builtin"
     """`builtin`: the rendered-shapes set (written on first use); `webdataset`: tar shards; `imagefolder`: a
-    folder of images with `metadata.jsonl` / `metadata.csv` (HF datasets imagefolder) or with a `.txt` caption
+    folder of images with `metadata.jsonl` / `metadata.csv` (the HF imagefolder layout) or with a `.txt` caption
     beside each image; `hf`: a HF datasets dataset (saved with `save_to_disk`, or a name for `load_dataset`);
     `parquet`: parquet files with image bytes (or paths) and captions."""
     path: str | None = None
@@ -205,7 +205,8 @@ class DataConfig:
     """imagefolder / hf / parquet: the column holding the caption (a string or a list of them); webdataset: the
     json field used when a sample has no `.txt`."""
     image_column: str = "image"
-    """imagefolder / hf / parquet: the column holding the image (bytes, an HF image, or a path)."""
+    """hf / parquet: the column holding the image (bytes, an HF image, or a path). imagefolder metadata names each
+    image in its `file_name` column."""
     split: str = "train"
     """hf: the split to train on."""
     streaming: bool = False
@@ -220,7 +221,18 @@ class DataConfig:
     """LAION metadata filters."""
     max_image_pixels: int = 89_478_485
     """Images with more pixels than this (read from the header, before decoding) are skipped as decompression
-    bombs; Pillow's own limit by default."""
+    bombs; Pillow's own limit by default. Set higher, Pillow's limit is raised to it for these decodes only."""
+    allow_outside_paths: bool = False
+    """parquet / imagefolder: read image paths (in a parquet cell or the `file_name` of `metadata.jsonl` /
+    `metadata.csv`) that lead outside the dataset's folder: absolute, climbing out with `..`, or through a
+    symlink. Off by default because the data then chooses which files training reads, and a table from elsewhere
+    could name any file this user can read; such a row is skipped with a warning and counted as a bad sample.
+    Turn it on for trusted data whose images live elsewhere."""
+    allow_pipe_urls: bool = False
+    """webdataset: open `pipe:` shard URLs (`pipe:aws s3 cp s3://bucket/00000.tar -`), which webdataset runs as
+    shell commands. Off by default because a data path (often pasted, generated or shared in a config) should not
+    run commands on the training machines: a `pipe:` shard is then refused when the source is built. Turn it on
+    for commands you wrote."""
     max_bad_fraction: float = 0.1
     """Stop with an error when more than this share of the samples read (after the first 100) is unreadable:
     a few bad samples are skipped, a broken dataset is not trained on."""
@@ -259,6 +271,12 @@ class DataConfig:
             problems.append("data.persistent_workers: true needs data.num_workers >= 1 (there are no workers to keep)")
         if self.source != "hf" and (self.streaming or self.split != "train"):
             problems.append(f"data.streaming / data.split: only data.source: hf reads them (got {self.source!r})")
+        if self.allow_outside_paths and self.source not in ("parquet", "imagefolder"):
+            problems.append(f"data.allow_outside_paths: only parquet and imagefolder data name image paths (got "
+                            f"data.source={self.source!r}); remove it")
+        if self.allow_pipe_urls and self.source != "webdataset":
+            problems.append(f"data.allow_pipe_urls: only webdataset shards are opened by URL (got "
+                            f"data.source={self.source!r}); remove it")
         if self.cache and self.streaming:
             problems.append("data.cache: a streamed dataset has no stable sample keys to cache by; set data.cache: "
                             "false or data.streaming: false")

@@ -2,9 +2,11 @@
 
 import io
 import json
+import logging
 import random
 import tarfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 
 from finetune.config import DataConfig, FilterConfig
 from finetune.data import ImageTextStream, WebDatasetSource, failed_filter, pick_caption
-from finetune.data.transforms import decode_rgb
+from finetune.data.transforms import PILLOW_LIMIT, ImageTooLarge, decode_rgb
 from finetune.models import build_tokenizer
 
 
@@ -121,12 +123,108 @@ def test_exif_rotated_jpegs_are_turned_upright():
     assert top[1] < 80 and bottom[1] > 200  # the red half ends up on top
 
 
-def test_decompression_bombs_are_refused_from_the_header(tmp_path):
-    """A 20000 x 20000 PNG of zeros is a few hundred kB on disk and 1.2 GB decoded: refused before decoding."""
-    bomb = _encode(Image.new("1", (20000, 20000)), optimize=True)
-    assert len(bomb) < 1_000_000
-    stream = _stream(_write_tar(tmp_path / "bomb.tar", _sample("bomb", image=bomb) + _sample("fine")))
-    assert [e["key"] for e in stream] == ["fine"] and stream.counts["skipped: image too large"] == 1
+def test_decompression_bombs_are_refused_by_max_image_pixels_from_the_header(tmp_path, caplog):
+    """A 10000 x 5000 PNG of zeros is 6 kB on disk and 150 MB decoded. It is under Pillow's own limit, so only
+    data.max_image_pixels (10 M here) refuses it, and from the header: the same file cut inside its pixel data is
+    "too large" as well, not "truncated"."""
+    bomb = _encode(Image.new("1", (10000, 5000)), optimize=True)
+    assert len(bomb) < 10_000 and 10_000_000 < 10000 * 5000 < Image.MAX_IMAGE_PIXELS
+    members = _sample("bomb", image=bomb) + _sample("cut", image=bomb[: len(bomb) // 2]) + _sample("fine")
+    stream = _stream(_write_tar(tmp_path / "bomb.tar", members), max_image_pixels=10_000_000)
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        assert [e["key"] for e in stream] == ["fine"]
+    assert dict(stream.counts) == {"used": 1, "skipped: image too large": 2}
+    assert "'cut' (image too large, 2 so far): image of 10000x5000 pixels exceeds data.max_image_pixels" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_max_image_pixels_above_pillows_limit_is_honoured(tmp_path, monkeypatch, num_workers):
+    """data.max_image_pixels above Pillow's own limit (lowered to 1000 pixels here, so that small images stand for
+    huge ones): an image between the two, which Pillow alone refuses, decodes (in dataloader workers too); one
+    above ours is still refused; and Pillow's limit is its own again afterwards."""
+    import torch
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    between = _encode(Image.new("RGB", (60, 60), "red"))  # 3,600 pixels: over twice Pillow's 1000
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(between))
+    _write_tar(tmp_path / "0.tar", _sample("between", image=between))  # a shard per worker
+    _write_tar(tmp_path / "1.tar", _sample("above", image=_encode(Image.new("RGB", (80, 80)))))
+    stream = _stream(str(tmp_path / "{0..1}.tar"), max_image_pixels=5000)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+    assert [example["key"] for example in loader] == ["between"]
+    counts = stream.collect_counts(num_workers) if num_workers else stream.counts
+    assert dict(counts) == {"used": 1, "skipped: image too large": 1}
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(Image.DecompressionBombError):  # nothing else gets the raised limit
+        Image.open(io.BytesIO(between))
+
+
+def test_overlapping_raises_of_pillows_limit_may_end_in_any_order(monkeypatch):
+    """Decodes that raise Pillow's limit overlap and end in any order, as in threads: while any runs the limit is
+    the largest of theirs (a later one that needs less than the raised value but more than Pillow's own counts
+    too), and once all have ended it is Pillow's own again."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    small, large = PILLOW_LIMIT.at_least(5000), PILLOW_LIMIT.at_least(20_000)
+    small.__enter__()
+    large.__enter__()
+    assert Image.MAX_IMAGE_PIXELS == 20_000
+    small.__exit__(None, None, None)
+    assert Image.MAX_IMAGE_PIXELS == 20_000
+    with PILLOW_LIMIT.at_least(3000):
+        large.__exit__(None, None, None)
+        assert Image.MAX_IMAGE_PIXELS == 3000
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with PILLOW_LIMIT.at_least(500):  # under Pillow's own limit: nothing to raise
+        assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def _pillow_limit_after_a_decode() -> int:
+    decode_rgb(_encode(Image.new("RGB", (40, 40))), max_pixels=3000)
+    return Image.MAX_IMAGE_PIXELS
+
+
+def test_a_forked_worker_keeps_no_raise_of_a_thread_it_left_behind(monkeypatch):
+    """A dataloader worker forked while another thread has Pillow's limit raised: that thread's decode never ends
+    in the worker, so the worker's limit must be Pillow's own again, not raised for good."""
+    import multiprocessing
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with PILLOW_LIMIT.at_least(5000), multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_pillow_limit_after_a_decode) == 1000
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_pillows_limit_raised_in_several_threads_at_once(monkeypatch):
+    """Decodes with different limits in four threads at once, all above Pillow's (lowered to 1000 pixels): each
+    decode is judged by its own limit every time, however they interleave, and Pillow's limit is its own again at
+    the end. Opening sleeps a moment so that the threads interleave inside each other's decodes."""
+    import threading
+    import time
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    image = _encode(Image.new("RGB", (60, 60), "red"))  # 3,600 pixels
+    open_image = Image.open
+    monkeypatch.setattr(Image, "open", lambda *args: time.sleep(0.0005) or open_image(*args))
+
+    start = threading.Barrier(4)
+
+    def decode(limit: int) -> set:
+        outcomes = set()
+        start.wait()
+        for _ in range(300):
+            try:
+                outcomes.add(decode_rgb(image, limit).size)
+            except (ImageTooLarge, Image.DecompressionBombError) as error:
+                outcomes.add(type(error).__name__)
+        return outcomes
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(decode, [5000, 2000, 20_000, 3600]))
+    assert outcomes == [{(60, 60)}, {"ImageTooLarge"}, {(60, 60)}, {(60, 60)}]
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_filters_on_missing_fields_and_caption_length():

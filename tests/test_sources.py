@@ -163,13 +163,14 @@ def test_workers_follow_set_epoch(tmp_path, persistent):
 
 
 def test_webdataset_reads_pipe_commands_and_http_urls(tmp_path, reference):
-    """Shards through `pipe:cat ...` and over HTTP (a server on 127.0.0.1) give the same samples as the file."""
+    """Shards through `pipe:cat ...` (allowed with data.allow_pipe_urls) and over HTTP (a server on 127.0.0.1) give
+    the same samples as the file."""
     import functools
     import http.server
     import threading
 
     config = _write("webdataset", tmp_path / "data")
-    piped = DataConfig(source="webdataset", path=f"pipe:cat {config.path}")
+    piped = DataConfig(source="webdataset", path=f"pipe:cat {config.path}", allow_pipe_urls=True)
     assert sorted(_examples(piped)) == reference
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "data"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

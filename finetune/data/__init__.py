@@ -6,6 +6,7 @@ seeded shuffle per epoch, filters, decoding (an unreadable sample is skipped and
 caption dropout and tokenisation.
 """
 
+import copy
 import itertools
 import json
 import logging
@@ -14,15 +15,16 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..config import DataConfig, FilterConfig
+from ..config import ConfigError, DataConfig, FilterConfig
 from . import shapes
-from .tables import HFDatasetSource, ParquetSource, RawSample, SidecarFolderSource
+from .tables import HFDatasetSource, MetadataFolderSource, ParquetSource, RawSample, SidecarFolderSource
 from .transforms import decode_rgb, to_uint8, unreadable_reason
 
 logger = logging.getLogger(__name__)
@@ -30,11 +32,33 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 RESAMPLED_GIVE_UP = 10_000  # samples in a row without an example before a resampled stream is called broken
 
 
-class WebDatasetSource:
-    """Tar shards as img2dataset writes them: local paths, brace patterns, `pipe:` commands or URLs."""
+def refuse_pipe_urls(shards: list[str]) -> None:
+    """webdataset opens a `pipe:` URL by running the rest of it in a shell (`gopen`, which picks the opener by
+    `urlparse(url).scheme`, as here): a data path must not run commands unless the config allows them."""
+    pipes = [url for url in shards if _scheme(url) == "pipe"]
+    if pipes:
+        raise ConfigError([f"data.path: shard URL {pipes[0]!r} ({len(pipes)} of {len(shards)} shards) is a `pipe:` "
+                           "URL, which webdataset runs as a shell command; refused so that a data path cannot run "
+                           "commands. Set data.allow_pipe_urls: true if you trust the command, or give shard files "
+                           "or http(s) URLs"])
 
-    def __init__(self, pattern: str, caption_field: str, num_samples: int | None = None, resampled: bool = False):
+
+def _scheme(url: str) -> str:
+    try:
+        return urlparse(url).scheme
+    except ValueError:  # not a URL that webdataset could open either
+        return ""
+
+
+class WebDatasetSource:
+    """Tar shards as img2dataset writes them: local paths, brace patterns, URLs, or (with `allow_pipe_urls`)
+    `pipe:` commands; `::` separates several patterns."""
+
+    def __init__(self, pattern: str, caption_field: str, num_samples: int | None = None, resampled: bool = False,
+                 allow_pipe_urls: bool = False):
         self.shards = [s for part in pattern.split("::") for s in braceexpand.braceexpand(part)]
+        if not allow_pipe_urls:  # every shard, after expansion: a brace list or `::` may hide one
+            refuse_pipe_urls(self.shards)
         self.caption_field = caption_field
         self.num_samples = num_samples  # unknown for a stream unless given
         self.resampled = resampled
@@ -97,14 +121,15 @@ def build_source(config: DataConfig, seed: int):
         return WebDatasetSource(shapes.ensure_shards(config.path, num_samples, colors=colors),
                                 config.caption_column, num_samples, config.resampled)
     if config.source == "webdataset":
-        return WebDatasetSource(config.path, config.caption_column, config.num_samples, config.resampled)
+        return WebDatasetSource(config.path, config.caption_column, config.num_samples, config.resampled,
+                                config.allow_pipe_urls)
     if config.source == "parquet":
-        return ParquetSource(config.path, config.image_column, config.caption_column)
+        return ParquetSource(config.path, config.image_column, config.caption_column, config.allow_outside_paths)
     if config.source == "hf":
         return HFDatasetSource(config.path, config.split, config.image_column, config.caption_column,
                                config.streaming)
     if any((Path(config.path) / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
-        return HFDatasetSource(config.path, "train", config.image_column, config.caption_column, builder="imagefolder")
+        return MetadataFolderSource(config.path, config.caption_column, config.allow_outside_paths)
     return SidecarFolderSource(config.path)
 
 
@@ -115,7 +140,8 @@ def caption_texts(config: DataConfig, source, limit: int = 100_000) -> list[str]
         return shapes.all_captions()
     texts = []
     if isinstance(source, WebDatasetSource):  # one pass, even over resampled shards
-        source = WebDatasetSource("::".join(source.shards), source.caption_field)
+        source = copy.copy(source)
+        source.resampled = False
     for sample in source.samples(random.Random(0), 0, 1, Counter()):
         captions = sample.caption if isinstance(sample.caption, list) else [sample.caption]
         texts.extend(c for c in captions if isinstance(c, str) and c)
@@ -201,6 +227,8 @@ class ImageTextStream(IterableDataset):
 
     def _example(self, raw: RawSample, rng: random.Random) -> dict | None:
         """Filter, decode and transform one raw sample; None (counted) when it is dropped or unreadable."""
+        if raw.refused:  # before the filters: a refused path is always reported
+            return self._bad(raw.key, "path outside the dataset folder", raw.refused)
         caption = pick_caption(raw.caption, rng)
         dropped_by = failed_filter(raw.metadata, caption, self.config.filters)
         if dropped_by:

@@ -134,9 +134,10 @@ def write_shards(out_dir: str | os.PathLike, num_samples: int, seed: int = 0,
 
 
 def shard_pattern(folder: str | os.PathLike, num_samples: int) -> str:
-    """The brace pattern naming every shard `write_shards` writes for `num_samples` samples."""
+    """The brace pattern naming every shard `write_shards` writes for `num_samples` samples; absolute, so that a
+    folder named like a URL (`pipe:x`, `http:x`) is still read as a folder."""
     last = (num_samples + SAMPLES_PER_SHARD - 1) // SAMPLES_PER_SHARD - 1
-    return str(Path(folder) / (f"{{00000..{last:05d}}}.tar" if last else "00000.tar"))
+    return str(Path(folder).absolute() / (f"{{00000..{last:05d}}}.tar" if last else "00000.tar"))
 
 
 def default_cache_dir(num_samples: int, seed: int = 0, colors: tuple[str, ...] = DEFAULT_COLORS) -> Path:

@@ -2,10 +2,13 @@
 read in row groups, and folders of images with captions (imagefolder metadata or sidecar `.txt` files).
 
 Each source yields `RawSample`s for one reader (`part` of `parts`: processes x dataloader workers), in an order
-that depends only on `order_rng`, and counts what it had to skip in `counts`.
+that depends only on `order_rng`, and counts what it had to skip in `counts`. An image path in a parquet cell or
+an imagefolder metadata row must stay inside the dataset's folder (`check_inside`) unless
+`data.allow_outside_paths` is set.
 """
 
 import glob
+import json
 import os
 import random
 from collections import Counter
@@ -22,17 +25,34 @@ class RawSample:
     image: bytes | None
     caption: str | list | None
     metadata: dict = field(default_factory=dict)
+    refused: str | None = None  # why the source would not read this sample's image (then `image` is None)
 
 
-def image_bytes(value, root: Path | None = None) -> bytes | None:
-    """The encoded image of a table cell: raw bytes, an HF `Image(decode=False)` dict, or a path (relative to
-    `root`); None when there is none."""
+class OutsidePath(ValueError):
+    """An image path that leads outside the dataset's folder."""
+
+
+def check_inside(value: str, root: Path) -> None:
+    """Refuse an image path that leads outside `root`: absolute, or outside once `..` and symlinks are resolved.
+    The data chooses which files training reads; a table from elsewhere must not reach the rest of the disk."""
+    if os.path.isabs(value) or not (root / value).resolve().is_relative_to(root.resolve()):
+        raise OutsidePath(f"image path {value!r} leads outside the dataset folder {str(root)!r} (an absolute path, "
+                          "'..' or a symlink); refused so that the data cannot make training read other files. Set "
+                          "data.allow_outside_paths: true to read it, if you trust the data")
+
+
+def image_bytes(value, root: Path | None = None, allow_outside: bool = False) -> bytes | None:
+    """The encoded image of a table cell: raw bytes, an HF `Image(decode=False)` dict, or a path; None when there is
+    none. A path is relative to `root` and must stay inside it unless `allow_outside` (`OutsidePath`); without a
+    root (an HF dataset's own files) it is read as it is."""
     if isinstance(value, dict):
-        return value.get("bytes") or image_bytes(value.get("path"), root)
+        return value.get("bytes") or image_bytes(value.get("path"), root, allow_outside)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
-    if isinstance(value, str) and value:
-        path = Path(value) if root is None or os.path.isabs(value) else root / value
+    if isinstance(value, str) and value and "\0" not in value:  # (a NUL byte names no file)
+        if root is not None and not allow_outside:
+            check_inside(value, root)
+        path = Path(value) if root is None else root / value
         return path.read_bytes() if path.is_file() else None
     return None
 
@@ -41,18 +61,25 @@ def _row_metadata(row: dict, image_column: str) -> dict:
     return {k: v for k, v in row.items() if k != image_column and not isinstance(v, (bytes, bytearray, dict))}
 
 
+def _row_sample(key: str, row: dict, image_column: str, caption_column: str, root: Path,
+                allow_outside: bool) -> RawSample:
+    """The sample of a table row whose image cell may be a path under `root`; one that leads outside is refused
+    here and counted as bad by the stream, so one such row does not stop the run."""
+    try:
+        image, refused = image_bytes(row.get(image_column), root, allow_outside), None
+    except OutsidePath as error:
+        image, refused = None, str(error)
+    return RawSample(key, image, row.get(caption_column), _row_metadata(row, image_column), refused)
+
+
 class HFDatasetSource:
     """A HF `datasets` dataset: `load_from_disk(path)` for a saved one, else `load_dataset(path, split=split)`
-    (a Hub name when online, or a local folder; with `builder`, `load_dataset(builder, data_dir=path)`),
-    optionally streaming."""
+    (a Hub name when online, or a local folder), optionally streaming."""
 
-    def __init__(self, path: str, split: str, image_column: str, caption_column: str, streaming: bool = False,
-                 builder: str | None = None):
+    def __init__(self, path: str, split: str, image_column: str, caption_column: str, streaming: bool = False):
         import datasets
 
-        if builder:
-            dataset = datasets.load_dataset(builder, data_dir=path, split=split, streaming=streaming)
-        elif Path(path, "dataset_info.json").is_file() or Path(path, "state.json").is_file():
+        if Path(path, "dataset_info.json").is_file() or Path(path, "state.json").is_file():
             dataset = datasets.load_from_disk(path)
             dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
             if streaming:
@@ -97,10 +124,10 @@ class HFDatasetSource:
 
 class ParquetSource:
     """Parquet files (a file, a folder of them, or a glob) with an image column (bytes, an HF image struct, or a
-    path relative to the file) and a caption column, read with pyarrow one row group at a time; the row groups
-    are what the readers split between them."""
+    path relative to the file, inside its folder) and a caption column, read with pyarrow one row group at a time;
+    the row groups are what the readers split between them."""
 
-    def __init__(self, path: str, image_column: str, caption_column: str):
+    def __init__(self, path: str, image_column: str, caption_column: str, allow_outside_paths: bool = False):
         import pyarrow.parquet as pq
 
         files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else sorted(glob.glob(path))
@@ -117,6 +144,7 @@ class ParquetSource:
             self.groups += [(file, g) for g in range(metadata.num_row_groups)]
             self.num_samples += metadata.num_rows
         self.image_column, self.caption_column = image_column, caption_column
+        self.allow_outside_paths = allow_outside_paths
 
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
         import pyarrow.parquet as pq
@@ -135,8 +163,51 @@ class ParquetSource:
             root = Path(file).parent
             for i, row in enumerate(rows):
                 key = str(row.get("key") or f"{Path(file).stem}-{group}-{i}")
-                yield RawSample(key, image_bytes(row[self.image_column], root), row[self.caption_column],
-                                _row_metadata(row, self.image_column))
+                yield _row_sample(key, row, self.image_column, self.caption_column, root, self.allow_outside_paths)
+
+
+class MetadataFolderSource:
+    """A folder of images listed in `metadata.jsonl` or `metadata.csv` (the HF imagefolder layout): a `file_name`
+    column with each image's path, relative to the folder and inside it, and a caption column. Read here rather
+    than by `datasets`, so that a path leading outside is one bad sample (or read, with data.allow_outside_paths)
+    instead of a failed load, whatever the `datasets` version."""
+
+    def __init__(self, path: str, caption_column: str, allow_outside_paths: bool = False):
+        self.root, self.rows = Path(path), _metadata_rows(Path(path), caption_column)
+        columns = sorted(set().union(*self.rows))
+        missing = [c for c in ("file_name", caption_column) if c not in columns]
+        if missing:
+            raise ValueError(f"data.path={path!r}: column(s) {missing} not found in its metadata file; it has "
+                             f"{columns}. Name each image in `file_name` and set data.caption_column to the caption's")
+        self.caption_column, self.allow_outside_paths = caption_column, allow_outside_paths
+        self.num_samples = len(self.rows)
+
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
+        indices = list(range(len(self.rows)))
+        order_rng.shuffle(indices)
+        for index in indices[part::parts]:
+            row = self.rows[index]
+            key = str(row.get("key") or row.get("file_name") or index)
+            yield _row_sample(key, row, "file_name", self.caption_column, self.root, self.allow_outside_paths)
+
+
+def _metadata_rows(root: Path, caption_column: str) -> list[dict]:
+    """The rows of `root/metadata.jsonl` (a JSON object a line), else of `root/metadata.csv` (file names and
+    captions read as text, the other columns typed: numbers for the LAION filters)."""
+    jsonl = root / "metadata.jsonl"
+    if jsonl.is_file():
+        try:
+            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except ValueError as error:
+            raise ValueError(f"{jsonl}: not JSON lines ({error}); write one JSON object a line") from None
+        if not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"{jsonl}: every line must be a JSON object (one image's row)")
+        return rows
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    text = pa_csv.ConvertOptions(column_types={name: pa.string() for name in ("file_name", caption_column)})
+    return pa_csv.read_csv(root / "metadata.csv", convert_options=text).to_pylist()
 
 
 class SidecarFolderSource:

@@ -1,7 +1,11 @@
 """Image and caption transforms: decode safely, make RGB, resize, crop, flip, normalise; tokenise."""
 
+import contextlib
 import io
+import os
 import random
+import threading
+from collections import Counter
 
 import numpy as np
 import torch
@@ -23,11 +27,56 @@ def unreadable_reason(error: Exception) -> str:
     return "corrupt image"
 
 
+class _PillowLimit:
+    """Pillow refuses images over twice `Image.MAX_IMAGE_PIXELS` (and warns over it), one value for the whole process,
+    read by every decode in every thread. `at_least(n)` raises it to n for a block when it is lower: while such
+    blocks run (in any thread) it is the largest of their limits, and the last to end puts the value it had back,
+    so a raised limit leaks to no later decode, test or source. Decodes by other code in other threads meanwhile
+    see the raised limit; decode_rgb's own check from the header applies to each of ours."""
+
+    def __init__(self):
+        self.lock, self.raised, self.own = threading.Lock(), Counter(), None
+        if hasattr(os, "register_at_fork"):  # (POSIX)
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self):
+        """A forked child (a dataloader worker) has only the thread that forked, which is in no block: the blocks
+        of the others never end there, so their raise is undone now rather than kept for good."""
+        if self.raised:
+            Image.MAX_IMAGE_PIXELS = self.own
+        self.lock, self.raised = threading.Lock(), Counter()
+
+    @contextlib.contextmanager
+    def at_least(self, pixels: int):
+        with self.lock:
+            own = self.own if self.raised else Image.MAX_IMAGE_PIXELS  # Pillow's value, before any raise
+            raise_it = own is not None and pixels > own
+            if raise_it:
+                self.own, self.raised[pixels] = own, self.raised[pixels] + 1
+                Image.MAX_IMAGE_PIXELS = max(self.raised)
+        try:
+            yield
+        finally:
+            if raise_it:
+                with self.lock:
+                    self.raised -= Counter({pixels: 1})  # (drops limits no block holds any more)
+                    Image.MAX_IMAGE_PIXELS = max(self.raised) if self.raised else own
+
+
+PILLOW_LIMIT = _PillowLimit()
+
+
 def decode_rgb(data: bytes, max_pixels: int = 89_478_485, min_size: int | None = None) -> Image.Image:
     """Decode image bytes to an upright RGB image: EXIF rotation applied, transparency composited on white.
-    Refuses images above `max_pixels` from the header, before decoding the pixels. With `min_size`, a JPEG is
-    decoded at a reduced scale (libjpeg's DCT scaling, Pillow's `draft`) that keeps both sides >= min_size:
-    several times faster for a 512 px image trained at 32 px, and what the resize would have averaged anyway."""
+    Refuses images above `max_pixels` from the header, before decoding the pixels; Pillow's own limit is raised
+    to `max_pixels` for the decode when it is lower. With `min_size`, a JPEG is decoded at a reduced scale
+    (libjpeg's DCT scaling, Pillow's `draft`) that keeps both sides >= min_size: several times faster for a 512 px
+    image trained at 32 px, and what the resize would have averaged anyway."""
+    with PILLOW_LIMIT.at_least(max_pixels):
+        return _decode_rgb(data, max_pixels, min_size)
+
+
+def _decode_rgb(data: bytes, max_pixels: int, min_size: int | None) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     if image.width * image.height > max_pixels:
         raise ImageTooLarge(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
