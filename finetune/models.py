@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from pipelines import DDPMScheduler, TextToImageDDPMPipeline
+from pipelines.pipeline_text2image_ddpm import own_aligned_storage
 
 from .config import ModelConfig
 
@@ -115,13 +116,19 @@ def load_components(config: ModelConfig) -> Components:
     weights = {**where, "variant": config.variant, "use_safetensors": True if config.use_safetensors else None}
     overrides = {k: v for k, v in (("prediction_type", config.prediction_type),
                                    ("rescale_betas_zero_snr", config.rescale_betas_zero_snr)) if v is not None}
-    return Components(
+    components = Components(
         unet=_load_weights(UNet2DConditionModel, path, "unet", weights),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **where, **overrides),
         text_encoder=_load_weights(getattr(transformers, text_encoder_class), path, "text_encoder", weights),
         tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **where),
         vae=_load_weights(AutoencoderKL, path, "vae", weights) if _has(index, "vae") else None,
     )
+    # Aligned from the start, as the pipeline would make them at the first validation: training computes the same
+    # bits before and after it, and after a resume.
+    for model in (components.unet, components.text_encoder, components.vae):
+        if model is not None:
+            own_aligned_storage(model)
+    return components
 
 
 def _load_weights(cls, path: str, subfolder: str, weights: dict):

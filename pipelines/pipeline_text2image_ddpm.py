@@ -75,7 +75,7 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         super().__init__()
         for model in (unet, text_encoder, vae):
             if isinstance(model, torch.nn.Module):
-                _own_aligned_storage(model)
+                own_aligned_storage(model)
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.vae_scale_factor = scale
@@ -303,7 +303,7 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
 _ALIGNMENT = 64
 
 
-def _own_aligned_storage(model: torch.nn.Module) -> None:
+def own_aligned_storage(model: torch.nn.Module) -> None:
     """Give weights that sit at an unaligned address (`from_pretrained` maps them straight out of the safetensors
     file, at offsets that are multiples of 8 bytes) storage of their own. Without it a loaded pipeline computes
     other float32 roundings (up to 1e-6 in images) than the pipeline that was saved, whose weights torch

@@ -194,10 +194,11 @@ def test_a_base_with_pickled_weights_is_refused_unless_allowed(tiny_sd_folder, t
 
 @pytest.mark.slow
 def test_a_lora_run_resumes_exactly(pixel_base, tmp_path):
-    """Checkpoints of a LoRA run hold the adapters (UNet and text encoder), and resuming from one is exact."""
+    """Checkpoints of a LoRA run hold the adapters (UNet and text encoder), and resuming from one is exact, also
+    past a validation that only the first run drew (step 2)."""
     common = [f"model.pretrained_model_name_or_path={pixel_base}", "model.train_text_encoder=false",
               "lora.enabled=true", "lora.train_text_encoder=true", "data.cache=true", "train.max_train_steps=6",
-              "train.checkpointing_steps=3"]
+              "train.checkpointing_steps=3", "validation.validation_steps=2"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _train(tmp_path, *common, f"train.output_dir={full}")
     for name in ("model.safetensors", "model_1.safetensors"):  # the adapters only, not the frozen base
@@ -249,6 +250,18 @@ def test_cache_refuses_a_key_that_names_two_images(tiny_sd_folder):
     encoder.samples({"key": ["b", "a"], "pixel_values": pixels.flip(0)}, torch.device("cpu"))  # same images
     with pytest.raises(ValueError, match="sample key 'a' names two different images"):
         encoder.samples({"key": ["a"], "pixel_values": pixels[1:]}, torch.device("cpu"))
+
+
+def test_loaded_weights_are_aligned_before_training(tiny_sd_folder):
+    """from_pretrained maps weights out of the file at unaligned addresses, and the pipeline gives them aligned
+    storage: the trainer does so at load, or the first validation would change the training's float roundings
+    (and a resume, loading unaligned weights again, would not continue exactly)."""
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    models = (components.unet, components.text_encoder, components.vae)
+    addresses = [t.data_ptr() for m in models for t in [*m.parameters(), *m.buffers()]]
+    assert all(address % 64 == 0 for address in addresses)
+    components.pipeline()
+    assert addresses == [t.data_ptr() for m in models for t in [*m.parameters(), *m.buffers()]]
 
 
 @pytest.mark.parametrize("change", ["one value", "two values swapped"])
