@@ -82,6 +82,10 @@ class ModelConfig:
     rescale_betas_zero_snr: bool | None = None
     """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; pair it with v_prediction). null: off
     from scratch, the base's own when fine-tuning."""
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None
+    """How sampling spreads its steps over the T timesteps. null: from scratch `trailing` with a zero-terminal-SNR
+    schedule (so the first step is t = T-1, where the model learnt pure noise: Lin et al. 2023, section 3.3) and
+    `leading` otherwise; the base's own when fine-tuning. A value switches a base to it."""
 
     def __post_init__(self):
         problems = []

@@ -94,6 +94,7 @@ def build_components(config: ModelConfig, resolution: int, caption_texts: Iterab
         beta_schedule=config.beta_schedule,
         prediction_type=config.prediction_type or "epsilon",
         rescale_betas_zero_snr=bool(config.rescale_betas_zero_snr),
+        timestep_spacing=config.timestep_spacing or ("trailing" if config.rescale_betas_zero_snr else "leading"),
         clip_sample=True,
     )
     return Components(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
@@ -103,7 +104,8 @@ def load_components(config: ModelConfig) -> Components:
     """Load the components of a pipeline folder or Hub id: one this project trained (pixel space) or a
     Stable-Diffusion-style one with a `vae` (latent space). Each part is read from its subfolder, so no
     pipeline code from the folder runs; training uses this project's DDPMScheduler with the base scheduler's
-    settings (and the overrides `model.prediction_type` / `model.rescale_betas_zero_snr`)."""
+    settings (and the overrides `model.prediction_type` / `model.rescale_betas_zero_snr` /
+    `model.timestep_spacing`)."""
     path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
     index = DiffusionPipeline.load_config(path, **where)
     missing = [name for name in ("unet", "text_encoder", "tokenizer", "scheduler") if not _has(index, name)]
@@ -115,7 +117,8 @@ def load_components(config: ModelConfig) -> Components:
         raise ValueError(f"{path}: the text encoder is {library}.{text_encoder_class}; a transformers model is needed")
     weights = {**where, "variant": config.variant, "use_safetensors": True if config.use_safetensors else None}
     overrides = {k: v for k, v in (("prediction_type", config.prediction_type),
-                                   ("rescale_betas_zero_snr", config.rescale_betas_zero_snr)) if v is not None}
+                                   ("rescale_betas_zero_snr", config.rescale_betas_zero_snr),
+                                   ("timestep_spacing", config.timestep_spacing)) if v is not None}
     components = Components(
         unet=_load_weights(UNet2DConditionModel, path, "unet", weights),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **where, **overrides),
@@ -185,7 +188,7 @@ def changed_schedule(config: ModelConfig, scheduler: DDPMScheduler) -> list[str]
         return []
     base = DDPMScheduler.load_config(config.pretrained_model_name_or_path, subfolder="scheduler",
                                      revision=config.revision)
-    defaults = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    defaults = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
     return [f"model.{key}: {base.get(key, default)!r} -> {scheduler.config[key]!r}" for key, default in defaults.items()
             if base.get(key, default) != scheduler.config[key]]
 

@@ -125,3 +125,33 @@ def test_the_training_copy_of_the_schedule_gives_the_same_numbers_and_leaves_the
         assert torch.equal(getattr(copy, method)(samples, noise, timesteps),
                            getattr(scheduler, method)(samples, noise, timesteps))
     assert torch.equal(min_snr_weights(copy, timesteps, 5.0), min_snr_weights(scheduler, timesteps, 5.0))
+
+
+@pytest.mark.parametrize("overrides,spacing,first", [
+    ([], "leading", 980),
+    (["model.rescale_betas_zero_snr=true", "model.prediction_type=v_prediction"], "trailing", 999),
+    (["model.rescale_betas_zero_snr=true", "model.prediction_type=v_prediction", "model.timestep_spacing=leading"],
+     "leading", 980),
+])
+def test_zero_terminal_snr_samples_from_the_terminal_step(overrides, spacing, first):
+    """With a zero-terminal-SNR schedule the model learns pure noise at t = T-1 only, so 50 sampling steps start
+    there (`trailing`; Lin et al. 2023, section 3.3), not at t = 980 as `leading` spacing does."""
+    from finetune.config import load_config
+    from finetune.data import shapes
+    from finetune.models import build_components
+
+    config = load_config(None, overrides).model
+    scheduler = build_components(config, 8, shapes.all_captions()).scheduler
+    scheduler.set_timesteps(50)
+    assert scheduler.config.timestep_spacing == spacing and int(scheduler.timesteps[0]) == first
+
+
+def test_timestep_spacing_switches_a_base(tiny_pipeline, tmp_path):
+    from finetune.config import ModelConfig
+    from finetune.models import load_components
+
+    tiny_pipeline.save_pretrained(tmp_path / "base")
+    config = ModelConfig(pretrained_model_name_or_path=str(tmp_path / "base"), timestep_spacing="trailing")
+    assert load_components(config).scheduler.config.timestep_spacing == "trailing"
+    assert load_components(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "base"))).scheduler.config[
+        "timestep_spacing"] == "leading"
