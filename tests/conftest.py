@@ -9,8 +9,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# The real bases' configs and CLIP's BPE vocabulary (../shared/fixtures/real-configs/README.md), beside the project.
-REAL_CONFIGS = ROOT.parent / "shared" / "fixtures" / "real-configs"
+# Configs of the real bases, as published (tests/fixtures/README.md).
+REAL_CONFIGS = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,7 +81,7 @@ def clip_tokenizer(folder: Path):
 def build_tiny_sd_pipeline(folder: Path):
     """A Stable-Diffusion-shaped pipeline (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer) with
     every width shrunk, built from config dicts, and SD-1.5's own scheduler: PNDM, with its config as published
-    (../shared/fixtures/real-configs/sd15). 16 px images, 8 px latents."""
+    (tests/fixtures/sd15). 16 px images, 8 px latents."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
