@@ -22,14 +22,17 @@ from pathlib import Path
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import torch
 import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from finetune.config import HubConfig, config_yaml, load_config
+from finetune.config import HubConfig, ModelConfig, config_yaml, load_config
+from finetune.data import shapes
 from finetune.hub import HubPushError, model_card, push
+from finetune.models import build_components
 
-from .conftest import TINY_RUN
+from .conftest import TINY_MODEL, TINY_RUN
 from .fake_hub import FakeHub, Token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -493,3 +496,34 @@ def test_a_run_that_cannot_push_stops_before_training(hub, tmp_path, token, expe
     assert result.returncode == 1
     assert f"cannot push to alice/never: {expected}" in result.stderr and "HF_TOKEN" in result.stderr
     assert "alice/never" not in hub.repos and not list(out.glob("checkpoint-*")) and "train:" not in result.stderr
+
+
+REVISION = textwrap.dedent("""
+    import sys, torch
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file
+    from finetune.config import ModelConfig
+    from finetune.models import load_components
+    api = HfApi()
+    repo = api.create_repo("base", exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo, folder_path=sys.argv[1])
+    api.create_branch(repo, branch="v2")
+    api.upload_folder(repo_id=repo, folder_path=sys.argv[2], revision="v2")
+    for revision, folder in ((None, sys.argv[1]), ("v2", sys.argv[2])):
+        components = load_components(ModelConfig(pretrained_model_name_or_path=repo, revision=revision))
+        for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+            expected = load_file(f"{folder}/{part}/{name}.safetensors")
+            state = getattr(components, part).state_dict()
+            assert all(torch.equal(state[key], value) for key, value in expected.items()), (revision, part)
+    print("revisions ok")
+""")
+
+
+def test_model_revision_loads_that_branch_of_a_hub_base(hub, tiny_pipeline, tmp_path):
+    """model.revision reaches every component: a base whose main and v2 branches hold other weights loads each."""
+    tiny_pipeline.save_pretrained(tmp_path / "main")
+    torch.manual_seed(1)
+    build_components(ModelConfig(**TINY_MODEL), 8, shapes.all_captions()).pipeline().save_pretrained(tmp_path / "v2")
+    result = subprocess.run([sys.executable, "-c", REVISION, str(tmp_path / "main"), str(tmp_path / "v2")], cwd=ROOT,
+                            env=_client_env(hub, tmp_path / "home"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "revisions ok" in result.stdout, result.stderr[-3000:]
