@@ -610,8 +610,32 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         return cls()
 
 
+def _field_type(parts: list[str]) -> Any:
+    """The annotation of the config field at `parts` (e.g. ["train", "mixed_precision"]), or None if there is none."""
+    tp = Config
+    for part in parts:
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _parse_override(text: str, tp: Any) -> Any:
+    """A value typed on the command line: YAML (`1e-4`, `true`, `[32, 64]`, `null`), except for a text field (a
+    string, or a choice of strings), which takes the text as written: `train.mixed_precision=no` is "no", not YAML
+    1.1's false, and `data.path=shards-{000..009}.tar` is a path, not a mapping."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    inner = [a for a in args if a is not type(None)]
+    text_field = len(inner) == 1 and (inner[0] is str or typing.get_origin(inner[0]) is Literal
+                                      and all(isinstance(a, str) for a in typing.get_args(inner[0])))
+    if text_field and not (type(None) in args and text.strip() in ("null", "~", "")):
+        return text
+    return yaml.safe_load(text)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` overrides (values parsed as YAML: `1e-4`, `true`, `[32, 64]`, `null`)."""
+    """Apply `section.key=value` overrides, each value read for its field's type (`_parse_override`)."""
     for item in overrides:
         dotted, sep, text = item.partition("=")
         if not sep or "." not in dotted:
@@ -622,13 +646,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {part} is not a section"])
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = _parse_override(text, _field_type([*parents, leaf]))
     return raw
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate everything."""
     raw = {}
+    if path is not None and not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        there = sorted(n for n in os.listdir(folder) if n.endswith((".yaml", ".yml"))) if os.path.isdir(folder) else []
+        raise ConfigError([f"--config {path}: no such file" + (f"; in {folder}: {', '.join(there)}" if there else "")])
     if path is not None:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}

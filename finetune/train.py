@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
 from . import checkpointing, hub, lora, performance
-from .config import Config, TrainConfig, config_yaml, load_config
+from .config import Config, ConfigError, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import check_in_sync, finish
 from .encoding import BatchEncoder
@@ -341,4 +341,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as error:  # the user's to fix: the message alone, once (every process raises it alike)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

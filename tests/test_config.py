@@ -147,3 +147,19 @@ def test_readme_config_reference_is_up_to_date():
     assert reference() in (ROOT / "README.md").read_text()
     assert field_docs(TrainConfig)["seed"] == "Seeds weights, data order, noise and timesteps."
     assert "| `train.seed` | 0 | Seeds weights, data order, noise and timesteps. |" in reference()
+
+
+def test_a_text_field_takes_the_override_as_written():
+    """YAML 1.1 reads `no` as false and `{000..009}` as a mapping; a string (or choice of strings) field takes the
+    text as typed, as diffusers' `--mixed_precision no` does."""
+    config = load_config(None, ["train.mixed_precision=no", "data.source=webdataset", "data.path=shards-{000..009}.tar",
+                                "train.resume_from_checkpoint=null", "train.learning_rate=1e-4", "hub.revision=on"])
+    assert config.train.mixed_precision == "no" and config.data.path == "shards-{000..009}.tar"
+    assert config.train.resume_from_checkpoint is None and config.train.learning_rate == 1e-4
+    assert config.hub.revision == "on"
+
+
+def test_a_missing_config_file_lists_the_configs_beside_it(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"--config configs/shape.yaml: no such file; in configs: .*shapes.yaml"):
+        load_config("configs/shape.yaml")

@@ -281,6 +281,19 @@ def test_bad_config_fails_before_anything_is_built(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("launcher", ["python", "accelerate launch -q"])
+def test_a_config_error_is_one_message_without_a_traceback(tmp_path, launcher):
+    """The trainer prints the problems once, no traceback, and exits with 2; `accelerate launch -q` passes that on
+    as its own exit status 1 without a traceback of its own (without -q it raises CalledProcessError)."""
+    command = (sys.executable,) if launcher == "python" else (sys.executable, "-m", "accelerate.commands.launch",
+                                                               "-q", "--cpu", "--num_processes", "1")
+    result = _train(tmp_path, "train.mixed_precision=yes", launcher=command, check=False)
+    assert result.returncode == (2 if launcher == "python" else 1)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert output.count("train.mixed_precision: got 'yes'; allowed: 'no', 'bf16', 'fp16', 'auto'") == 1, output
+
+
 def test_fp16_on_cpu_is_an_error(tmp_path):
     result = _train(tmp_path, "train.mixed_precision=fp16", f"train.output_dir={tmp_path / 'run'}", check=False)
     assert result.returncode != 0 and "fp16 needs a GPU" in result.stderr
