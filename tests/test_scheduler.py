@@ -17,7 +17,7 @@ from diffusers.training_utils import compute_snr
 import pipelines.scheduling_ddpm as scheduling
 from pipelines import DDPMScheduler
 
-REAL_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real-configs"  # see its README.md
+REAL_CONFIGS = Path(__file__).resolve().parent / "fixtures"  # the real bases' scheduler configs (its README.md)
 # A schedule given by its betas, as a base with `trained_betas` ships it: no beta_schedule makes these.
 TRAINED_BETAS = (np.linspace(1e-3, 0.2, 50) ** 1.5).tolist()
 
