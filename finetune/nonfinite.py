@@ -44,14 +44,12 @@ class NonFiniteGuard:
         """Whether to skip this optimizer step; raises when the run must stop. In error mode the step is kept for
         `check` (no host sync); in skip mode, one host sync (and, with several processes, one all-reduce)."""
         scaler = getattr(accelerator, "scaler", None)
-        if scaler is not None:  # fp16: an overflowing gradient is the scaler's to skip; the loss is ours to judge
-            grad_norm = torch.zeros((), device=loss.device)
         if self.on_nonfinite == "error":
             self.pending.append((step, loss.detach(), torch.as_tensor(grad_norm).detach(), keys))
             return False
         value = loss.item()
-        bad = torch.tensor([0.0 if math.isfinite(value) and math.isfinite(float(grad_norm)) else 1.0],
-                           device=accelerator.device)
+        norm_ok = scaler is not None or math.isfinite(float(grad_norm))  # fp16: an overflow is the scaler's to skip
+        bad = torch.tensor([0.0 if math.isfinite(value) and norm_ok else 1.0], device=accelerator.device)
         if accelerator.num_processes > 1:
             bad = accelerator.reduce(bad, reduction="sum")
         if bad.item() == 0:
@@ -83,7 +81,8 @@ class NonFiniteGuard:
         pending, self.pending = self.pending, []
         values = torch.stack([torch.stack([loss.float(), norm.to(loss.device).float()])
                               for _, loss, norm, _ in pending])
-        bad = (~torch.isfinite(values)).any(dim=1).float()
+        judged = values if getattr(accelerator, "scaler", None) is None else values[:, :1]  # fp16: the losses only
+        bad = (~torch.isfinite(judged)).any(dim=1).float()
         if accelerator.num_processes > 1:
             bad = accelerator.reduce(bad, reduction="sum")
         first = next((i for i, flag in enumerate(bad.tolist()) if flag), None)

@@ -73,3 +73,10 @@ def test_a_collapsing_loss_scale_stops_the_run():
         _train_step(model, optimizer, accelerator, guard, step, overflow=True)
     with pytest.raises(FloatingPointError, match=r"loss scale fell to 0.5 by step 3 \(3 steps skipped"):
         _train_step(model, optimizer, accelerator, guard, 3, overflow=True)
+
+
+def test_the_error_names_the_real_gradient_norm():
+    """Under fp16 the gradient norm does not decide, but the message still reports it as it was."""
+    model, optimizer, accelerator, guard, _ = _setup("error")
+    with pytest.raises(FloatingPointError, match="loss nan, grad norm nan"):
+        _train_step(model, optimizer, accelerator, guard, 1, nan_loss=True)
