@@ -15,13 +15,16 @@ from typing import Any, Literal
 
 import yaml
 
+from .cli import UserError
 
-class ConfigError(ValueError):
-    """One or more problems with a config; the message lists them all."""
+
+class ConfigError(UserError, ValueError):
+    """One or more problems with a config; the message lists them all (one alone on the same line)."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+        super().__init__("invalid config: " + problems[0] if len(problems) == 1 else
+                         "invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def _check(problems: list[str]) -> None:

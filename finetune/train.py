@@ -5,8 +5,6 @@
 """
 
 import argparse
-import contextlib
-import dataclasses
 import itertools
 import logging
 import math
@@ -27,10 +25,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
 from . import checkpointing, hub, lora, performance
-from .config import Config, ConfigError, TrainConfig, config_yaml, load_config
+from .cli import run
+from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
-from .distributed import check_in_sync, finish
+from .distributed import finish
 from .encoding import BatchEncoder
+from .export import export, validate
 from .models import Components, build_components, check_objective, load_components, sample_as_downstream, trainable
 from .nonfinite import NonFiniteGuard
 from .objective import (
@@ -43,7 +43,6 @@ from .objective import (
 )
 from .preemption import StopOnSignal
 from .progress import StepLogger, print_summary, run_summary, tracker_names, tracker_settings
-from .validation import log_validation
 
 logger = get_logger("finetune")
 
@@ -119,53 +118,6 @@ def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: to
     model_pred = unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
     weights = min_snr_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
     return diffusion_loss(model_pred, training_target(scheduler, samples, noise, timesteps), weights)
-
-
-@contextlib.contextmanager
-def exported(accelerator: Accelerator, components: Components, emas: list[EMAModel]):
-    """The pipeline to sample and save: unwrapped models in eval mode (no adapter dropout) with the EMA weights,
-    when EMA is on, in place of the trained ones; the training weights and mode come back afterwards. A compiled
-    UNet samples eagerly: compiling the sampling shapes would take longer than the few samples it speeds up."""
-    models = [accelerator.unwrap_model(components.unet), accelerator.unwrap_model(components.text_encoder)]
-    modes = [model.training for model in models]
-    for ema, model in zip(emas, models):
-        ema.store(trainable(model))
-        ema.copy_to(trainable(model))
-    for model in models:
-        model.eval()
-    try:
-        with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            yield dataclasses.replace(components, unet=models[0], text_encoder=models[1])
-    finally:
-        for ema, model in zip(emas, models):
-            ema.restore(trainable(model))
-        for model, mode in zip(models, modes):
-            model.train(mode)
-
-
-def validate(accelerator, config: Config, components: Components, emas: list[EMAModel], step: int) -> None:
-    if accelerator.is_main_process:
-        with exported(accelerator, components, emas) as models:
-            path = log_validation(models.pipeline(), config.validation, step, config.train.output_dir,
-                                  accelerator.trackers)
-        logger.info(f"step {step}: samples in {path}")
-    accelerator.wait_for_everyone()
-
-
-def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> Path | None:
-    """Write the result (EMA weights when enabled) to output_dir: the whole pipeline, or for a LoRA run the
-    adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
-    final sample grid, whose path it returns on the main process."""
-    check_in_sync(accelerator, [components.unet, components.text_encoder])  # every trained tensor
-    if not accelerator.is_main_process:
-        return None
-    out = config.train.output_dir
-    with exported(accelerator, components, emas) as models:
-        if config.lora.enabled:
-            lora.save(out, models.unet, models.text_encoder if config.lora.train_text_encoder else None)
-        else:
-            models.pipeline().save_pretrained(out)
-        return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
 
 
 def build_optimization(config: Config, params: list, trained: list, accelerator: Accelerator):
@@ -341,9 +293,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:  # the user's to fix: the message alone, once (every process raises it alike)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(main)  # a mistake of the user's is one line and exit status 2

@@ -8,7 +8,7 @@ import torch
 
 from finetune import performance
 from finetune.config import TrainConfig, load_config
-from finetune.train import exported
+from finetune.export import exported
 
 from .test_train import _train
 
