@@ -23,6 +23,7 @@ from accelerate.logging import get_logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .cli import UserError
 from .config import TrainConfig
 
 logger = get_logger("finetune")
@@ -46,15 +47,22 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLike) -> Path | None:
-    """The folder to resume from: `latest` is the newest complete checkpoint (None if there is none)."""
+    """The folder to resume from: `latest` is the newest complete checkpoint (None if there is none); a bare
+    `checkpoint-N` that is not a folder here is the one in `output_dir`."""
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume_from_checkpoint)
+    if not path.is_dir() and len(path.parts) == 1 and (Path(output_dir) / path).is_dir():
+        path = Path(output_dir) / path  # `checkpoint-1000`: in train.output_dir, as diffusers' scripts read it
     if not path.is_dir():
-        raise FileNotFoundError(f"train.resume_from_checkpoint={resume_from_checkpoint!r}: no such folder")
+        found = [p.name for p in list_checkpoints(output_dir)]
+        raise UserError(f"train.resume_from_checkpoint={resume_from_checkpoint!r}: no such folder, nor in "
+                        f"train.output_dir={str(output_dir)!r}"
+                        + (f" (it has {', '.join(found)}; or use `latest`)" if found else
+                           " (which has no checkpoints yet); use `latest` to start fresh when there is none"))
     if not (path / MANIFEST).is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"train.resume_from_checkpoint={resume_from_checkpoint!r} has no {MANIFEST}, so it was not written "
             "completely; resume from an earlier checkpoint or use `latest`"
         )
@@ -77,19 +85,19 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
     pickles = [p.name for p in sorted(path.iterdir())
                if p.suffix in _PICKLE_SUFFIXES and not _TORCH_FORMAT.match(p.name)]
     if pickles:
-        raise ValueError(f"checkpoint {path} holds {', '.join(pickles)}: pickle files this trainer does not write "
+        raise UserError(f"checkpoint {path} holds {', '.join(pickles)}: pickle files this trainer does not write "
                          "(an earlier version pickled the EMA and the random states), and loading a pickle can run "
                          "code. Resume from a checkpoint written by this version, or start afresh")
     missing = [name for name in manifest["files"] if not (path / name).exists()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from "
+        raise UserError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from "
                                 "another checkpoint")
     for name, size in manifest.get("sizes", {}).items():
         if (path / name).stat().st_size != size:
-            raise ValueError(f"checkpoint {path} is damaged: {name} is {(path / name).stat().st_size} bytes but was "
+            raise UserError(f"checkpoint {path} is damaged: {name} is {(path / name).stat().st_size} bytes but was "
                              f"written with {size}; resume from another checkpoint")
     if world_size is not None and manifest["world_size"] != world_size:
-        raise ValueError(f"checkpoint {path} was written by {manifest['world_size']} processes but this run has "
+        raise UserError(f"checkpoint {path} was written by {manifest['world_size']} processes but this run has "
                          f"{world_size}; resume with --num_processes {manifest['world_size']} for an exact "
                          "continuation")
     return manifest

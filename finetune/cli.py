@@ -14,7 +14,7 @@ from typing import Any
 DEBUG_ENV = "FINETUNE_DEBUG"
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake the user fixes: the message names what is wrong and what to do, in one line."""
 
 

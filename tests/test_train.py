@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import checkpointing
+from finetune.cli import UserError
 from pipelines import TextToImageDDPMPipeline
 
 from .conftest import TINY_RUN
@@ -223,7 +224,7 @@ def test_resume_refuses_an_incomplete_or_mismatched_checkpoint(tmp_path):
     rng = checkpoint / "rng_state_0.safetensors"
     rng_bytes = rng.read_bytes()
     rng.unlink()
-    with pytest.raises(FileNotFoundError, match="missing rng_state_0.safetensors"):
+    with pytest.raises(UserError, match="missing rng_state_0.safetensors"):
         checkpointing.read_manifest(checkpoint, world_size=1)
     result = _train(tmp_path, "train.max_train_steps=4", f"train.output_dir={out}",
                     f"train.resume_from_checkpoint={checkpoint}", check=False)
@@ -261,7 +262,7 @@ def test_checkpoint_rotation_and_missing_manifest(tmp_path):
     assert not list(out.glob(".tmp-*"))
     (out / "checkpoint-6" / "manifest.json").unlink()
     assert checkpointing.resolve_checkpoint("latest", out).name == "checkpoint-4"
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(UserError, match="manifest.json"):
         checkpointing.resolve_checkpoint(str(out / "checkpoint-6"), out)
 
 
