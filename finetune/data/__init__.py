@@ -1,9 +1,9 @@
 """Image-text data: sources, LAION metadata filters, transforms and caption handling.
 
 Every source yields raw samples (key, image bytes, caption, metadata); `ImageTextStream` turns them into
-training examples for one process (and one dataloader worker): its own disjoint part of the data, a
-seeded shuffle per epoch, filters, decoding (an unreadable sample is skipped and counted), transforms,
-caption dropout and tokenisation.
+training examples for one process (and one dataloader worker): its own disjoint part of the data (with
+`data.cache`, the same part every epoch), a seeded shuffle per epoch, filters, decoding (an unreadable sample is
+skipped and counted), transforms, caption dropout and tokenisation.
 """
 
 import copy
@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import ConfigError, DataConfig, FilterConfig
 from . import shapes
-from .tables import HFDatasetSource, MetadataFolderSource, ParquetSource, RawSample, SidecarFolderSource
+from .tables import HFDatasetSource, MetadataFolderSource, ParquetSource, RawSample, SidecarFolderSource, deal
 from .transforms import decode_rgb, to_uint8, unreadable_reason
 
 logger = logging.getLogger(__name__)
@@ -63,9 +63,10 @@ class WebDatasetSource:
         self.num_samples = num_samples  # unknown for a stream unless given
         self.resampled = resampled
 
-    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
-        """One pass: this reader's disjoint share of the shards, in a seeded order. Resampled: shards drawn with
-        replacement, without end, from a generator of this epoch and reader."""
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
+                deal_rng: random.Random | None = None) -> Iterator[RawSample]:
+        """One pass: this reader's disjoint share of the shards, in a seeded order (`deal`). Resampled: shards drawn
+        with replacement, without end, from a generator of this epoch and reader (`deal_rng` plays no part)."""
         if self.resampled:
             draw = random.Random(f"{order_rng.random()}-{part}")
             shards = (draw.choice(self.shards) for _ in iter(int, 1))
@@ -74,9 +75,7 @@ class WebDatasetSource:
                              "data.num_workers); every reader needs at least one shard: use more shards or fewer "
                              "workers, or set data.resampled: true")
         else:
-            shards = list(self.shards)
-            order_rng.shuffle(shards)
-            shards = shards[part::parts]
+            shards = deal(self.shards, order_rng, part, parts, deal_rng)
 
         def on_error(error: Exception) -> bool:
             counts["skipped: unreadable shard data"] += 1
@@ -188,8 +187,10 @@ class ImageTextStream(IterableDataset):
     """Training examples `{"pixel_values", "input_ids", "key"}` for process `rank` of `world_size`; the pixels
     are (3, H, W) uint8 (`transforms.to_uint8`), scaled to [-1, 1] where they are used.
 
-    Each (process, worker) pair reads a disjoint part of the source; the order is a function of
-    (seed, epoch) only. Call `set_epoch` before iterating each epoch.
+    Each (process, worker) pair reads a disjoint part of the source; the order is a function of (seed, epoch,
+    part, parts) only, so resume can replay it. With `data.cache` the parts are dealt the same every epoch (only
+    the order within each part changes), so the samples a process encoded in the first epoch are the ones it meets
+    again; without it each epoch deals anew. Call `set_epoch` before iterating each epoch.
     """
 
     def __init__(self, source, config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
@@ -283,14 +284,23 @@ class ImageTextStream(IterableDataset):
         if worker:  # hand this epoch's counts to the main process (collect_counts)
             self._worker_counts.put(dict(self.counts))
 
+    def raw_samples(self, part: int, parts: int) -> Iterator[RawSample]:
+        """Reader `part`'s raw samples of this epoch, in the source's order (before the shuffle buffer). With
+        `data.cache` the units are dealt by a generator of the seed alone, the same every epoch, so that the cache
+        of the process hits from the second epoch on (dealt anew each epoch, a process would meet about
+        1/processes of what it cached); without it, by this epoch's generator, so the readers' parts mix anew."""
+        order_rng = random.Random(f"order-{self.seed}-{self.epoch}")
+        if not self.config.cache:
+            return self.source.samples(order_rng, part, parts, self.counts)
+        return self.source.samples(order_rng, part, parts, self.counts, deal_rng=random.Random(f"deal-{self.seed}"))
+
     def _examples(self, part: int, parts: int, give_up: int | None) -> Iterator[dict]:
         """Reader `part`'s examples of this epoch, through a seeded shuffle buffer. An endless source that gives
         no example in `give_up` samples in a row (every one filtered out or unreadable) is an error."""
-        order_rng = random.Random(f"order-{self.seed}-{self.epoch}")
         rng = random.Random(f"sample-{self.seed}-{self.epoch}-{part}")
         buffer: list[RawSample] = []
         attempts, used = 0, self.counts["used"]
-        for raw in self.source.samples(order_rng, part, parts, self.counts):
+        for raw in self.raw_samples(part, parts):
             if len(buffer) < self.config.shuffle_buffer:
                 buffer.append(raw)
                 continue

@@ -2,8 +2,8 @@
 read in row groups, and folders of images with captions (imagefolder metadata or sidecar `.txt` files).
 
 Each source yields `RawSample`s for one reader (`part` of `parts`: processes x dataloader workers), in an order
-that depends only on `order_rng`, and counts what it had to skip in `counts`. An image path in a parquet cell or
-an imagefolder metadata row must stay inside the dataset's folder (`check_inside`) unless
+that depends only on `order_rng` (and `deal_rng`, see `deal`), and counts what it had to skip in `counts`. An image
+path in a parquet cell or an imagefolder metadata row must stay inside the dataset's folder (`check_inside`) unless
 `data.allow_outside_paths` is set.
 """
 
@@ -12,7 +12,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,26 @@ class RawSample:
     caption: str | list | None
     metadata: dict = field(default_factory=dict)
     refused: str | None = None  # why the source would not read this sample's image (then `image` is None)
+
+
+def deal(units: Sequence, order_rng: random.Random, part: int, parts: int,
+         deal_rng: random.Random | None = None) -> list:
+    """Reader `part`'s share of `units` (shards, row groups, rows) in this epoch's order. Without `deal_rng`, the
+    units are shuffled by `order_rng` (this epoch's generator) and dealt `[part::parts]`: each epoch deals anew, so a
+    reader meets about 1/parts of its earlier units again. With `deal_rng` (a generator that is the same every epoch;
+    the stream passes one with `data.cache`), it decides which units each reader gets, the same every epoch (its
+    process's cache hits from the second epoch on), and only the order within each share is new each epoch.
+    Reader 0 shuffles its share with `order_rng` itself, so a lone reader gets the order it gets without
+    `deal_rng`; every other reader with a generator of its own, so that the readers' orders are independent."""
+    if deal_rng is None:
+        units = list(units)
+        order_rng.shuffle(units)
+        return units[part::parts]
+    dealt = list(range(len(units)))
+    deal_rng.shuffle(dealt)
+    mine = [units[i] for i in sorted(dealt[part::parts])]
+    (order_rng if part == 0 else random.Random(f"{order_rng.random()}-{part}")).shuffle(mine)
+    return mine
 
 
 class OutsidePath(ValueError):
@@ -97,8 +117,10 @@ class HFDatasetSource:
         self.image_column, self.caption_column = image_column, caption_column
         self.num_samples = None if streaming else len(dataset)
 
-    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
-        if self.streaming:  # whole shards per process when they divide evenly, else every n-th row
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
+                deal_rng: random.Random | None = None) -> Iterator[RawSample]:
+        if self.streaming:  # whole shards per process when they divide evenly, else every n-th row (no deal_rng:
+            # data.cache, which passes one, is refused for a stream, whose keys are not stable)
             from datasets.distributed import split_dataset_by_node
             from torch.utils.data import get_worker_info
 
@@ -110,9 +132,7 @@ class HFDatasetSource:
             for i, row in enumerate(rows):
                 yield self._sample(row, f"{part}-{i}")
             return
-        indices = list(range(len(self.dataset)))
-        order_rng.shuffle(indices)
-        for index in indices[part::parts]:
+        for index in deal(range(len(self.dataset)), order_rng, part, parts, deal_rng):
             yield self._sample(self.dataset[index], str(index))
 
     def _sample(self, row: dict, fallback_key: str) -> RawSample:
@@ -146,15 +166,14 @@ class ParquetSource:
         self.image_column, self.caption_column = image_column, caption_column
         self.allow_outside_paths = allow_outside_paths
 
-    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
+                deal_rng: random.Random | None = None) -> Iterator[RawSample]:
         import pyarrow.parquet as pq
 
         if len(self.groups) < parts:
             raise ValueError(f"{len(self.groups)} parquet row group(s) cannot be split over {parts} readers (processes "
                              "x data.num_workers); write smaller row groups or use fewer workers")
-        groups = list(self.groups)
-        order_rng.shuffle(groups)
-        for file, group in groups[part::parts]:
+        for file, group in deal(self.groups, order_rng, part, parts, deal_rng):
             try:
                 rows = pq.ParquetFile(file).read_row_group(group).to_pylist()
             except Exception:  # noqa: BLE001 - a damaged row group is skipped and counted, not fatal
@@ -182,10 +201,9 @@ class MetadataFolderSource:
         self.caption_column, self.allow_outside_paths = caption_column, allow_outside_paths
         self.num_samples = len(self.rows)
 
-    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
-        indices = list(range(len(self.rows)))
-        order_rng.shuffle(indices)
-        for index in indices[part::parts]:
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
+                deal_rng: random.Random | None = None) -> Iterator[RawSample]:
+        for index in deal(range(len(self.rows)), order_rng, part, parts, deal_rng):
             row = self.rows[index]
             key = str(row.get("key") or row.get("file_name") or index)
             yield _row_sample(key, row, "file_name", self.caption_column, self.root, self.allow_outside_paths)
@@ -221,10 +239,9 @@ class SidecarFolderSource:
             raise FileNotFoundError(f"data.path={path!r}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
         self.root, self.num_samples = root, len(self.images)
 
-    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter) -> Iterator[RawSample]:
-        images = list(self.images)
-        order_rng.shuffle(images)
-        for image in images[part::parts]:
+    def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
+                deal_rng: random.Random | None = None) -> Iterator[RawSample]:
+        for image in deal(self.images, order_rng, part, parts, deal_rng):
             text = image.with_suffix(".txt")
             caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
             yield RawSample(str(image.relative_to(self.root)), image.read_bytes(), caption)
