@@ -103,6 +103,13 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
     return manifest
 
 
+def resume_target(train: TrainConfig, world_size: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint `train.resume_from_checkpoint` names and its manifest, checked whole before anything is built
+    (None, None: no resume, or `latest` with no checkpoint yet)."""
+    path = resolve_checkpoint(train.resume_from_checkpoint, train.output_dir) if train.resume_from_checkpoint else None
+    return (path, read_manifest(path, world_size)) if path else (None, None)
+
+
 def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tuple[int, int, int, Path | None]:
     """Restore the state of `train.resume_from_checkpoint`, if any: (step, epoch, batches seen in that epoch,
     the checkpoint folder). Settings changed since the checkpoint are named: the continuation is exact only
@@ -238,3 +245,25 @@ class EmaCheckpoints:
                 state = json.loads(f.metadata()["state"])
                 state["shadow_params"] = [f.get_tensor(f"shadow.{j}") for j in range(len(f.keys()))]
             ema.load_state_dict(state)
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a complete checkpoint: its manifest is written last."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def model_weights(path: str | os.PathLike, index: int) -> dict[str, torch.Tensor]:
+    """The weights accelerate saved for the `index`-th trained model (`model.safetensors`, `model_1.safetensors`, ...),
+    named as the model itself names them (a multi-process run saves them with DDP's `module.` in front)."""
+    with safe_open(str(Path(path) / f"model{f'_{index}' if index else ''}.safetensors"), framework="pt") as f:
+        return {key.removeprefix("module."): f.get_tensor(key) for key in f.keys()}
+
+
+def ema_weights(path: str | os.PathLike, index: int) -> list[torch.Tensor] | None:
+    """The averaged weights of EMA `index` as `EmaCheckpoints` saved them (in the order of its model's trainable
+    weights), or None when the checkpoint has none."""
+    file = Path(path) / EMA.format(index)
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        return [f.get_tensor(f"shadow.{j}") for j in range(len(f.keys()))]

@@ -6,6 +6,11 @@ merged with what an earlier evaluation of other metrics wrote there.
     python -m finetune.evaluate outputs/shapes --metrics loss --num-loss-timesteps 20
     python -m finetune.evaluate outputs/sd-lora --data data.source=webdataset "data.path=val/{000..001}.tar" \
         --max-samples 1000 --metrics loss clip fid --clip-model models/clip-vit-large-patch14
+    python -m finetune.evaluate outputs/shapes/checkpoint-1000      # a checkpoint: exported first (finetune.export)
+
+The folder is a run's output (a pipeline, or a LoRA output), or one of its checkpoint-N folders, which is exported
+first as the trainer would have exported it at that step (into checkpoint-N/pipeline, where evaluation.json then
+goes; reused after). Progress bars count the work of each metric unless --quiet.
 
 Metrics:
   adherence  colour and shape accuracy of "a <colour> <shape>" samples, judged without a learned model: the
@@ -25,6 +30,7 @@ Metrics:
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,16 +40,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 
-from . import metrics
+from . import cli, metrics
+from .cli import ToolParser, UserError
 from .config import DataConfig, load_config
 from .data import build_source, failed_filter, pick_caption
 from .data.shapes import DEFAULT_COLORS, HUES, SHAPES, render_sample
 from .data.tables import RawSample
 from .data.transforms import decode_rgb, to_tensor, unreadable_reason
-from .results import load_result, run_guidance_scale
+from .results import hide_library_progress, load_result, result_folder, run_guidance_scale
 
 EVALUATION_FILE = "evaluation.json"
 METRICS = ("adherence", "loss", "clip", "fid")
@@ -80,17 +88,22 @@ def judge(image: np.ndarray, colors: tuple[str, ...] = tuple(HUES)) -> tuple[str
 
 def evaluate_pipeline(pipeline: TextToImageDDPMPipeline, colors: tuple[str, ...] = DEFAULT_COLORS,
                       shapes: tuple[str, ...] = SHAPES, num_images_per_prompt: int = 8,
-                      num_inference_steps: int = 50, guidance_scale: float = 1.0, seed: int = 0) -> dict:
+                      num_inference_steps: int = 50, guidance_scale: float = 1.0, seed: int = 0,
+                      progress: bool = False) -> dict:
     """Sample every "a <colour> <shape>" prompt and report colour and shape accuracy over all images,
-    and the share of prompts whose images mostly match."""
+    and the share of prompts whose images mostly match. The images are one batch drawn from one generator (the
+    reported numbers depend on it), so `progress` shows a bar over that batch's denoising steps."""
     pipeline.set_progress_bar_config(disable=True)
     prompts = [(c, s) for c in colors for s in shapes]
     generator = torch.Generator().manual_seed(seed)
-    images = pipeline(
-        [f"a {c} {s}".replace("a orange", "an orange") for c, s in prompts],
-        num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, generator=generator, output_type="np",
-    ).images
+    with tqdm(total=num_inference_steps, desc=f"adherence: {len(prompts) * num_images_per_prompt} images",
+              unit="step", disable=not progress) as bar:
+        images = pipeline(
+            [f"a {c} {s}".replace("a orange", "an orange") for c, s in prompts],
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, generator=generator, output_type="np",
+            callback_on_step_end=functools.partial(_advance, bar),
+        ).images
     per_prompt = []
     for i, (color, shape) in enumerate(prompts):
         batch = images[i * num_images_per_prompt:(i + 1) * num_images_per_prompt]
@@ -113,6 +126,12 @@ def evaluate_pipeline(pipeline: TextToImageDDPMPipeline, colors: tuple[str, ...]
         "guidance_scale": guidance_scale,
         "per_prompt": per_prompt,
     }
+
+
+def _advance(bar: tqdm, pipeline, step: int, timestep, tensors: dict) -> dict:
+    """A pipeline's `callback_on_step_end` that advances `bar` by one step and changes nothing."""
+    bar.update(1)
+    return {}
 
 
 # ---- held-out data -----------------------------------------------------------------------------
@@ -208,16 +227,17 @@ def clean_samples(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def validation_loss(pipeline: TextToImageDDPMPipeline, pairs: list[dict], timesteps: list[int], seed: int = 0,
-                    batch_size: int = 32) -> dict:
+                    batch_size: int = 32, progress: bool = False) -> dict:
     """The objective's loss on `pairs` at each of `timesteps`, averaged over the pairs, and its mean over the
     timesteps. Sample i gets the noise `metrics.fixed_noise(shape, seed, i)` at every timestep, whatever the batch
     size. The objective is the model's own (its scheduler's prediction type) under this project's DDPMScheduler
-    with the model's schedule, as training uses it."""
+    with the model's schedule, as training uses it. `progress`: a bar counts the pairs."""
     if not pairs:
         raise ValueError("no held-out pairs to compute the validation loss on")
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     device = pipeline.unet.device
     totals = torch.zeros(len(timesteps), dtype=torch.float64)
+    bar = tqdm(total=len(pairs), desc="validation loss", unit="pair", disable=not progress)
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
         samples = clean_samples(pipeline.vae, torch.stack([p["pixels"] for p in batch]).to(device))
@@ -225,6 +245,8 @@ def validation_loss(pipeline: TextToImageDDPMPipeline, pairs: list[dict], timest
         text = pipeline.encode_prompt([p["caption"] for p in batch], device)
         losses = metrics.timestep_losses(pipeline.unet, scheduler, samples, text, noise.to(device), timesteps)
         totals += losses * len(batch)  # each loss is a batch mean; weigh by the batch's size
+        bar.update(len(batch))
+    bar.close()
     per_timestep = (totals / len(pairs)).tolist()
     return {"mean": float(np.mean(per_timestep)), "per_timestep": dict(zip(timesteps, per_timestep)),
             "timesteps": timesteps, "num_samples": len(pairs), "seed": seed,
@@ -235,17 +257,20 @@ def validation_loss(pipeline: TextToImageDDPMPipeline, pairs: list[dict], timest
 
 
 def generate_images(pipeline: TextToImageDDPMPipeline, prompts: list[str], num_inference_steps: int,
-                    guidance_scale: float, seed: int = 0, batch_size: int = 32) -> list[np.ndarray]:
+                    guidance_scale: float, seed: int = 0, batch_size: int = 32,
+                    progress: bool = False) -> list[np.ndarray]:
     """One image (RGB uint8) per prompt; image i is drawn with its own generator seeded `seed + i`, so it does not
-    depend on the batch size."""
+    depend on the batch size. `progress`: a bar counts the images."""
     pipeline.set_progress_bar_config(disable=True)
     images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipeline(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       generator=generators, output_type="np").images
-        images.extend((out * 255).round().clip(0, 255).astype(np.uint8))
+    with tqdm(total=len(prompts), desc="generating", unit="image", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+            out = pipeline(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           generator=generators, output_type="np").images
+            images.extend((out * 255).round().clip(0, 255).astype(np.uint8))
+            bar.update(len(chunk))
     return images
 
 
@@ -291,9 +316,9 @@ def write_evaluation(folder: str | os.PathLike, results: dict[str, tuple[dict, d
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pipeline", help="an output folder of finetune/train.py (a pipeline, or a LoRA on its base)")
+    parser = ToolParser(prog="python -m finetune.evaluate", description=__doc__)
+    parser.add_argument("pipeline", help="an output folder of finetune/train.py (a pipeline, or a LoRA on its base) or "
+                                         "one of its checkpoint-N folders")
     parser.add_argument("--metrics", nargs="+", choices=METRICS,
                         help="default: adherence when the run trained on the built-in set, and loss when there is "
                              "held-out data (always for the built-in set; else name it with --data)")
@@ -316,10 +341,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                         help="clip, fid: images generated, one per held-out caption (at most --max-samples)")
     parser.add_argument("--clip-model", help="clip (and fid by default): a local transformers CLIPModel folder")
     parser.add_argument("--fid-model", help="fid: a local transformers vision model folder (default: --clip-model)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="loss, clip, fid: pairs (or images) per forward pass; the numbers do not depend on it")
+    parser.add_argument("--device", help="torch device to run on (default: cuda when there is one, else cpu)")
     parser.add_argument("--no-save", action="store_true", help=f"do not write <folder>/{EVALUATION_FILE}")
     parser.add_argument("--json", help="also write the full report to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser, parser.parse_args(argv)
 
 
@@ -350,10 +377,10 @@ def choose_metrics(requested: list[str] | None, run: DataConfig, has_held_out: b
 
 
 def report_adherence(pipeline, colors: list[str], num_images_per_prompt: int, num_inference_steps: int,
-                     guidance_scale: float, seed: int) -> tuple[dict, dict, dict]:
+                     guidance_scale: float, seed: int, progress: bool = False) -> tuple[dict, dict, dict]:
     """Adherence: print it; return the full report, the metrics and the settings."""
     report = evaluate_pipeline(pipeline, tuple(colors), SHAPES, num_images_per_prompt, num_inference_steps,
-                               guidance_scale, seed)
+                               guidance_scale, seed, progress)
     for p in report["per_prompt"]:
         print(f"  {p['prompt']:<18} colour {p['color_ok']:5.0%}  shape {p['shape_ok']:5.0%}")
     by_color = report["color_accuracy_by_color"]
@@ -370,9 +397,9 @@ def report_adherence(pipeline, colors: list[str], num_images_per_prompt: int, nu
 
 
 def report_loss(pipeline, pairs: list[dict], data: str, timesteps: list[int], seed: int,
-                batch_size: int) -> tuple[dict, dict, dict]:
+                batch_size: int, progress: bool = False) -> tuple[dict, dict, dict]:
     """The validation loss: print it; return the full report, the metrics and the settings."""
-    report = validation_loss(pipeline, pairs, timesteps, seed, batch_size)
+    report = validation_loss(pipeline, pairs, timesteps, seed, batch_size, progress)
     print(f"validation loss {report['mean']:.5f} ({report['prediction_type']} objective) over {len(pairs)} held-out "
           "pairs: " + ", ".join(f"t={t} {v:.4f}" for t, v in report["per_timestep"].items()))
     values = {"validation_loss": report["mean"],
@@ -434,15 +461,21 @@ def save_report(report: dict, groups: dict[str, tuple[dict, dict]], folder: str,
 
 def main(argv: list[str] | None = None) -> dict:
     parser, args = parse_args(argv)
+    hide_library_progress()
     try:  # a missing feature model is reported before anything loads
         paths = feature_model_paths(args.metrics or [], args.clip_model, args.fid_model)
     except FileNotFoundError as error:
         parser.error(str(error))
+    args.pipeline = str(result_folder(args.pipeline))  # a checkpoint: its export
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.guidance_scale is None:
         args.guidance_scale = run_guidance_scale(args.pipeline)
 
     # Load the model; find the held-out data and the metrics to compute; load the feature models.
-    pipeline = load_result(args.pipeline).to(args.device)
+    try:
+        pipeline = load_result(args.pipeline).to(args.device)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load {args.pipeline}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)
     T = pipeline.scheduler.config.num_train_timesteps
     try:
@@ -471,19 +504,21 @@ def main(argv: list[str] | None = None) -> dict:
     groups = {}
     if "adherence" in wanted:
         groups["adherence"] = report_adherence(pipeline, args.colors, args.num_images_per_prompt,
-                                               args.num_inference_steps, args.guidance_scale, args.seed)
+                                               args.num_inference_steps, args.guidance_scale, args.seed,
+                                               not args.quiet)
     if {"loss", "clip", "fid"} & set(wanted):
         pairs, skipped = held_out_pairs(held_out_source(data, args.max_samples), data, args.max_samples)
         described = describe_data(data)
         print(f"held-out data: {len(pairs)} pairs from {described}" + (f"; left out: {dict(skipped)}" if skipped
                                                                       else ""))
     if "loss" in wanted:
-        groups["loss"] = report_loss(pipeline, pairs, described, timesteps, args.loss_seed, args.batch_size)
+        groups["loss"] = report_loss(pipeline, pairs, described, timesteps, args.loss_seed, args.batch_size,
+                                     not args.quiet)
     if models:
         pairs = pairs[:args.num_generated]
         print(f"generating {len(pairs)} images from held-out captions")
         images = generate_images(pipeline, [p["caption"] for p in pairs], args.num_inference_steps,
-                                 args.guidance_scale, args.seed, args.batch_size)
+                                 args.guidance_scale, args.seed, args.batch_size, not args.quiet)
         sampling = {"num_images": len(images), "num_inference_steps": args.num_inference_steps,
                     "guidance_scale": args.guidance_scale, "seed": args.seed, "data": described}
         groups.update(report_generated(images, pairs, models, sampling, args.batch_size))
@@ -499,4 +534,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,10 +1,18 @@
 """A finished run's output folder, read back: the pipeline it wrote (or its LoRA on the base), whether a folder
-is one, and the settings it sampled with. Shared by the sample, evaluate and visualise commands."""
+is one (or a checkpoint, exported first), and the settings it sampled with. Shared by the sample, evaluate and
+visualise commands."""
 
+import json
 from pathlib import Path
+
+import diffusers
+import huggingface_hub
+import transformers
 
 from pipelines import TextToImageDDPMPipeline
 
+from . import checkpointing
+from .cli import UserError
 from .config import load_config
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
 
@@ -24,10 +32,40 @@ def check_folder(folder: Path) -> str | None:
             return (f"{folder} holds LoRA weights but no config.yaml naming their base; pass the base pipeline "
                     f"folder and --lora {folder}")
         return None
-    if not (folder / "model_index.json").is_file():
-        return (f"{folder} is neither a pipeline (no model_index.json) nor a LoRA output (no {LORA_WEIGHTS}); "
-                "pass the train.output_dir of a finished run")
-    return None
+    if (folder / "model_index.json").is_file() or checkpointing.is_checkpoint(folder):
+        return None
+    if (folder / "model.safetensors").is_file():
+        return (f"{folder} looks like a training checkpoint without its {checkpointing.MANIFEST}, which is written "
+                "last: it was not saved completely; pass another checkpoint-N folder")
+    return (f"{folder} is neither a pipeline (no model_index.json), a LoRA output (no {LORA_WEIGHTS}) nor a training "
+            f"checkpoint (no {checkpointing.MANIFEST}); pass the train.output_dir of a finished run or one of its "
+            "checkpoint-N folders")
+
+
+def result_folder(folder: str | Path) -> Path:
+    """The folder to load: `folder` itself, or for a training checkpoint its export (`python -m finetune.export`,
+    written on first use and reused after), said in one line. A folder that is neither is a UserError."""
+    folder = Path(folder)
+    problem = check_folder(folder)
+    if problem:
+        raise UserError(problem)
+    if not checkpointing.is_checkpoint(folder):
+        return folder
+    from .export import EXPORTED_FROM, exported_checkpoint  # here: export -> validation -> visualize -> us
+
+    out, written = exported_checkpoint(folder)
+    step = json.loads((out / EXPORTED_FROM).read_text())["step"]
+    print(f"{folder} is a training checkpoint (step {step}): "
+          f"{'exported it, as the trainer would have at that step, to' if written else 'using its export in'} {out}")
+    return out
+
+
+def hide_library_progress() -> None:
+    """No progress bars from diffusers, transformers and the Hub (loading components, writing shards): the commands
+    show their own."""
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def load_result(folder: str) -> TextToImageDDPMPipeline:

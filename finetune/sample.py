@@ -5,10 +5,13 @@
     python -m finetune.sample outputs/shapes "a green triangle" --scheduler ddim --num-inference-steps 20
     python -m finetune.sample outputs/shapes-lora "a purple circle" --lora-scale 0.5
     python -m finetune.sample outputs/shapes "a purple circle" --lora outputs/shapes-lora --guidance-scale 2
+    python -m finetune.sample outputs/shapes/checkpoint-1000 "a red circle"      # a checkpoint: exported first
 
-The folder is a run's output: a pipeline, or a LoRA output (its base is read from the run's config.yaml). With
-`--lora`, adapters are loaded onto the folder's pipeline; `--lora-scale` weights every loaded adapter
-(diffusers' `set_adapters(..., adapter_weights=...)`: 0 draws the base's images, 1 the adapters' own).
+The folder is a run's output: a pipeline, or a LoRA output (its base is read from the run's config.yaml), or one of
+its checkpoints (`checkpoint-N`), exported first as the trainer would have exported it at that step (into
+`checkpoint-N/pipeline`, reused after; see `python -m finetune.export`). With `--lora`, adapters are loaded onto
+the folder's pipeline; `--lora-scale` weights every loaded adapter (diffusers' `set_adapters(...,
+adapter_weights=...)`: 0 draws the base's images, 1 the adapters' own).
 
 A prompts file has one prompt per line; blank lines and lines starting with `#` are skipped.
 
@@ -18,8 +21,9 @@ process for one of diffusers' schedulers, built from the saved scheduler's confi
 prediction type the model was trained with); without it the pipeline's own scheduler samples, as in training.
 
 Writes `<prompt index>-<prompt>-<image index>-seed<seed>.png` per image, `grid.png` (one row per prompt) and
-`settings.json` into `--output-dir` (default: `<folder>/samples/sampled/`); files a previous run of this command
-listed in that folder's settings.json are removed first, so the folder holds one run.
+`settings.json` into `--output-dir` (default: `<folder>/samples/sampled/`; for a checkpoint, in its export); files a
+previous run of this command listed in that folder's settings.json are removed first, so the folder holds one run.
+A progress bar counts the images (`--quiet`: none).
 """
 
 import argparse
@@ -31,11 +35,13 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
+from tqdm.auto import tqdm
 
 from pipelines import TextToImageDDPMPipeline
 
+from .cli import ToolParser, UserError, run
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
-from .results import check_folder, load_result, run_guidance_scale
+from .results import hide_library_progress, load_result, result_folder, run_guidance_scale
 from .validation import make_grid
 
 SCHEDULERS = {
@@ -87,15 +93,18 @@ def set_lora_scale(pipeline: TextToImageDDPMPipeline, scale: float) -> list[str]
 
 def generate(pipeline: TextToImageDDPMPipeline, prompts: list[str], num_images_per_prompt: int = 4,
              num_inference_steps: int = 50, guidance_scale: float = 1.0, seed: int = 0,
-             negative_prompt: str | None = None) -> list[list[Image.Image]]:
-    """For each prompt, `num_images_per_prompt` images; image j is drawn with a generator seeded `seed + j`."""
+             negative_prompt: str | None = None, progress: bool = False) -> list[list[Image.Image]]:
+    """For each prompt, `num_images_per_prompt` images; image j is drawn with a generator seeded `seed + j`. With
+    `progress`, a bar counts the images (on stderr); the pipeline's own per-image bars stay off."""
     pipeline.set_progress_bar_config(disable=True)
     rows = []
-    for prompt in prompts:
-        generators = [torch.Generator().manual_seed(seed + j) for j in range(num_images_per_prompt)]
-        rows.append(pipeline(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
-                             generator=generators, output_type="pil").images)
+    with tqdm(total=len(prompts) * num_images_per_prompt, desc="sampling", unit="image", disable=not progress) as bar:
+        for prompt in prompts:
+            generators = [torch.Generator().manual_seed(seed + j) for j in range(num_images_per_prompt)]
+            rows.append(pipeline(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                                 generator=generators, output_type="pil").images)
+            bar.update(num_images_per_prompt)
     return rows
 
 
@@ -129,14 +138,15 @@ def _remove_previous(output_dir: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m finetune.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a run's output folder (a pipeline, or a LoRA output) or any pipeline folder")
+    parser = ToolParser(prog="python -m finetune.sample", description=__doc__)
+    parser.add_argument("folder", help="a run's output folder (a pipeline, or a LoRA output), one of its checkpoint-N "
+                                       "folders, or any pipeline folder")
     parser.add_argument("prompts", nargs="*", help="prompts to draw (one grid row each)")
     parser.add_argument("--prompts-file", help="more prompts, one per line (blank lines and # comments skipped)")
     parser.add_argument("--negative-prompt", help="what guidance steers away from (default: the empty caption)")
-    parser.add_argument("--num-images-per-prompt", type=int, default=4)
-    parser.add_argument("--num-inference-steps", type=int, default=50)
+    parser.add_argument("--num-images-per-prompt", type=int, default=4, help="images per prompt (grid columns)")
+    parser.add_argument("--num-inference-steps", type=int, default=50,
+                        help="reverse-process steps (at most the model's training timesteps)")
     parser.add_argument("--guidance-scale", type=float,
                         help="classifier-free guidance (1: off); default: the run's validation.guidance_scale, else 1")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS),
@@ -147,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="weight of the loaded adapters (0: the base, 1: the adapters as trained; default 1)")
     parser.add_argument("--device", help="torch device to sample on (default: cuda when there is one, else cpu)")
     parser.add_argument("--output-dir", help="where to write (default: FOLDER/samples/sampled)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser, parser.parse_intermixed_args(argv)
 
 
@@ -161,10 +172,7 @@ def lora_location(path: Path) -> tuple[Path, str] | str:
 
 def main(argv: list[str] | None = None) -> Path:
     parser, args = parse_args(argv)
-    folder = Path(args.folder)
-    problem = check_folder(folder)
-    if problem:
-        parser.error(problem)
+    hide_library_progress()
     prompts = list(args.prompts)
     if args.prompts_file:
         try:
@@ -178,11 +186,12 @@ def main(argv: list[str] | None = None) -> Path:
     lora = lora_location(Path(args.lora)) if args.lora else None
     if isinstance(lora, str):
         parser.error(lora)
-    if args.guidance_scale is None:  # the run that trained the adapters knows best, then the folder's run
-        run = args.lora if args.lora and Path(args.lora, "config.yaml").is_file() else args.folder
-        args.guidance_scale = run_guidance_scale(run)
-    if args.guidance_scale < 0:
+    if args.guidance_scale is not None and args.guidance_scale < 0:
         parser.error(f"--guidance-scale must be >= 0 (1 disables guidance), got {args.guidance_scale}")
+    folder = result_folder(args.folder)  # a checkpoint: its export
+    if args.guidance_scale is None:  # the run that trained the adapters knows best, then the folder's run
+        trained = args.lora if args.lora and Path(args.lora, "config.yaml").is_file() else folder
+        args.guidance_scale = run_guidance_scale(trained)
 
     # Load the pipeline (a LoRA output: its base with the adapters), then the extra adapters, scale, scheduler.
     try:
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> Path:
         if lora:
             pipeline.load_lora_weights(str(lora[0]), weight_name=lora[1], adapter_name="lora")
     except (OSError, ValueError) as error:
-        parser.error(f"could not load {folder}{f' with --lora {args.lora}' if lora else ''}: {error}")
+        raise UserError(f"could not load {folder}{f' with --lora {args.lora}' if lora else ''}: {error}") from error
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     adapters = adapter_names(pipeline)
     if args.lora_scale is not None:
@@ -206,11 +215,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Sample and write.
     rows = generate(pipeline, prompts, args.num_images_per_prompt, args.num_inference_steps, args.guidance_scale,
-                    args.seed, args.negative_prompt)
+                    args.seed, args.negative_prompt, progress=not args.quiet)
     output_dir = Path(args.output_dir) if args.output_dir else folder / "samples" / "sampled"
     lora_scale = (1.0 if args.lora_scale is None else args.lora_scale) if adapters else None
     settings = {
-        "folder": str(folder), "lora": args.lora, "lora_scale": lora_scale, "adapters": adapters,
+        "folder": args.folder, "lora": args.lora, "lora_scale": lora_scale, "adapters": adapters,
         "prompts": prompts, "negative_prompt": args.negative_prompt,
         "scheduler": type(pipeline.scheduler).__name__, "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale, "seed": args.seed, "num_images_per_prompt": args.num_images_per_prompt,
@@ -222,4 +231,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,8 +3,10 @@
     python -m finetune.visualize outputs/shapes
     python -m finetune.visualize outputs/shapes --prompt "a blue triangle" --timesteps 50 100 250 500 999
     python -m finetune.visualize outputs/shapes-lora --image my.png --num-inference-steps 100 --output-dir figures
+    python -m finetune.visualize outputs/shapes/checkpoint-1000      # a checkpoint: exported first (finetune.export)
 
-writes `forward.png`, `forward.gif`, `reverse.png` and `reverse.gif` (default: into `<folder>/samples/process/`).
+writes `forward.png`, `forward.gif`, `reverse.png` and `reverse.gif` (default: into `<folder>/samples/process/`; for a
+checkpoint, the folder is its export, `checkpoint-N/pipeline`).
 
 - Forward process q(x_t | x_0) on one training image: x_0, then x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
   (Ho et al. 2020, eq. 4; the scheduler's `add_noise`) at the chosen timesteps, all with the same eps drawn from the
@@ -39,11 +41,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import TextToImageDDPMPipeline
 
+from .cli import ToolParser, UserError, run
 from .config import ValidationConfig, load_config
 from .data import build_source
 from .data import shapes as builtin_shapes
 from .data.transforms import decode_rgb, to_tensor, to_unit_range
-from .results import check_folder, load_result, run_guidance_scale
+from .results import hide_library_progress, load_result, result_folder, run_guidance_scale
 
 BACKGROUND, EMPTY_CELL, INK = (255, 255, 255), (225, 225, 225), (0, 0, 0)
 PAD = 4
@@ -301,34 +304,36 @@ def pixel_size(pipeline: TextToImageDDPMPipeline) -> int:
     return (size if isinstance(size, int) else size[0]) * pipeline.vae_scale_factor
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m finetune.visualize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a run's output folder (a pipeline, or a LoRA output) or any pipeline folder")
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = ToolParser(prog="python -m finetune.visualize", description=__doc__)
+    parser.add_argument("folder", help="a run's output folder (a pipeline, or a LoRA output), one of its checkpoint-N "
+                                       "folders, or any pipeline folder")
     parser.add_argument("--prompt", help="prompt for the reverse process (default: the run's first validation prompt)")
-    parser.add_argument("--negative-prompt")
+    parser.add_argument("--negative-prompt", help="what guidance steers away from (default: the empty caption)")
     parser.add_argument("--image", help="image for the forward process (default: the run's first training sample)")
     parser.add_argument("--timesteps", type=int, nargs="+",
                         help="forward-process timesteps to show (default: 5 evenly spaced, the last T - 1)")
-    parser.add_argument("--num-inference-steps", type=int, default=50)
+    parser.add_argument("--num-inference-steps", type=int, default=50, help="reverse-process steps")
     parser.add_argument("--num-shown", type=int, default=6, help="reverse-process steps shown in the strip")
     parser.add_argument("--guidance-scale", type=float,
                         help="classifier-free guidance; default: the run's validation.guidance_scale (else 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the forward process's noise and of the sample")
     parser.add_argument("--cell-size", type=int, default=128, help="enlarge smaller images to at least this")
     parser.add_argument("--device", help="torch device to sample on (default: cuda when there is one, else cpu)")
     parser.add_argument("--output-dir", help="where to write (default: FOLDER/samples/process)")
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
-    problem = check_folder(Path(args.folder))
-    if problem:
-        parser.error(problem)
+
+def main(argv: list[str] | None = None) -> Path:
+    parser, args = parse_args(argv)
+    hide_library_progress()
     if args.num_shown < 2 or args.cell_size < 1:
         parser.error(f"--num-shown must be >= 2 and --cell-size >= 1, got {args.num_shown} and {args.cell_size}")
+    args.folder = str(result_folder(args.folder))  # a checkpoint: its export
     try:
         pipeline = load_result(args.folder)
     except (OSError, ValueError) as error:
-        parser.error(f"could not load {args.folder}: {error}")
+        raise UserError(f"could not load {args.folder}: {error}") from error
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipeline.set_progress_bar_config(disable=True)
     T = pipeline.scheduler.config.num_train_timesteps
@@ -346,13 +351,14 @@ def main(argv: list[str] | None = None) -> Path:
             image = to_tensor(decode_rgb(Path(args.image).read_bytes()), pixel_size(pipeline), True, False,
                               random.Random(0))
         except (OSError, ValueError) as error:
-            parser.error(f"--image {args.image}: {error}")
+            raise UserError(f"--image {args.image}: {error}; give a readable image file") from error
         caption = Path(args.image).name
     else:
         try:
             image, caption = training_image(args.folder, pixel_size(pipeline))
         except (OSError, ValueError, StopIteration) as error:
-            parser.error(f"could not read the run's first training sample ({error!r}); give an image with --image")
+            raise UserError(f"could not read the run's first training sample ({error!r}); give an image with "
+                            "--image") from error
 
     out = Path(args.output_dir) if args.output_dir else Path(args.folder) / "samples" / "process"
     out.mkdir(parents=True, exist_ok=True)
@@ -370,4 +376,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,6 +1,7 @@
 """The evaluate command: the adherence judge on known drawings and its report on a (random) pipeline; the
 validation loss against a hand computation, on pixel, latent and LoRA models; held-out data; CLIP score and FID
-through the command with a tiny local CLIP; evaluation.json and its merging."""
+through the command with a tiny local CLIP; evaluation.json and its merging; the command line and its progress
+bars."""
 
 import io
 import json
@@ -13,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from finetune import evaluate, lora, metrics
+from finetune.cli import run
 from finetune.config import DataConfig, LoraConfig, ModelConfig, load_config, save_config
 from finetune.data import build_source, shapes
 from finetune.models import load_components
@@ -297,3 +299,35 @@ def test_held_out_data_of_a_resampled_run_is_read_once(tmp_path):
     save_config(load_config(recipe), tmp_path / "config.yaml")
     run, held_out = evaluate.held_out_data(str(tmp_path), ["data.path=val/{000..001}.tar"], 512)
     assert run.resampled and not held_out.resampled and held_out.num_samples is None
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+def test_every_option_has_help_and_mistakes_are_one_line(tiny_pipeline, tmp_path, capsys):
+    parser, _ = evaluate.parse_args([str(tmp_path)])
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    tiny_pipeline.save_pretrained(tmp_path / "run")
+    for argv, message in [
+        ([str(tmp_path / "missing")], "is not a folder"),
+        ([str(tmp_path)], "neither a pipeline (no model_index.json)"),
+        ([str(tmp_path / "run"), "--metrics", "loss", "--max_samples", "0"], "--max-samples, --num-generated"),
+        ([str(tmp_path / "run"), "--metrics", "speed"], "invalid choice"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(evaluate.main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_progress_bars_count_the_work_unless_quiet(tiny_pipeline, tmp_path, capsys):
+    tiny_pipeline.save_pretrained(tmp_path)
+    args = [str(tmp_path), "--colors", "red", "--num-images-per-prompt", "1", "--num-inference-steps", "2",
+            "--max-samples", "8", "--batch-size", "3", "--num-loss-timesteps", "2", "--no-save"]
+    evaluate.main(args)
+    err = capsys.readouterr().err
+    assert "adherence: 3 images" in err and "2/2" in err  # one batch: its denoising steps
+    assert "validation loss" in err and "8/8" in err  # the held-out pairs
+    evaluate.main(args + ["--quiet"])
+    err = capsys.readouterr().err
+    assert "adherence" not in err and "it/s" not in err and "%|" not in err, err

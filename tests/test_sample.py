@@ -1,4 +1,5 @@
-"""`python -m finetune.sample`: images, grid and settings from a run's folder; schedulers, seeds, LoRA scale, errors."""
+"""`python -m finetune.sample`: images, grid and settings from a run's folder; schedulers, seeds, LoRA scale, errors,
+the command line (help, snake_case flags) and the progress bar."""
 
 import json
 
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 
 from finetune import lora, sample
+from finetune.cli import run
 from finetune.config import LoraConfig, ModelConfig, load_config, save_config
 from finetune.data import shapes
 from finetune.models import build_components, load_components
@@ -197,10 +199,32 @@ def test_clear_errors(base, adapted, tmp_path, capsys):
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            sample.main(argv + ["--output-dir", str(tmp_path / "out")])
+            run(sample.main, argv + ["--output-dir", str(tmp_path / "out")])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_option_has_help_and_snake_case_flags_work(base, tmp_path, capsys):
+    parser, _ = sample.parse_args([str(base), "a red circle"])
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    assert "(default: 50)" in capsys.readouterr().out  # the formatter shows the defaults
+    out = sample.main([str(base), "a red circle", "--num_inference_steps", "2", "--num_images_per_prompt", "1",
+                       "--output_dir", str(tmp_path), "--quiet"])
+    settings = json.loads((out / "settings.json").read_text())
+    assert out == tmp_path and settings["num_inference_steps"] == 2 and settings["num_images_per_prompt"] == 1
+
+
+def test_a_progress_bar_counts_the_images_unless_quiet(base, tmp_path, capsys):
+    args = [str(base), "a red circle", "a blue square", "--num-images-per-prompt", "4", *STEPS]
+    sample.main(args + ["--output-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert "sampling" in err and "8/8" in err
+    sample.main(args + ["--output-dir", str(tmp_path / "b"), "--quiet"])
+    err = capsys.readouterr().err
+    assert "sampling" not in err and "it/s" not in err and "%|" not in err, err
 
 
 def test_a_lora_on_a_pndm_base_samples_and_evaluates(tiny_sd_folder, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from finetune import visualize
+from finetune.cli import run
 from finetune.config import ModelConfig
 from finetune.data import shapes
 from finetune.data.transforms import decode_rgb, to_tensor
@@ -180,8 +181,14 @@ def test_cli_writes_strips_and_gifs(pixel_pipeline, tmp_path, capsys):
         ([str(folder), "--timesteps", "1000"], "between 0 and 999"),
         ([str(folder), "--num-inference-steps", "0"], "between 1 and 1000"),
         ([str(folder), "--image", str(tmp_path / "missing.png")], "--image"),
+        ([str(folder), "--num_shown", "1"], "--num-shown must be >= 2"),  # snake_case spelling too
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            visualize.main(argv + ["--output-dir", str(tmp_path / "bad")])
+            run(visualize.main, argv + ["--output-dir", str(tmp_path / "bad")])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_every_option_has_help(tmp_path):
+    parser, _ = visualize.parse_args([str(tmp_path)])
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
