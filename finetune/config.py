@@ -6,6 +6,7 @@ anything is built.
 """
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -600,7 +601,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            problems.append(f"{dotted}: unknown key; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            where = f" in {prefix}" if prefix else ""
+            problems.append(f"{dotted}: unknown key; " + (f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+                            if close else f"valid keys{where}: {', '.join(names)}"))
             continue
         before = len(problems)
         converted = _convert(value, hints[key], dotted, problems)

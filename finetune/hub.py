@@ -23,6 +23,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
+from .cli import ToolParser
 from .config import (
     ConfigError,
     DataConfig,
@@ -33,6 +34,7 @@ from .config import (
     ValidationConfig,
     load_config,
 )
+from .output_lock import LOCK_FILE
 
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -43,6 +45,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME
 # A checkpoint still being written (checkpointing.py renames it into place when complete) is never uploaded.
 IN_PROGRESS = ".tmp-checkpoint-*"
 CHECKPOINTS = "checkpoint-*"
+EXPORTS = "checkpoint-*/pipeline/*"  # a checkpoint's export (python -m finetune.export): made again from it
 PICKLES = ["*.pkl", "*.pickle"]
 # The code a pipeline folder of this project ships (TextToImageDDPMPipeline.save_pretrained writes model_index.json's
 # `_class_name` as [module, class] and copies the files), and what each file does.
@@ -383,8 +386,9 @@ def finished_output(output_dir: str | os.PathLike) -> Path:
 
 
 def ignore_patterns(include_checkpoints: bool) -> list[str]:
-    """What stays local: pickles, checkpoints being written, and finished ones unless asked for."""
-    return [IN_PROGRESS, *PICKLES] + ([] if include_checkpoints else [CHECKPOINTS])
+    """What stays local: pickles, checkpoints being written, and finished ones unless asked for (never their
+    exports), and the lock of a run writing there."""
+    return [IN_PROGRESS, LOCK_FILE, EXPORTS, *PICKLES] + ([] if include_checkpoints else [CHECKPOINTS])
 
 
 def create(api: HfApi, hub: HubConfig) -> str:
@@ -447,8 +451,7 @@ def explained_errors(repo_id: str, endpoint: str):
 # ---- the command -------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m finetune.hub", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m finetune.hub", description=__doc__)
     parser.add_argument("output_dir", help="an output folder of finetune/train.py")
     parser.add_argument("--hub-model-id", help="the repository (`name` or `namespace/name`); default: the run's "
                         "hub.hub_model_id")

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTraine
 from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 from pipelines.pipeline_text2image_ddpm import own_aligned_storage
 
+from .bases import locate_base
 from .config import ModelConfig
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -107,6 +108,7 @@ def load_components(config: ModelConfig) -> Components:
     settings (and the overrides `model.prediction_type` / `model.rescale_betas_zero_snr` /
     `model.timestep_spacing`)."""
     path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
+    locate_base(path, config.revision)  # a missing base is one line, and a path is never sent to the Hub
     index = DiffusionPipeline.load_config(path, **where)
     missing = [name for name in ("unet", "text_encoder", "tokenizer", "scheduler") if not _has(index, name)]
     if missing:

@@ -146,7 +146,7 @@ def run_summary(trained: str, output: str, grid, lora: bool, pushed: str | None,
         f"output:   {output}  ({kind}, config.yaml)",
         f"samples:  {grid}",
         f"logs:     tensorboard --logdir {output}/logs",
-        f"sample:   python -m finetune.sample {output} \"{prompt}\" --scheduler ddim --num-inference-steps 25",
+        f"sample:   python -m finetune.sample {output} \"{prompt}\"",
         f"evaluate: python -m finetune.evaluate {output}",
         push,
     ])

@@ -4,7 +4,6 @@
         [section.key=value ...] [--dry-run]
 """
 
-import argparse
 import itertools
 import logging
 import math
@@ -24,8 +23,9 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, hub, lora, performance
-from .cli import run
+from . import checkpointing, dry_run, hub, lora, performance
+from .arguments import parse_args
+from .cli import UserError, run
 from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import finish
@@ -41,18 +41,11 @@ from .objective import (
     sample_noise_and_timesteps,
     training_target,
 )
+from .output_lock import OutputLock
 from .preemption import StopOnSignal
 from .progress import StepLogger, print_summary, run_summary, tracker_names, tracker_settings
 
 logger = get_logger("finetune")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a YAML run config (configs/*.yaml); omitted: the defaults")
-    parser.add_argument("--dry-run", action="store_true", help="validate, build everything, print a summary, exit")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_train_steps=100")
-    return parser.parse_intermixed_args(argv)  # flags may come after overrides
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -70,7 +63,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     performance.configure_backends(config, accelerator.device)
     if accelerator.device.type == "cpu":
         if config.mixed_precision == "fp16":
-            raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (fast on recent CPUs) or no")
+            raise UserError("train.mixed_precision=fp16 needs a GPU; on CPU use no (fp32), or bf16 where the CPU has "
+                            "AMX (without it bf16 is slower than fp32), or auto to choose")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(config.cpu_threads or max(1, cores // accelerator.state.num_processes))
     return accelerator
@@ -154,14 +148,19 @@ def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
     return dataset, loader
 
 
-def start_output(accelerator: Accelerator, config: Config) -> None:
-    """Create output_dir with the resolved config in it; with hub.push_to_hub, check the credentials now rather
-    than after the training."""
-    if accelerator.is_main_process:
-        Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.train.output_dir) / "config.yaml").write_text(config_yaml(config))
-        if config.hub.push_to_hub:
-            hub.check_credentials(config.hub)
+def start_output(accelerator: Accelerator, config: Config) -> OutputLock | None:
+    """Create output_dir, take its lock (one run per folder) and write the resolved config in it; with
+    hub.push_to_hub, check the credentials now rather than after the training. The resume target is checked
+    first, by every process: a missing one is reported before anything is built."""
+    checkpointing.resume_target(config.train, accelerator.num_processes)
+    if not accelerator.is_main_process:
+        return None
+    Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(config.train.output_dir)
+    (Path(config.train.output_dir) / "config.yaml").write_text(config_yaml(config))
+    if config.hub.push_to_hub:
+        hub.check_credentials(config.hub)
+    return lock
 
 
 def save_checkpoint(accelerator: Accelerator, config: Config, step: int, data_state: dict, resumed_from) -> None:
@@ -195,12 +194,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     train = config.train
+    if args.print_config:
+        print(config_yaml(config), end="")
+        return
 
     # Set up the accelerator and logging; seed; record the resolved config.
     accelerator = make_accelerator(train)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(train.seed)
-    start_output(accelerator, config)
+    if not args.dry_run:
+        lock = start_output(accelerator, config)
+    elif not dry_run.check_ahead(config, accelerator):  # the base would be downloaded: not by a dry run
+        return
 
     # Build the models (from scratch, or from a pretrained pipeline; in full or with LoRA) and the data.
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer, lr_scheduler, emas, ema_weights = build_optimization(config, params, trained, accelerator)
     print_summary(config, components, params, source, accelerator)
     if args.dry_run:
-        return
+        return dry_run.read_one(dataset, accelerator)
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     components.unet = trained[0]
     components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
@@ -283,12 +288,15 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"stopped by signal {stop.signum or signal.SIGTERM} at step {step} after writing "
                     f"checkpoint-{step}; continue with train.resume_from_checkpoint=latest", main_process_only=True)
         finish(accelerator)
+        if lock:
+            lock.release()
         return
 
     # Export: the pipeline (EMA weights when enabled) at output_dir and a final sample grid; then push, summarise.
     grid = export(accelerator, config, components, emas, step)
     finish(accelerator)
     if accelerator.is_main_process:
+        lock.release()
         publish(config, grid, step_logger.summary(step), accelerator.num_processes)
 
 
