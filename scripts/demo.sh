@@ -6,11 +6,12 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
 # torch first, pinned: on these machines pip finds the CPU wheel of 2.13.0 locally; an unpinned torch pulls a
-# CUDA build of several GB (on other machines, choose your build from pytorch.org first; any torch >= 2.4 works).
+# CUDA build of several GB (on other machines, choose your build from pytorch.org
+# first; any torch >= 2.6 works, as pyproject.toml says).
 "$PYTHON" -m pip install --quiet torch==2.13.0
 "$PYTHON" -m pip install --quiet -e .
 
-accelerate launch --config_file accelerate_config.yaml finetune/train.py --config configs/shapes.yaml "$@"
+accelerate launch -q --config_file accelerate_config.yaml finetune/train.py --config configs/shapes.yaml "$@"
 OUT="$("$PYTHON" -c 'import sys; from finetune.config import load_config; print(load_config("configs/shapes.yaml", sys.argv[1:]).train.output_dir)' "$@")"
 "$PYTHON" -m finetune.evaluate "$OUT"   # writes $OUT/evaluation.json
 echo "evaluation: $OUT/evaluation.json"

@@ -12,12 +12,12 @@ SIX=(red orange yellow green blue purple)
 now() { "$PYTHON" -c 'import time; print(time.time())'; }
 
 t0=$(now)
-accelerate launch --config_file accelerate_config.yaml finetune/train.py --config configs/shapes.yaml \
+accelerate launch -q --config_file accelerate_config.yaml finetune/train.py --config configs/shapes.yaml \
     "train.output_dir=$OUT/shapes"
 t1=$(now)
 "$PYTHON" -m finetune.evaluate "$OUT/shapes" --json "$OUT/shapes-report.json"
 t2=$(now)
-accelerate launch --config_file accelerate_config.yaml finetune/train.py --config configs/shapes-lora.yaml \
+accelerate launch -q --config_file accelerate_config.yaml finetune/train.py --config configs/shapes-lora.yaml \
     "model.pretrained_model_name_or_path=$OUT/shapes" "train.output_dir=$OUT/shapes-lora"
 t3=$(now)
 "$PYTHON" -m finetune.evaluate "$OUT/shapes-lora" --colors "${SIX[@]}" --json "$OUT/lora-report.json"
