@@ -96,3 +96,35 @@ def test_pixels_scale_on_the_gpu_to_the_bits_of_the_cpu():
     scalar would multiply by its reciprocal on CUDA, 1 ulp off for some)."""
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
     assert torch.equal(to_unit_range(pixels.cuda()).cpu(), to_unit_range(pixels))
+
+
+def test_the_trainers_own_loop_never_waits_for_the_gpu_between_logging_steps(tiny_sd_folder, tmp_path, monkeypatch):
+    """The same, through `finetune.train.main` itself (the data loader, accumulation context, EMA, the stop and
+    non-finite checks, the progress bar): from the end of step 1 to the next logging step, CUDA's sync debug mode
+    turns any host sync into an error. It is switched off only inside StepLogger.step, whose logging steps read the
+    loss by design, and back on after each step that is not the last."""
+    from finetune import train
+    from finetune.progress import StepLogger
+
+    original, syncs_checked = StepLogger.step, []
+
+    def step(self, number, last, lr, grad_norm):
+        torch.cuda.set_sync_debug_mode("default")
+        original(self, number, last, lr, grad_norm)
+        if not last:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            syncs_checked.append(number + 1)
+
+    monkeypatch.setattr(StepLogger, "step", step)
+    try:
+        train.main([f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                    "model.train_text_encoder=false", "data.resolution=16", "data.num_samples=64",
+                    "data.shuffle_buffer=16", "train.train_batch_size=4", "train.max_train_steps=8",
+                    "train.logging_steps=4", "train.use_ema=true", "train.snr_gamma=5",
+                    "train.mixed_precision=bf16", "validation.validation_steps=0",
+                    "validation.num_inference_steps=2", "validation.num_images_per_prompt=1",
+                    f"train.output_dir={tmp_path / 'run'}"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert syncs_checked == [2, 3, 4, 5, 6, 7, 8]
