@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 
-from . import cli, metrics
+from . import class_adherence, cli, metrics
 from .cli import ToolParser, UserError
 from .config import DataConfig, load_config
 from .data import build_source, failed_filter, pick_caption
@@ -54,10 +54,10 @@ from .data.transforms import decode_rgb, to_tensor, unreadable_reason
 from .results import hide_library_progress, load_result, result_folder, run_guidance_scale
 
 EVALUATION_FILE = "evaluation.json"
-METRICS = ("adherence", "loss", "clip", "fid")
+METRICS = ("adherence", "loss", "clip", "fid", "classes")
 # The metric names each group writes (a detail is named `<name>_<detail>`), replaced when the group runs again.
 METRIC_NAMES = {"adherence": ("color_accuracy", "shape_accuracy"), "loss": ("validation_loss",),
-                "clip": ("clip_score",), "fid": ("fid",)}
+                "clip": ("clip_score",), "fid": ("fid",), "classes": ("class_adherence", "class_judge_accuracy")}
 HELDOUT_SEED = 1  # the built-in set's held-out renderings; training renders seed 0
 
 MIN_SATURATION = 0.35
@@ -344,6 +344,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--batch-size", type=int, default=32,
                         help="loss, clip, fid: pairs (or images) per forward pass; the numbers do not depend on it")
     parser.add_argument("--device", help="torch device to run on (default: cuda when there is one, else cpu)")
+    parser.add_argument("--classes", nargs="+", metavar="NAME[:ALIAS,...]",
+                        help="classes: the class words of the run's captions, e.g. zero:0 one:1 ... nine:9")
+    parser.add_argument("--class-prompt", default="{}",
+                        help="classes: the prompt for a class, {} standing for its name, e.g. 'a handwritten digit {}'")
+    parser.add_argument("--class-guidance", type=float, nargs="+",
+                        help="classes: the guidance scales to compare (default: --guidance-scale)")
+    parser.add_argument("--classifier", help="classes: a local transformers image-classification folder whose labels "
+                                             "name the classes (default: fit a judge on the run's training images)")
+    parser.add_argument("--fit-samples", type=int, default=2000,
+                        help="classes: training images to fit the judge on (a fifth of them measure it)")
     parser.add_argument("--no-save", action="store_true", help=f"do not write <folder>/{EVALUATION_FILE}")
     parser.add_argument("--json", help="also write the full report to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -435,6 +445,38 @@ def report_generated(images: list[np.ndarray], pairs: list[dict], models: dict, 
     return results
 
 
+def report_classes(pipeline, classes: dict[str, list[str]], args, data: DataConfig) -> tuple[dict, dict, dict]:
+    """Class adherence at each of --class-guidance: print it; return the full report, the metrics and settings."""
+    if args.classifier:
+        judge = class_adherence.SuppliedJudge(args.classifier, classes, args.device)
+    else:
+        pairs, skipped = held_out_pairs(held_out_source(data, args.fit_samples), data, args.fit_samples)
+        images, labels, left_out = class_adherence.labelled(pairs, classes, to_rgb_array)
+        judge = class_adherence.FittedJudge(images, labels)
+        skipped.update(left_out)
+        print(f"judge: {judge.description} ({describe_data(data)}" + (f"; left out: {dict(skipped)})" if skipped
+                                                                      else ")"))
+    prompted = [name for name in classes for _ in range(args.num_images_per_prompt)]
+    prompts = [args.class_prompt.format(name) for name in prompted]
+    report, values = {"judge": judge.description, "judge_accuracy": judge.accuracy, "by_guidance": {}}, {}
+    for guidance in args.class_guidance or [args.guidance_scale]:
+        images = generate_images(pipeline, prompts, args.num_inference_steps, guidance, args.seed, args.batch_size,
+                                 not args.quiet)
+        result = class_adherence.adherence(judge, images, prompted)
+        report["by_guidance"][str(guidance)] = result
+        values.setdefault("class_adherence", result["adherence"])
+        values[f"class_adherence_guidance_{guidance:g}"] = result["adherence"]
+        print(f"class adherence {result['adherence']:.1%} at guidance {guidance:g} over {len(images)} images: "
+              + ", ".join(f"{name} {v:.0%}" for name, v in result["by_class"].items()))
+    if judge.accuracy is not None:
+        values["class_judge_accuracy"] = judge.accuracy
+    settings = {"classes_names": classes, "classes_prompt": args.class_prompt, "classes_judge": judge.description,
+                "classes_num_images_per_class": args.num_images_per_prompt,
+                "classes_num_inference_steps": args.num_inference_steps, "classes_seed": args.seed,
+                "classes_guidance": args.class_guidance or [args.guidance_scale]}
+    return report, values, settings
+
+
 def load_feature_models(paths: dict[str, tuple], device: str) -> dict:
     """The feature model of each metric in `paths` ({metric: (folder, flag)}); one folder is loaded once."""
     models = {}
@@ -497,6 +539,10 @@ def main(argv: list[str] | None = None) -> dict:
         models = load_feature_models(paths, args.device)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    if "classes" in wanted:  # its mistakes before any image is drawn
+        classes = class_adherence.parse_classes(args.classes or [])
+        if "{}" not in args.class_prompt:
+            parser.error(f"--class-prompt {args.class_prompt!r}: put {{}} where the class name goes")
     if args.metrics is None and not has_held_out:
         print("validation loss: not computed; the run's data is its training data, name held-out pairs with --data")
 
@@ -506,6 +552,8 @@ def main(argv: list[str] | None = None) -> dict:
         groups["adherence"] = report_adherence(pipeline, args.colors, args.num_images_per_prompt,
                                                args.num_inference_steps, args.guidance_scale, args.seed,
                                                not args.quiet)
+    if "classes" in wanted:
+        groups["classes"] = report_classes(pipeline, classes, args, data)
     if {"loss", "clip", "fid"} & set(wanted):
         pairs, skipped = held_out_pairs(held_out_source(data, args.max_samples), data, args.max_samples)
         described = describe_data(data)

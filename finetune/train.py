@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, dry_run, hub, lora, performance
+from . import checkpointing, conditioning, dry_run, hub, lora, performance
 from .arguments import parse_args
 from .cli import UserError, run
 from .config import Config, TrainConfig, config_yaml, load_config
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
         source = build_source(config.data, train.seed)
     components, trained = build_model(config, source, accelerator)
+    if accelerator.is_main_process:  # captions that cannot teach a model to follow prompts
+        conditioning.check_captions(config.data, source, components.tokenizer)
     dataset, loader = build_data(config, components.tokenizer, source, accelerator)
     set_seed(train.seed, device_specific=True)  # same initial weights everywhere, different noise per process
 

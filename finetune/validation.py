@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines import TextToImageDDPMPipeline
 
-from . import visualize
+from . import conditioning, visualize
 from .config import ValidationConfig
 
 logger = logging.getLogger(__name__)
@@ -27,18 +27,22 @@ def make_grid(images: list[Image.Image], columns: int, pad: int = 2) -> Image.Im
     return grid
 
 
-def sample_grid(pipeline: TextToImageDDPMPipeline, config: ValidationConfig) -> Image.Image:
-    """Draw `num_images_per_prompt` images for every prompt with a fixed seed and tile them."""
+def sample_grid(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, gaps: dict | None = None) -> Image.Image:
+    """Draw `num_images_per_prompt` images for every prompt with a fixed seed and tile them; given `gaps`, fill it
+    with how far the prompts move the predictions along the way (`conditioning.prompt_gaps`)."""
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    images = pipeline(
+    output = pipeline(
         config.prompts,
         num_images_per_prompt=config.num_images_per_prompt,
         num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale,
         generator=generator,
         output_type="pil",
-    ).images
-    return make_grid(images, columns=config.num_images_per_prompt)
+        return_trajectory=gaps is not None,
+    )
+    if gaps is not None:
+        gaps.update(conditioning.prompt_gaps(pipeline, config.prompts, output.trajectory, output.timesteps))
+    return make_grid(output.images, columns=config.num_images_per_prompt)
 
 
 def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, step: int, output_dir: str,
@@ -47,11 +51,14 @@ def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, 
     `validation.process_strips`, the same for the reverse process (and, once, the forward process) under
     `output_dir/samples/process/`. Returns the grid's path."""
     pipeline.set_progress_bar_config(disable=True)
-    grid = sample_grid(pipeline, config)
+    gaps = {}
+    grid = sample_grid(pipeline, config, gaps)
     path = Path(output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     log_image(trackers, "validation", grid, step)
+    log_scalars(trackers, gaps, step)
+    logger.info("step %d: %s", step, conditioning.describe(gaps))
     if config.process_strips:
         try:  # pictures for people: a failure here (say, an unreadable first training image) must not end the run
             log_process(pipeline, config, step, Path(output_dir) / "samples" / "process", trackers)
@@ -76,6 +83,15 @@ def log_process(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, ste
         forward, _ = visualize.forward_strip(pipeline.scheduler, image, vae=getattr(pipeline, "vae", None))
         forward.save(folder / "forward.png")
         log_image(trackers, "process/forward", forward, step)
+
+
+def log_scalars(trackers: list, values: dict, step: int) -> None:
+    """Hand scalars to every tracker (a tracker that fails is a warning)."""
+    for tracker in trackers:
+        try:
+            tracker.log(values, step=step)
+        except Exception as error:  # noqa: BLE001 - a tracker's hiccup must not end a run
+            logger.warning("could not log %s to %s: %s", ", ".join(values), tracker.name, error)
 
 
 def log_image(trackers: list, name: str, image: Image.Image, step: int) -> None:

@@ -64,7 +64,9 @@ def test_five_steps_through_accelerate_launch(tmp_path):
     for event_file in events:
         tags = EventAccumulator(str(event_file)).Reload().Tags()
         scalars, images = scalars | set(tags["scalars"]), images | set(tags["images"])
-    assert {"loss", "lr", "grad_norm", "images_per_s", "step_time"} <= scalars, scalars
+    assert {"loss", "lr", "grad_norm", "images_per_s", "step_time", "conditioning/prompt_vs_empty_start",
+            "conditioning/between_prompts_middle"} <= scalars, scalars
+    assert "step 5: the prompt moves the first reverse step's prediction by " in result.stderr
     assert {"validation", "process/reverse", "process/forward"} <= images, images
     assert (out / "samples" / "process" / "forward.png").is_file()
     assert (out / "samples" / "process" / "reverse-step-5.png").is_file()
