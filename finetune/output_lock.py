@@ -1,15 +1,20 @@
 """One run per output folder: the main process holds an advisory lock on `<output_dir>/.finetune-lock` for the
 whole run, so a second run (or a dry run) pointed at the same folder is told which run has it, instead of both
 writing checkpoints over each other. The operating system releases the lock when the process ends, however it
-ends, so a crashed run never leaves the folder locked. (Where `fcntl` is missing, on Windows, nothing is locked.)"""
+ends, so a crashed run never leaves the folder locked; the lock file names its holder while held and is emptied on
+a clean release, so a run that finds it unlocked but still naming a holder reports that the run before it was
+killed or crashed. (Where `fcntl` is missing, on Windows, nothing is locked.)"""
 
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 
 from .cli import UserError
+
+logger = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -34,13 +39,21 @@ class OutputLock:
             raise UserError(f"train.output_dir={output_dir} is in use by another run ({holder(self.path)}); wait "
                             "for it to finish, or give this run another train.output_dir") from error
         self.file.seek(0)
+        if self.file.read().strip():  # a holder that never released it: killed, or crashed
+            logger.warning(f"train.output_dir={output_dir}: the run that wrote here before ({holder(self.path)}) "
+                           "ended without finishing (killed or crashed); its newest checkpoint continues it with "
+                           "train.resume_from_checkpoint=latest")
+        self.file.seek(0)
         self.file.truncate()
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
                   self.file)
         self.file.flush()
 
     def release(self) -> None:
-        self.file.close()  # closing the descriptor releases the lock; the file stays, unlocked
+        """Empty the file (a clean end) and close it, which releases the lock."""
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.close()
 
 
 def held_by(output_dir: str | os.PathLike) -> str | None:

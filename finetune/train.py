@@ -56,6 +56,12 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         log_with=tracker_names(config.report_to),
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
     )
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if launched > accelerator.num_processes:  # each process would train alone, all into one output folder
+        raise UserError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set this one up as "
+                        f"{accelerator.num_processes} ({accelerator.distributed_type.value}): check the accelerate "
+                        "config's distributed_type (on CPU, several processes need MULTI_CPU: ACCELERATE_USE_CPU=1 "
+                        "accelerate launch --multi_gpu --num_processes N)")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(f"accelerate is set up for {accelerator.distributed_type.value}, which this trainer does not "
                          "support yet (EMA and validation need whole weights on the main process); use DDP "

@@ -135,6 +135,37 @@ def test_one_run_per_output_folder(tmp_path):
     OutputLock(tmp_path).release()  # free again
 
 
+def test_a_run_that_never_released_its_folder_is_reported(tmp_path, caplog):
+    crashed = OutputLock(tmp_path)
+    crashed.file.close()  # the lock goes with the process, as when it is killed; the file still names it
+    with caplog.at_level("WARNING"):
+        OutputLock(tmp_path).release()
+    assert f"the run that wrote here before (pid {os.getpid()} on " in caplog.text
+    assert "ended without finishing (killed or crashed)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        OutputLock(tmp_path).release()  # released cleanly last time: nothing to report
+    assert caplog.text == ""
+
+
+@pytest.mark.slow
+def test_processes_that_accelerate_set_up_alone_refuse_to_train(tmp_path):
+    """An FSDP config with use_cpu: accelerate starts two processes that each come up as a one-process run, which
+    would both train into one folder: each refuses, naming the setting (the first says so)."""
+    config = tmp_path / "fsdp_cpu.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n"
+                      "fsdp_config:\n  fsdp_version: 2\nmain_training_function: main\nrdzv_backend: static\n"
+                      "same_network: true\n")
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(config),
+                             str(ROOT / "finetune" / "train.py"), "--dry-run", f"train.output_dir={tmp_path / 'o'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("error: the launcher started 2 processes (WORLD_SIZE) but accelerate set this one up "
+                               "as 1 (NO): check the accelerate config's distributed_type") == 1, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 # ---- one front door, every option explained ----------------------------------------------------------------------
 
 class _Parsed(Exception):
