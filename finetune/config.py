@@ -326,9 +326,17 @@ class LoraConfig:
     text_encoder_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     """Text-encoder modules that get adapters (CLIP attention projections by default)."""
+    save_format: Literal["auto", "diffusers", "both"] = "auto"
+    """`diffusers` writes pytorch_lora_weights.safetensors (diffusers' `load_lora_weights`); `both` also writes
+    lora_kohya.safetensors in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`lora_unet_...`,
+    `lora_te_...`, the real alpha, ss_* metadata); `auto` is `both` on a Stable-Diffusion-shaped base and
+    `diffusers` otherwise (no other tool loads this project's own pixel-space models)."""
 
     def __post_init__(self):
         problems = []
+        if self.save_format == "both" and self.use_dora:
+            problems.append("lora.save_format: both: a DoRA's magnitudes have no kohya form that ComfyUI, A1111 and "
+                            "Forge read alike; use lora.save_format: diffusers with lora.use_dora")
         for name in ("rank", "text_encoder_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"lora.{name}: got {getattr(self, name)}; must be >= 1")

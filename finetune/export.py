@@ -86,7 +86,8 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
     out = config.train.output_dir
     with exported(accelerator, components, emas) as models:
         if config.lora.enabled:
-            lora.save(out, models.unet, models.text_encoder if config.lora.train_text_encoder else None)
+            lora.save(out, models.unet, models.text_encoder if config.lora.train_text_encoder else None,
+                      config.lora.save_format)
         else:
             models.pipeline().save_pretrained(out)
         return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
@@ -203,7 +204,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     if config.lora.enabled:
         tmp.mkdir(parents=True)
-        lora.save(tmp, components.unet, components.text_encoder if config.lora.train_text_encoder else None)
+        lora.save(tmp, components.unet, components.text_encoder if config.lora.train_text_encoder else None,
+                  config.lora.save_format, f"{Path(config.train.output_dir).name}-{checkpoint.name}")
     else:
         components.pipeline().save_pretrained(tmp)
     shutil.copyfile(checkpoint / checkpointing.CONFIG, tmp / checkpointing.CONFIG)

@@ -1,0 +1,114 @@
+"""LoRA files every tool loads: the kohya layout (ComfyUI, AUTOMATIC1111, Forge) beside diffusers' own, on a base
+with SD-1.5's real block layout (its published configs, tests/fixtures/sd15, with every width shrunk)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from finetune import lora
+from finetune.config import LoraConfig, ModelConfig
+from finetune.models import load_components
+
+from .conftest import REAL_CONFIGS, clip_tokenizer
+
+SD15 = REAL_CONFIGS / "sd15"
+
+# The kohya module names of SD-1.5's cross-attention projections and CLIP-L's attention projections, as published
+# kohya-format SD-1.x LoRAs name them: the same names are listed in PaddlePaddle/PaddleNLP
+# ppdiffusers/ppdiffusers/webui_lora_helper.py (`safetensors_weight_mapping`, the keys of WebUI LoRA files), e.g.
+# lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0 and
+# lora_te_text_model_encoder_layers_11_self_attn_q_proj. SD-1.5 has cross-attention in down blocks 0-2 (2 each),
+# the mid block (1) and up blocks 1-3 (3 each); CLIP-L has 12 layers.
+ATTENTIONS = ([f"down_blocks_{b}_attentions_{a}" for b in range(3) for a in range(2)] + ["mid_block_attentions_0"]
+              + [f"up_blocks_{b}_attentions_{a}" for b in (1, 2, 3) for a in range(3)])
+UNET_MODULES = {f"lora_unet_{block}_transformer_blocks_0_attn2_{proj}" for block in ATTENTIONS
+                for proj in ("to_q", "to_k", "to_v", "to_out_0")}
+TEXT_MODULES = {f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}" for layer in range(12)
+                for proj in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def _config(name: str) -> dict:
+    return {k: v for k, v in json.loads((SD15 / name / "config.json").read_text()).items() if not k.startswith("_")}
+
+
+@pytest.fixture(scope="module")
+def sd15_shaped(tmp_path_factory):
+    """SD-1.5's UNet, VAE and text encoder configs as published, widths shrunk (layers and blocks as they are)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sd15-shaped") / "base"
+    tokenizer = clip_tokenizer(folder.parent / "vocab")
+    unet = UNet2DConditionModel(**{**_config("unet"), "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4,
+                                   "attention_head_dim": 2, "cross_attention_dim": 16, "sample_size": 8})
+    vae = AutoencoderKL(**{**_config("vae"), "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
+                           "layers_per_block": 1, "sample_size": 64})
+    text = _config("text_encoder")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**{k: text[k] for k in ("hidden_act", "max_position_embeddings",
+                                                                           "num_hidden_layers", "layer_norm_eps")},
+                                                   "hidden_size": 16, "intermediate_size": 32,
+                                                   "num_attention_heads": 2, "vocab_size": len(tokenizer),
+                                                   "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}))
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=PNDMScheduler.from_pretrained(SD15, subfolder="scheduler"), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_output(sd15_shaped, tmp_path_factory):
+    """Adapters (rank 2, alpha 6: scale 3; text encoder rank 2, alpha 1) with random weights, saved both ways."""
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(sd15_shaped)))
+    config = LoraConfig(enabled=True, rank=2, alpha=6, train_text_encoder=True, text_encoder_rank=2,
+                        text_encoder_alpha=1)
+    unet, text_encoder = lora.attach(components, config)
+    torch.manual_seed(1)
+    for model in (unet, text_encoder):
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = torch.randn_like(param) * 0.3
+    out = tmp_path_factory.mktemp("lora") / "my-lora"
+    lora.save(out, unet, text_encoder, config.save_format)
+    return out
+
+
+def test_the_kohya_file_names_modules_as_published_lora_files_do(lora_output):
+    with safe_open(str(lora_output / lora.KOHYA_WEIGHT_NAME), framework="pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        alphas = {key.rsplit(".", 1)[0]: f.get_tensor(key).item() for key in keys if key.endswith(".alpha")}
+    modules = {key.split(".")[0] for key in keys}
+    assert modules == UNET_MODULES | TEXT_MODULES
+    assert keys == {f"{m}.{part}" for m in modules for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    # the real alphas (diffusers' converter writes the rank: 2), so every client scales by alpha / rank
+    assert {alphas[m] for m in UNET_MODULES} == {6.0} and {alphas[m] for m in TEXT_MODULES} == {1.0}
+    assert metadata["ss_network_dim"] == "2" and metadata["ss_network_alpha"] == "6"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_output_name"] == "my-lora"
+
+
+def test_stock_diffusers_draws_the_same_images_from_either_file(sd15_shaped, lora_output):
+    """diffusers reads the kohya file through its own kohya converter: the same images as from its own format."""
+    def images(weight_name: str | None) -> np.ndarray:
+        pipe = StableDiffusionPipeline.from_pretrained(sd15_shaped, safety_checker=None, use_safetensors=True)
+        pipe.set_progress_bar_config(disable=True)
+        if weight_name:
+            pipe.load_lora_weights(str(lora_output), weight_name=weight_name)
+        return pipe(["a red circle", "a blue square"], num_inference_steps=3, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    base, ours, kohya = images(None), images(lora.WEIGHT_NAME), images(lora.KOHYA_WEIGHT_NAME)
+    assert np.abs(ours - base).max() > 1e-3  # the adapters change the images ...
+    np.testing.assert_allclose(kohya, ours, atol=1e-5)  # ... and both files change them alike
+
+
+def test_the_project_s_own_pixel_models_get_the_diffusers_file_alone(tiny_components, tmp_path):
+    unet, = lora.attach(tiny_components, LoraConfig(enabled=True))
+    lora.save(tmp_path, unet, None, "auto")
+    assert (tmp_path / lora.WEIGHT_NAME).is_file() and not (tmp_path / lora.KOHYA_WEIGHT_NAME).exists()
+
+
+def test_dora_with_the_kohya_file_is_refused():
+    with pytest.raises(ValueError, match="lora.save_format: both: a DoRA's magnitudes have no kohya form"):
+        LoraConfig(enabled=True, use_dora=True, save_format="both")
