@@ -143,7 +143,10 @@ def build_optimization(config: Config, params: list, trained: list, accelerator:
 def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
     """This process's stream of training examples and its DataLoader. The epoch reaches the workers through
     shared memory, persistent or not; the loader has its own generator, so starting an epoch (or resuming
-    mid-epoch) does not draw from the global RNG that the noise comes from."""
+    mid-epoch) does not draw from the global RNG that the noise comes from. Captions that cannot teach a model to
+    follow prompts are named first."""
+    if accelerator.is_main_process:
+        conditioning.check_captions(config.data, source, tokenizer)
     dataset = ImageTextStream(source, config.data, tokenizer, config.train.seed, accelerator.process_index,
                               accelerator.num_processes)
     workers = config.data.num_workers
@@ -152,6 +155,18 @@ def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
                                          persistent_workers=config.data.persistent_workers and workers > 0,
                                          generator=torch.Generator().manual_seed(config.train.seed))
     return dataset, loader
+
+
+def prepare(accelerator: Accelerator, config: Config, components: Components, trained: list, optimizer,
+            lr_scheduler):
+    """accelerate's wrapping of the trained models, optimizer and LR schedule (the components then hold the wrapped
+    models); the training step's copy of the noise schedule, its tables on the device; the batch encoder."""
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    components.unet = trained[0]
+    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
+    schedule = on_device(components.scheduler, accelerator.device)
+    encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
+    return trained, optimizer, lr_scheduler, schedule, encoder
 
 
 def start_output(accelerator: Accelerator, config: Config) -> OutputLock | None:
@@ -181,9 +196,19 @@ def save_checkpoint(accelerator: Accelerator, config: Config, step: int, data_st
             logger.warning(f"{error} Training goes on; checkpoint-{step} is on disk.")
 
 
-def publish(config: Config, grid: Path, trained: str, num_processes: int) -> None:
-    """On the main process after the run: push with hub.push_to_hub, then the summary. A failed push keeps the
-    output and says how to push it again; the run then exits with status 1."""
+def end_stopped(accelerator: Accelerator, stop: StopOnSignal, step: int, lock: OutputLock | None) -> None:
+    """A preempted run's end: say how to continue from the checkpoint just written; let go of the output folder."""
+    logger.info(f"stopped by signal {stop.signum or signal.SIGTERM} at step {step} after writing checkpoint-{step}; "
+                "continue with train.resume_from_checkpoint=latest", main_process_only=True)
+    finish(accelerator)
+    if lock:
+        lock.release()
+
+
+def publish(config: Config, grid: Path, trained: str, num_processes: int, lock: OutputLock) -> None:
+    """On the main process after the run: let go of the output folder, push with hub.push_to_hub, then the summary.
+    A failed push keeps the output and says how to push it again; the run then exits with status 1."""
+    lock.release()
     out, pushed, failure = config.train.output_dir, None, None
     if config.hub.push_to_hub:
         try:
@@ -217,8 +242,6 @@ def main(argv: list[str] | None = None) -> None:
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
         source = build_source(config.data, train.seed)
     components, trained = build_model(config, source, accelerator)
-    if accelerator.is_main_process:  # captions that cannot teach a model to follow prompts
-        conditioning.check_captions(config.data, source, components.tokenizer)
     dataset, loader = build_data(config, components.tokenizer, source, accelerator)
     set_seed(train.seed, device_specific=True)  # same initial weights everywhere, different noise per process
 
@@ -228,11 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     print_summary(config, components, params, source, accelerator)
     if args.dry_run:
         return dry_run.read_one(dataset, accelerator)
-    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    components.unet = trained[0]
-    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
-    schedule = on_device(components.scheduler, accelerator.device)  # the training step's copy, its tables there
-    encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
+    trained, optimizer, lr_scheduler, schedule, encoder = prepare(accelerator, config, components, trained, optimizer,
+                                                                  lr_scheduler)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
     step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config))
@@ -293,19 +313,13 @@ def main(argv: list[str] | None = None) -> None:
     step_logger.progress.close()
     stop.close()
     if stopped:  # preempted: the checkpoint just written is the way back
-        logger.info(f"stopped by signal {stop.signum or signal.SIGTERM} at step {step} after writing "
-                    f"checkpoint-{step}; continue with train.resume_from_checkpoint=latest", main_process_only=True)
-        finish(accelerator)
-        if lock:
-            lock.release()
-        return
+        return end_stopped(accelerator, stop, step, lock)
 
     # Export: the pipeline (EMA weights when enabled) at output_dir and a final sample grid; then push, summarise.
     grid = export(accelerator, config, components, emas, step)
     finish(accelerator)
     if accelerator.is_main_process:
-        lock.release()
-        publish(config, grid, step_logger.summary(step), accelerator.num_processes)
+        publish(config, grid, step_logger.summary(step), accelerator.num_processes, lock)
 
 
 if __name__ == "__main__":
