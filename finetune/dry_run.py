@@ -13,7 +13,7 @@ from .bases import locate_base
 from .checkpointing import changed_settings, list_checkpoints, resume_target
 from .cli import UserError
 from .config import Config, config_yaml
-from .output_lock import held_by
+from .output_lock import held_by, in_use
 
 
 def check_ahead(config: Config, accelerator: Accelerator) -> bool:
@@ -50,8 +50,7 @@ def check_output(output_dir: str) -> str:
     """Writable and not held by a run; what is there already."""
     holder = held_by(output_dir) if Path(output_dir).is_dir() else None
     if holder:
-        raise UserError(f"train.output_dir={output_dir} is in use by another run ({holder}); wait for it to finish, "
-                        "or give this run another train.output_dir")
+        raise in_use(output_dir, holder)
     existing = next(p for p in [Path(output_dir).absolute(), *Path(output_dir).absolute().parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"train.output_dir={output_dir}: {existing} is not a folder this user can write to; choose "

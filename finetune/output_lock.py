@@ -36,8 +36,7 @@ class OutputLock:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             self.file.close()
-            raise UserError(f"train.output_dir={output_dir} is in use by another run ({holder(self.path)}); wait "
-                            "for it to finish, or give this run another train.output_dir") from error
+            raise in_use(output_dir, holder(self.path)) from error
         self.file.seek(0)
         if self.file.read().strip():  # a holder that never released it: killed, or crashed
             logger.warning(f"train.output_dir={output_dir}: the run that wrote here before ({holder(self.path)}) "
@@ -54,6 +53,12 @@ class OutputLock:
         self.file.seek(0)
         self.file.truncate()
         self.file.close()
+
+
+def in_use(output_dir: str | os.PathLike, who: str) -> UserError:
+    """The refusal of a second run on a held output folder."""
+    return UserError(f"train.output_dir={output_dir} is in use by another run ({who}); wait for it to finish, or give "
+                     "this run another train.output_dir")
 
 
 def held_by(output_dir: str | os.PathLike) -> str | None:
