@@ -80,7 +80,7 @@ class Floor:
         self.unet = components.unet.to(self.device).train()
         # The trainer's levers (TF32, gradient checkpointing, xformers, compile; its optimizer) apply here too.
         configure_backends(config.train, self.device)
-        speed_up(self.unet, None, config.train, self.device)
+        speed_up(self.unet, [], config.train, self.device)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, config.train, self.device)
 

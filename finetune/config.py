@@ -39,9 +39,9 @@ class ModelConfig:
     fields below, or loaded from a pretrained pipeline (pixel space, or latent space with a VAE)."""
 
     pretrained_model_name_or_path: str | None = None
-    """A pipeline folder or Hub id to start from: one this project trained (pixel space) or a Stable-Diffusion-
-    style one (`vae`, `unet`, `text_encoder`, `tokenizer`, `scheduler`; trained in the VAE's latent space).
-    null builds every component from the fields below."""
+    """A pipeline folder or Hub id to start from: one this project trained (pixel space), a Stable-Diffusion-
+    style one (`vae`, `unet`, `text_encoder`, `tokenizer`, `scheduler`; trained in the VAE's latent space) or an
+    SDXL one (also `text_encoder_2`, `tokenizer_2`). null builds every component from the fields below."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `pretrained_model_name_or_path`."""
     variant: str | None = None
@@ -75,7 +75,7 @@ class ModelConfig:
     max_caption_tokens: int = 16
     """Captions are padded / truncated to this many tokens, including begin and end tokens (from scratch)."""
     train_text_encoder: bool = True
-    """Train the text encoder with the UNet; false keeps it frozen."""
+    """Train the text encoder (SDXL: both) with the UNet; false keeps it frozen."""
     num_train_timesteps: int = 1000
     """T, the number of forward-process steps (from scratch)."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
@@ -90,6 +90,13 @@ class ModelConfig:
     """How sampling spreads its steps over the T timesteps. null: from scratch `trailing` with a zero-terminal-SNR
     schedule (so the first step is t = T-1, where the model learnt pure noise: Lin et al. 2023, section 3.3) and
     `leading` otherwise; the base's own when fine-tuning. A value switches a base to it."""
+
+    pretrained_vae_model_name_or_path: str | None = None
+    """A VAE (folder or Hub id) to train and sample with in place of the base's own, e.g. an fp16-safe SDXL VAE
+    (`madebyollin/sdxl-vae-fp16-fix`); a full fine-tune's pipeline is saved with it."""
+    vae_upcast: bool | None = None
+    """Keep the frozen VAE in float32 under mixed precision. null: as the VAE's config says (`force_upcast`; SDXL's
+    VAE sets it, as its activations overflow float16)."""
 
     def __post_init__(self):
         problems = []

@@ -1,12 +1,13 @@
-"""From a batch of the data stream to the UNet's inputs: the training samples x_0 and the text embeddings.
+"""From a batch of the data stream to the UNet's inputs: the training samples x_0 and the text conditioning (the
+model family's, `families.py`).
 
 x_0 is the image itself (pixel-space models) or its VAE latent scaled by `vae.config.scaling_factor`
 (latent-space models). With `data.cache`, the frozen encoders' outputs are kept in memory: the VAE's latent
 distribution per sample key (a latent is still drawn from it at every step, as without the cache) and the text
-embedding per token sequence (so caption dropout still works). The first sight of a sample encodes it; every
-later one reuses the stored result. Stored results are kept on the CPU (a LAION-scale cache does not fit a GPU)
-and reach a GPU through pinned memory, without a host sync. The batch's pixels come as uint8 and are scaled to
-[-1, 1] on the device.
+embeddings per token sequence (so caption dropout still works; for SDXL both encoders' outputs). The first sight of
+a sample encodes it; every later one reuses the stored result. Stored results are kept on the CPU (a LAION-scale
+cache does not fit a GPU) and reach a GPU through pinned memory, without a host sync. The batch's pixels come as
+uint8 and are scaled to [-1, 1] on the device.
 """
 
 import zlib
@@ -15,14 +16,15 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .data.transforms import check_uint8, to_unit_range
+from .families import OneEncoder, TwoEncodersXL
 
 
 class BatchEncoder:
-    def __init__(self, vae, text_encoder, text_trains: bool, cache: bool):
-        self.vae, self.text_encoder, self.text_trains, self.cache = vae, text_encoder, text_trains, cache
+    def __init__(self, vae, text: OneEncoder | TwoEncodersXL, text_trains: bool, cache: bool):
+        self.vae, self.text_family, self.text_trains, self.cache = vae, text, text_trains, cache
         self.latent_cache: dict[str, torch.Tensor] = {}
         self.fingerprints: dict[str, tuple[tuple[int, ...], int]] = {}
-        self.text_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.text_cache: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
     def samples(self, batch: dict, device: torch.device) -> torch.Tensor:
         """x_0 in float32: pixels in [-1, 1], or z ~ q(z | x) times the VAE's scaling factor."""
@@ -32,20 +34,23 @@ class BatchEncoder:
             return to_unit_range(_to(pixels, device))
         if self.cache:
             self._check_keys(batch["key"], pixels)
-            moments = self._cached(self.latent_cache, batch["key"], pixels, self._moments)
+            moments = self._cached(self.latent_cache, batch["key"], pixels, self._moments)[0]
         else:
             moments = self._moments(pixels)
         latents = DiagonalGaussianDistribution(_to(moments, device)).sample()
         return latents.float() * self.vae.config.scaling_factor
 
-    def text(self, batch: dict, device: torch.device) -> torch.Tensor:
-        """The text encoder's last hidden state for the batch's token ids (with gradients when it trains)."""
-        ids = batch["input_ids"]
+    def conditioning(self, batch: dict, device: torch.device) -> dict:
+        """The UNet's keyword arguments for the batch's captions (with gradients when the text encoders train)."""
+        family, ids = self.text_family, self.text_family.ids(batch)
         if self.text_trains:
-            return self.text_encoder(_to(ids, device), return_dict=False)[0]
-        if self.cache:
-            return _to(self._cached(self.text_cache, [tuple(row.tolist()) for row in ids], ids, self._embed), device)
-        return self._embed(ids)
+            embeds = family.embed(ids, device)
+        elif self.cache:
+            rows = self._cached(self.text_cache, [tuple(row.tolist()) for row in ids], ids, self._embed)
+            embeds = tuple(_to(part, device) for part in rows)
+        else:
+            embeds = self._embed(ids)
+        return family.unet_kwargs(embeds, batch, device)
 
     def _check_keys(self, keys: list[str], pixels: torch.Tensor) -> None:
         """The latent cache is keyed by sample key: a key that comes back with other pixels would train on the
@@ -65,18 +70,22 @@ class BatchEncoder:
         return self.vae.encode(to_unit_range(_to(pixels, device)).to(self.vae.dtype), return_dict=False)[0].parameters
 
     @torch.no_grad()
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(_to(ids, self.text_encoder.device), return_dict=False)[0]
+    def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        device = self.text_family.text_encoder.device
+        return self.text_family.embed(_to(ids, device), device)
 
     @staticmethod
-    def _cached(cache: dict, keys: list, inputs: torch.Tensor, encode) -> torch.Tensor:
-        """Rows for `keys`, encoding (in one batch) and storing on the CPU the rows not seen before."""
+    def _cached(cache: dict, keys: list, inputs: torch.Tensor, encode):
+        """Rows for `keys` as a tuple of stacked tensors, encoding (in one batch) and storing on the CPU the rows not
+        seen before. `encode` returns a tensor, or a tuple of them."""
         # In batch order (the encoders' roundings depend on a row's place in the batch), each key's first row.
         missing = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in cache}.values())
         if missing:
-            for i, row in zip(missing, encode(inputs[missing])):
-                cache[keys[i]] = row.cpu()
-        return torch.stack([cache[key] for key in keys])
+            encoded = encode(inputs[missing])
+            parts = encoded if isinstance(encoded, tuple) else (encoded,)
+            for j, i in enumerate(missing):
+                cache[keys[i]] = tuple(part[j].cpu() for part in parts)
+        return tuple(torch.stack([cache[key][n] for key in keys]) for n in range(len(cache[keys[0]])))
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -35,7 +35,15 @@ from .cli import ToolParser, UserError, run
 from .config import Config, DataConfig, load_config
 from .data import build_source, caption_texts
 from .distributed import check_in_sync
-from .models import Components, build_components, load_components, trainable
+from .models import (
+    Components,
+    build_components,
+    frozen_dtype,
+    frozen_models,
+    load_components,
+    trainable,
+    trained_in_full,
+)
 from .results import hide_library_progress
 from .validation import log_validation
 
@@ -50,7 +58,7 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
     """The pipeline to sample and save: unwrapped models in eval mode (no adapter dropout) with the EMA weights,
     when EMA is on, in place of the trained ones; the training weights and mode come back afterwards. A compiled
     UNet samples eagerly: compiling the sampling shapes would take longer than the few samples it speeds up."""
-    models = [accelerator.unwrap_model(components.unet), accelerator.unwrap_model(components.text_encoder)]
+    models = [accelerator.unwrap_model(model) for model in (components.unet, *components.text_encoders)]
     modes = [model.training for model in models]
     for ema, model in zip(emas, models):
         ema.store(trainable(model))
@@ -59,7 +67,8 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
         model.eval()
     try:
         with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            yield dataclasses.replace(components, unet=models[0], text_encoder=models[1])
+            yield dataclasses.replace(components, unet=models[0], text_encoder=models[1],
+                                      text_encoder_2=models[2] if len(models) > 2 else None)
     finally:
         for ema, model in zip(emas, models):
             ema.restore(trainable(model))
@@ -80,14 +89,13 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
     """Write the result (EMA weights when enabled) to output_dir: the whole pipeline, or for a LoRA run the
     adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
     final sample grid, whose path it returns on the main process."""
-    check_in_sync(accelerator, [components.unet, components.text_encoder])  # every trained tensor
+    check_in_sync(accelerator, [components.unet, *components.text_encoders])  # every trained tensor
     if not accelerator.is_main_process:
         return None
     out = config.train.output_dir
     with exported(accelerator, components, emas) as models:
         if config.lora.enabled:
-            lora.save(out, models.unet, models.text_encoder if config.lora.train_text_encoder else None,
-                      config.lora.save_format)
+            lora.save_run(out, models, config.lora)
         else:
             models.pipeline().save_pretrained(out)
         return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
@@ -115,11 +123,10 @@ def rebuild_model(config: Config, mixed_precision: str) -> tuple[Components, lis
         components = build_components(config.model, config.data.resolution, captions)
     if config.lora.enabled:
         return components, lora.attach(components, config.lora)
-    components.text_encoder.requires_grad_(config.model.train_text_encoder)
-    trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    for model in (components.unet, components.text_encoder, components.vae):
-        if model is not None and all(model is not t for t in trained) and model.dtype != dtype:
+    trained = trained_in_full(components, config.model)
+    for model in frozen_models(components, trained, lora=False):
+        dtype = frozen_dtype(components, model, config.model, mixed_precision)
+        if model.dtype != dtype:
             model.to(dtype)
     cast_training_params(trained, dtype=torch.float32)
     return components, trained
@@ -204,8 +211,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     if config.lora.enabled:
         tmp.mkdir(parents=True)
-        lora.save(tmp, components.unet, components.text_encoder if config.lora.train_text_encoder else None,
-                  config.lora.save_format, f"{Path(config.train.output_dir).name}-{checkpoint.name}")
+        lora.save_run(tmp, components, config.lora, f"{Path(config.train.output_dir).name}-{checkpoint.name}")
     else:
         components.pipeline().save_pretrained(tmp)
     shutil.copyfile(checkpoint / checkpointing.CONFIG, tmp / checkpointing.CONFIG)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .cli import UserError
 from .config import LoraConfig
 from .models import Components
 
@@ -33,16 +34,22 @@ def peft_config(rank: int, alpha: float | None, targets: list[str], config: Lora
 
 
 def attach(components: Components, config: LoraConfig, autocast: bool = False) -> list[torch.nn.Module]:
-    """Freeze the base and add adapters to its UNet (and text encoder, when asked); return the models that now
-    train. A target that matches no module is an error naming the modules that exist. `autocast`: the models only
-    ever run under autocast (mixed precision training), so the adapters skip peft's input casts (unless they have
-    dropout or DoRA)."""
+    """Freeze the base and add adapters to its UNet (and text encoders, SDXL's two, when asked); return the models
+    that now train. A target that matches no module is an error naming the modules that exist. `autocast`: the
+    models only ever run under autocast (mixed precision training), so the adapters skip peft's input casts (unless
+    they have dropout or DoRA)."""
+    if components.text_encoder_2 is not None and config.save_format == "both":
+        raise UserError("lora.save_format: both: the kohya-layout file is written for SD-1.x/2.x bases so far, and "
+                        "this base is SDXL; use lora.save_format: auto or diffusers (a file that diffusers' SDXL "
+                        "pipeline, ComfyUI and Forge load)")
     components.unet.requires_grad_(False)
-    components.text_encoder.requires_grad_(False)
+    for encoder in components.text_encoders:
+        encoder.requires_grad_(False)
     adapted = [(components.unet, peft_config(config.rank, config.alpha, config.target_modules, config))]
     if config.train_text_encoder:
-        adapted.append((components.text_encoder, peft_config(config.text_encoder_rank, config.text_encoder_alpha,
-                                                             config.text_encoder_target_modules, config)))
+        adapted += [(encoder, peft_config(config.text_encoder_rank, config.text_encoder_alpha,
+                                          config.text_encoder_target_modules, config))
+                    for encoder in components.text_encoders]
     for model, adapter in adapted:
         try:
             _add_adapter(model, adapter)
@@ -84,27 +91,37 @@ def _add_adapter(model: torch.nn.Module, adapter: PeftLoraConfig) -> None:
 
 
 def save(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-         save_format: str = "diffusers", name: str | None = None) -> Path:
-    """Write `output_dir/pytorch_lora_weights.safetensors` as diffusers' LoRA loaders read it, with the adapter
-    configs as metadata, and with `lora.save_format` both (or auto, on a Stable-Diffusion-shaped base: a latent UNet,
-    without DoRA) the kohya file beside it (`save_kohya`, titled `name`, by default the folder's name).
-    `text_encoder` is None unless it carries adapters.
+         save_format: str = "diffusers", name: str | None = None, text_encoder_2: torch.nn.Module | None = None,
+         xl: bool = False) -> Path:
+    """Write `output_dir/pytorch_lora_weights.safetensors` as diffusers' LoRA loaders read it (for SDXL, with
+    `text_encoder_2`, the SDXL pipeline's), with the adapter configs as metadata, and with `lora.save_format` both (or
+    auto, on a Stable-Diffusion-shaped base: a latent UNet, one text encoder, without DoRA) the kohya file beside it
+    (`save_kohya`, titled `name`, by default the folder's name). The text encoders are None unless they carry
+    adapters; `xl`: the base is SDXL (the file is then what `StableDiffusionXLPipeline.load_lora_weights` reads).
 
     The metadata says `lora_dropout: 0`: dropout is for training only, and `load_lora_weights` leaves the
     dropout layers it creates in training mode, so a saved dropout would make every downstream sample random."""
     layers, metadata = {}, {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if model is not None:
             state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-            layers[f"{prefix}_lora_layers"] = _full_magnitude_names(state) if prefix == "text_encoder" else state
+            layers[f"{prefix}_lora_layers"] = _full_magnitude_names(state) if prefix != "unet" else state
             adapter = model.peft_config["default"].to_dict()  # sets sorted: the same run, the same metadata
             adapter = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
             metadata[f"{prefix}_lora_adapter_metadata"] = {**adapter, "lora_dropout": 0.0}
-    StableDiffusionLoraLoaderMixin.save_lora_weights(output_dir, **layers, **metadata, weight_name=WEIGHT_NAME)
-    sd_shaped = unet.config.in_channels == 4 and not unet.peft_config["default"].use_dora
+    loader = StableDiffusionXLLoraLoaderMixin if xl else StableDiffusionLoraLoaderMixin
+    loader.save_lora_weights(output_dir, **layers, **metadata, weight_name=WEIGHT_NAME)
+    sd_shaped = unet.config.in_channels == 4 and not xl and not unet.peft_config["default"].use_dora
     if save_format == "both" or save_format == "auto" and sd_shaped:
         save_kohya(output_dir, unet, text_encoder, name or Path(output_dir).resolve().name)
     return Path(output_dir) / WEIGHT_NAME
+
+
+def save_run(output_dir: str | Path, components: Components, config: LoraConfig, name: str | None = None) -> Path:
+    """`save` for a run's adapted components: the text encoders when they carry adapters."""
+    text = components.text_encoders if config.train_text_encoder else [None, None]
+    return save(output_dir, components.unet, text[0], config.save_format, name, text[1] if len(text) > 1 else None,
+                xl=components.text_encoder_2 is not None)
 
 
 def save_kohya(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,

@@ -17,6 +17,7 @@ from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 from pipelines.pipeline_text2image_ddpm import own_aligned_storage
 
 from .bases import locate_base
+from .cli import UserError
 from .config import ModelConfig
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -24,7 +25,8 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 
 @dataclass
 class Components:
-    """The parts of a text-to-image DDPM, as the pipeline names them; `vae` only for latent-space models."""
+    """The parts of a text-to-image DDPM, as the pipeline names them; `vae` only for latent-space models, the second
+    text encoder and tokenizer only for SDXL."""
 
     unet: UNet2DConditionModel
     scheduler: DDPMScheduler
@@ -32,11 +34,44 @@ class Components:
     tokenizer: transformers.PreTrainedTokenizerBase
     vae: AutoencoderKL | None = None
     sampler: SchedulerMixin | None = None
-    """What samples, when not `scheduler`: for a LoRA, the base's own scheduler, which samples it downstream."""
+    """What samples, when not `scheduler`: for a LoRA, the base's own scheduler, which samples it downstream; for
+    SDXL always the base's own (with this run's overrides), as the stock SDXL pipeline needs a diffusers scheduler."""
+    text_encoder_2: transformers.PreTrainedModel | None = None
+    tokenizer_2: transformers.PreTrainedTokenizerBase | None = None
+    force_zeros_for_empty_prompt: bool = True
+    """SDXL: the unconditional input is zeros (the base's model_index.json says; training's empty captions too)."""
 
-    def pipeline(self) -> TextToImageDDPMPipeline:
+    @property
+    def text_encoders(self) -> list[transformers.PreTrainedModel]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def tokenizers(self) -> list[transformers.PreTrainedTokenizerBase]:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
+
+    def pipeline(self) -> DiffusionPipeline:
+        """The pipeline downstream code loads: this project's, or for SDXL the stock `StableDiffusionXLPipeline`."""
+        if self.text_encoder_2 is not None:
+            return sdxl_pipeline_class()(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                scheduler=self.sampler or self.scheduler, add_watermarker=False,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
         return TextToImageDDPMPipeline(unet=self.unet, scheduler=self.sampler or self.scheduler,
                                        text_encoder=self.text_encoder, tokenizer=self.tokenizer, vae=self.vae)
+
+
+def sdxl_pipeline_class() -> type[DiffusionPipeline]:
+    """diffusers' `StableDiffusionXLPipeline`, imported when an SDXL base needs it: its module loads transformers'
+    image processors, which without torchvision print two warnings that have nothing to do with training (and would
+    break every command's one-line errors if imported always)."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionXLPipeline
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return StableDiffusionXLPipeline
 
 
 def build_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTokenizerFast:
@@ -102,11 +137,12 @@ def build_components(config: ModelConfig, resolution: int, caption_texts: Iterab
 
 
 def load_components(config: ModelConfig) -> Components:
-    """Load the components of a pipeline folder or Hub id: one this project trained (pixel space) or a
-    Stable-Diffusion-style one with a `vae` (latent space). Each part is read from its subfolder, so no
-    pipeline code from the folder runs; training uses this project's DDPMScheduler with the base scheduler's
-    settings (and the overrides `model.prediction_type` / `model.rescale_betas_zero_snr` /
-    `model.timestep_spacing`)."""
+    """Load the components of a pipeline folder or Hub id: one this project trained (pixel space), a
+    Stable-Diffusion-style one with a `vae` (latent space), or an SDXL one (`text_encoder_2`, `tokenizer_2` and a
+    UNet with `addition_embed_type: text_time`). Each part is read from its subfolder, so no pipeline code from the
+    folder runs; training uses this project's DDPMScheduler with the base scheduler's settings (and the overrides
+    `model.prediction_type` / `model.rescale_betas_zero_snr` / `model.timestep_spacing`); `model.
+    pretrained_vae_model_name_or_path` replaces the VAE."""
     path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
     locate_base(path, config.revision)  # a missing base is one line, and a path is never sent to the Hub
     index = DiffusionPipeline.load_config(path, **where)
@@ -114,39 +150,85 @@ def load_components(config: ModelConfig) -> Components:
     if missing:
         raise ValueError(f"{path} is not a text-to-image pipeline this trainer can fine-tune: model_index.json has "
                          f"no {', '.join(missing)}; it needs unet, text_encoder, tokenizer, scheduler (vae optional)")
-    library, text_encoder_class = index["text_encoder"]
-    if library != "transformers" or not hasattr(transformers, text_encoder_class):
-        raise ValueError(f"{path}: the text encoder is {library}.{text_encoder_class}; a transformers model is needed")
+    xl = _has(index, "text_encoder_2")
+    for name in ("text_encoder", "text_encoder_2") if xl else ("text_encoder",):
+        library, text_encoder_class = index[name]
+        if library != "transformers" or not hasattr(transformers, text_encoder_class):
+            raise ValueError(f"{path}: the {name} is {library}.{text_encoder_class}; a transformers model is needed")
     weights = {**where, "variant": config.variant, "use_safetensors": True if config.use_safetensors else None}
     overrides = {k: v for k, v in (("prediction_type", config.prediction_type),
                                    ("rescale_betas_zero_snr", config.rescale_betas_zero_snr),
                                    ("timestep_spacing", config.timestep_spacing)) if v is not None}
+    unet, vae = _load_weights(UNet2DConditionModel, path, "unet", weights), None
+    if config.pretrained_vae_model_name_or_path:
+        vae = load_vae(config.pretrained_vae_model_name_or_path, config.use_safetensors)
+    elif _has(index, "vae"):
+        vae = _load_weights(AutoencoderKL, path, "vae", weights)
     components = Components(
-        unet=_load_weights(UNet2DConditionModel, path, "unet", weights),
+        unet=unet,
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **where, **overrides),
-        text_encoder=_load_weights(getattr(transformers, text_encoder_class), path, "text_encoder", weights),
+        text_encoder=_load_weights(getattr(transformers, index["text_encoder"][1]), path, "text_encoder", weights),
         tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **where),
-        vae=_load_weights(AutoencoderKL, path, "vae", weights) if _has(index, "vae") else None,
+        vae=vae,
     )
+    if xl:
+        components.text_encoder_2 = _load_weights(getattr(transformers, index["text_encoder_2"][1]), path,
+                                                  "text_encoder_2", weights)
+        components.tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **where)
+        components.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt", True)
+        components.sampler = base_scheduler(config, overrides)
+    check_family(path, components)
     # Aligned from the start, as the pipeline would make them at the first validation: training computes the same
     # bits before and after it, and after a resume.
-    for model in (components.unet, components.text_encoder, components.vae):
+    for model in (components.unet, *components.text_encoders, components.vae):
         if model is not None:
             own_aligned_storage(model)
     return components
 
 
-def _load_weights(cls, path: str, subfolder: str, weights: dict):
-    """`cls.from_pretrained` of one component; a base with only pickle-based weights there (while
-    `model.use_safetensors` asks for safetensors) is refused naming the setting."""
+def load_vae(path: str, use_safetensors: bool) -> AutoencoderKL:
+    """An AutoencoderKL (a folder with its config.json and weights, or a Hub id) to use instead of the base's."""
+    try:
+        return _load_weights(AutoencoderKL, path, None, {"use_safetensors": True if use_safetensors else None})
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.pretrained_vae_model_name_or_path={path}: no AutoencoderKL could be loaded from it "
+                        f"({type(error).__name__}: {str(error).splitlines()[0]}); give a VAE folder (config.json and "
+                        "diffusion_pytorch_model.safetensors) or a Hub id of one") from error
+
+
+def check_family(path: str, components: Components) -> None:
+    """The base must be SD-1.x/2.x-shaped (one text encoder, no added embeddings) or SDXL-shaped (two, with the
+    `text_time` embedding of the pooled text and the size-and-crop ids), and its parts must fit each other."""
+    unet = components.unet.config
+    if components.text_encoder_2 is None:
+        if unet.addition_embed_type not in (None, "text"):
+            raise ValueError(f"{path}: the UNet has addition_embed_type={unet.addition_embed_type!r} but the pipeline "
+                             "one text encoder; this trainer fine-tunes SD-1.x/2.x-shaped bases (none) and SDXL-shaped "
+                             "ones (text_time, with text_encoder_2 and tokenizer_2)")
+        return
+    widths = [encoder.config.hidden_size for encoder in components.text_encoders]
+    pooled = getattr(components.text_encoder_2.config, "projection_dim", None)
+    time_in = (unet.projection_class_embeddings_input_dim or 0) - 6 * (unet.addition_time_embed_dim or 0)
+    if unet.addition_embed_type != "text_time" or sum(widths) != unet.cross_attention_dim or time_in != pooled:
+        raise ValueError(f"{path}: an SDXL-style pipeline (text_encoder_2) whose parts do not fit: the UNet needs "
+                         f"addition_embed_type 'text_time' (has {unet.addition_embed_type!r}), cross_attention_dim = "
+                         f"the encoders' widths {widths} summed (has {unet.cross_attention_dim}), and room for the "
+                         f"pooled {pooled}-wide embedding beside six time ids (has {time_in}); this trainer fine-tunes "
+                         "SD-1.x/2.x- and SDXL-shaped bases")
+
+
+def _load_weights(cls, path: str, subfolder: str | None, weights: dict):
+    """`cls.from_pretrained` of one component (`subfolder` None: the folder or Hub id is the component); a base with
+    only pickle-based weights there (while `model.use_safetensors` asks for safetensors) is refused naming the
+    setting."""
     try:
         return cls.from_pretrained(path, subfolder=subfolder, **weights)
     except OSError as error:
-        local = Path(path, subfolder)
+        local = Path(path, subfolder or "")
         pickled = list(local.glob("*.bin")) if local.is_dir() else not Path(path).exists()  # a Hub id: maybe
         if not weights["use_safetensors"] or ".safetensors" not in str(error) or not pickled:
             raise
-        raise ValueError(f"model.pretrained_model_name_or_path={path!r}: {subfolder}/ has no .safetensors weights "
+        raise ValueError(f"{path!r}: {subfolder or '.'}/ has no .safetensors weights "
                          f"({'only' if local.is_dir() else 'perhaps only'} pickle-based .bin ones, and loading a "
                          "pickle can run code). Convert the base to safetensors, or set model.use_safetensors=false "
                          "if you trust where it came from") from error
@@ -163,9 +245,9 @@ def sample_as_downstream(config: ModelConfig, components: Components) -> None:
     components.sampler = base_scheduler(config)
 
 
-def base_scheduler(config: ModelConfig) -> SchedulerMixin:
+def base_scheduler(config: ModelConfig, overrides: dict | None = None) -> SchedulerMixin:
     """The scheduler the base pipeline loads itself, in its own class (PNDM for SD-1.x): what samples a LoRA on it
-    downstream."""
+    downstream; with `overrides` (a full fine-tune's schedule settings) applied."""
     path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
     library, name = DiffusionPipeline.load_config(path, **where)["scheduler"]
     if library == "diffusers":
@@ -175,7 +257,7 @@ def base_scheduler(config: ModelConfig) -> SchedulerMixin:
     else:
         raise ValueError(f"{path}: its scheduler is custom code ({library}.{name}), which samples a LoRA downstream; "
                          "this trainer cannot draw validation grids with it. Use a base with a diffusers scheduler")
-    return cls.from_pretrained(path, subfolder="scheduler", **where)
+    return cls.from_pretrained(path, subfolder="scheduler", **where, **(overrides or {}))
 
 
 def _has(index: dict, name: str) -> bool:
@@ -201,6 +283,36 @@ def check_objective(scheduler: DDPMScheduler) -> None:
     if scheduler.config.rescale_betas_zero_snr and scheduler.config.prediction_type == "epsilon":
         raise ValueError("model.rescale_betas_zero_snr: a zero-terminal-SNR schedule cannot be sampled with "
                          "epsilon prediction; set model.prediction_type: v_prediction (or sample)")
+
+
+def trained_in_full(components: Components, config: ModelConfig) -> list[torch.nn.Module]:
+    """A full fine-tune's trained models, in the order checkpoints hold them: the UNet and, with
+    `model.train_text_encoder`, every text encoder (SDXL's two); the encoders that do not train are frozen."""
+    for encoder in components.text_encoders:
+        encoder.requires_grad_(config.train_text_encoder)
+    return [components.unet] + (components.text_encoders if config.train_text_encoder else [])
+
+
+def frozen_models(components: Components, trained: list[torch.nn.Module], lora: bool) -> list[torch.nn.Module]:
+    """The models whose weights stay frozen: those that do not train, and with LoRA the adapted ones too (their
+    base weights)."""
+    return [model for model in (components.unet, *components.text_encoders, components.vae)
+            if model is not None and (lora or all(model is not t for t in trained))]
+
+
+def frozen_dtype(components: Components, model: torch.nn.Module, config: ModelConfig,
+                 mixed_precision: str) -> torch.dtype:
+    """The dtype a frozen model is kept in: the training precision's, but float32 for a VAE that must not run in
+    float16 (`model.vae_upcast`; null: its config's `force_upcast`, as diffusers' pipelines decide; bfloat16 has
+    float32's range and needs no upcast)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    if model is components.vae:
+        upcast = config.vae_upcast
+        if upcast is None:
+            upcast = dtype == torch.float16 and bool(model.config.get("force_upcast", False))
+        if upcast:
+            return torch.float32
+    return dtype
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

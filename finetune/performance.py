@@ -42,14 +42,14 @@ def configure_backends(train: TrainConfig, device: torch.device) -> None:
         logger.info("train.allow_tf32: no effect on %s (TF32 is a CUDA GPU feature)", device)
 
 
-def speed_up(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, train: TrainConfig,
+def speed_up(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], train: TrainConfig,
              device: torch.device) -> None:
-    """Apply the model-side levers before training: gradient checkpointing (to the text encoder too when it
-    trains), xformers attention, and `torch.compile` of the UNet (in place, so the module, its state dict and
-    its saving stay as they are)."""
+    """Apply the model-side levers before training: gradient checkpointing (to the text encoders that train too),
+    xformers attention, and `torch.compile` of the UNet (in place, so the module, its state dict and its saving
+    stay as they are)."""
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_encoder is not None:  # (transformers 5 renamed it; older releases have the first name only)
+        for text_encoder in text_encoders:  # (transformers 5 renamed it; older releases have the first name only)
             getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
     if train.enable_xformers_memory_efficient_attention:
         if device.type != "cuda":

@@ -158,18 +158,20 @@ def print_summary(config: Config, components: Components, params, source, accele
 
 
 def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
-    total = count_parameters(components.unet) + count_parameters(components.text_encoder)
+    text = sum(count_parameters(encoder) for encoder in components.text_encoders)
+    total = count_parameters(components.unet) + text
     trainable = sum(p.numel() for p in params)
     size = source.num_samples or "streaming"
+    encoders = "text encoders" if components.text_encoder_2 else "text encoder"
     adapters = (f"LoRA rank {config.lora.rank} on {', '.join(config.lora.target_modules)}"
-                + (f" and the text encoder (rank {config.lora.text_encoder_rank})" if config.lora.train_text_encoder
+                + (f" and the {encoders} (rank {config.lora.text_encoder_rank})" if config.lora.train_text_encoder
                    else "") + "; ") if config.lora.enabled else ""
     space = (f"latent space ({components.vae.config.latent_channels}-channel VAE latents)"
-             if components.vae is not None else "pixel space")
+             if components.vae is not None else "pixel space") + (", SDXL" if components.text_encoder_2 else "")
     batch = config.train.train_batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
     return (
-        f"unet {count_parameters(components.unet):,} params, text encoder "
-        f"{count_parameters(components.text_encoder):,}; {adapters}trainable {trainable:,} ({trainable / total:.1%}; "
+        f"unet {count_parameters(components.unet):,} params, {encoders} {text:,}; {adapters}trainable {trainable:,} "
+        f"({trainable / total:.1%}; "
         f"UNet {count_parameters(components.unet, trainable_only=True) / count_parameters(components.unet):.1%}), "
         f"{space}\n"
         f"data: {config.data.source} ({size} samples) at {config.data.resolution}px, vocabulary "

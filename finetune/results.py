@@ -8,6 +8,7 @@ from pathlib import Path
 import diffusers
 import huggingface_hub
 import transformers
+from diffusers import DiffusionPipeline
 
 from pipelines import TextToImageDDPMPipeline
 
@@ -15,6 +16,7 @@ from . import checkpointing
 from .cli import UserError
 from .config import load_config
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
+from .models import sdxl_pipeline_class
 
 
 def run_guidance_scale(folder: str) -> float:
@@ -68,14 +70,20 @@ def hide_library_progress() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def load_result(folder: str) -> TextToImageDDPMPipeline:
+def pipeline_class(path: str, revision: str | None = None) -> type:
+    """This project's pipeline class, or `StableDiffusionXLPipeline` for an SDXL folder (`text_encoder_2`)."""
+    index = DiffusionPipeline.load_config(path, revision=revision)
+    return sdxl_pipeline_class() if index.get("text_encoder_2") else TextToImageDDPMPipeline
+
+
+def load_result(folder: str) -> DiffusionPipeline:
     """The pipeline a run wrote to `folder`; for a LoRA run, its base (from the run's config.yaml) with the
-    adapters loaded."""
+    adapters loaded. An SDXL one is diffusers' own pipeline."""
     if not (Path(folder) / LORA_WEIGHTS).is_file():
-        return TextToImageDDPMPipeline.from_pretrained(folder, use_safetensors=True)
+        return pipeline_class(folder).from_pretrained(folder, use_safetensors=True)
     model = load_config(Path(folder) / "config.yaml").model
-    pipeline = TextToImageDDPMPipeline.from_pretrained(model.pretrained_model_name_or_path, revision=model.revision,
-                                                       variant=model.variant,
-                                                       use_safetensors=True if model.use_safetensors else None)
+    cls = pipeline_class(model.pretrained_model_name_or_path, model.revision)
+    pipeline = cls.from_pretrained(model.pretrained_model_name_or_path, revision=model.revision, variant=model.variant,
+                                   use_safetensors=True if model.use_safetensors else None)
     pipeline.load_lora_weights(folder)
     return pipeline

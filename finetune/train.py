@@ -31,7 +31,18 @@ from .data import ImageTextStream, build_source, caption_texts
 from .distributed import finish
 from .encoding import BatchEncoder
 from .export import export, validate
-from .models import Components, build_components, check_objective, load_components, sample_as_downstream, trainable
+from .families import text_conditioning
+from .models import (
+    Components,
+    build_components,
+    check_objective,
+    frozen_dtype,
+    frozen_models,
+    load_components,
+    sample_as_downstream,
+    trainable,
+    trained_in_full,
+)
 from .nonfinite import NonFiniteGuard
 from .objective import (
     diffusion_loss,
@@ -78,7 +89,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Components, list[torch.nn.Module]]:
     """The components (built from scratch, or loaded from `model.pretrained_model_name_or_path`) and the models
-    that train: the UNet and, when it trains, the text encoder, each in full or carrying LoRA adapters. Frozen
+    that train: the UNet and, when they train, the text encoders, each in full or carrying LoRA adapters. Frozen
     weights move to the device in the training precision; trainable ones stay float32."""
     if config.model.pretrained_model_name_or_path:
         components = load_components(config.model)
@@ -93,29 +104,25 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
         sample_as_downstream(config.model, components)  # with the base's own scheduler, unchanged
         trained = lora.attach(components, config.lora, autocast=accelerator.mixed_precision != "no")
     else:
-        components.text_encoder.requires_grad_(config.model.train_text_encoder)
-        trained = [components.unet] + ([components.text_encoder] if config.model.train_text_encoder else [])
+        trained = trained_in_full(components, config.model)
     if components.vae is not None:
         components.vae.requires_grad_(False)
     # Frozen models (with LoRA, the adapted ones too: their base weights are frozen) in the training precision.
-    frozen = [m for m in (components.unet, components.text_encoder, components.vae)
-              if m is not None and (config.lora.enabled or all(m is not t for t in trained))]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    for model in frozen:  # (a dtype argument only when it changes one: diffusers warns about any cast)
-        model.to(accelerator.device, *([dtype] if model.dtype != dtype else []))
+    for model in frozen_models(components, trained, config.lora.enabled):
+        dtype = frozen_dtype(components, model, config.model, accelerator.mixed_precision)
+        model.to(accelerator.device, *([dtype] if model.dtype != dtype else []))  # (diffusers warns about any cast)
     cast_training_params(trained, dtype=torch.float32)  # also when the base was stored in half precision
-    performance.speed_up(components.unet, components.text_encoder if len(trained) > 1 else None, config.train,
-                         accelerator.device)
+    performance.speed_up(components.unet, trained[1:], config.train, accelerator.device)
     return components, trained
 
 
 def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: torch.device,
                  train: TrainConfig) -> torch.Tensor:
     """One forward pass of the objective on a batch: encode images and text, noise, predict, regress."""
-    samples, text = encoder.samples(batch, device), encoder.text(batch, device)
+    samples, conditioning = encoder.samples(batch, device), encoder.conditioning(batch, device)
     noise, timesteps = sample_noise_and_timesteps(samples, scheduler.config.num_train_timesteps, train.noise_offset)
     noisy = scheduler.add_noise(samples, perturb_noise(noise, train.input_perturbation), timesteps)
-    model_pred = unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+    model_pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
     weights = min_snr_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
     return diffusion_loss(model_pred, training_target(scheduler, samples, noise, timesteps), weights)
 
@@ -140,14 +147,14 @@ def build_optimization(config: Config, params: list, trained: list, accelerator:
     return optimizer, lr_scheduler, emas, ema_weights
 
 
-def build_data(config: Config, tokenizer, source, accelerator: Accelerator):
+def build_data(config: Config, tokenizers: list, source, accelerator: Accelerator):
     """This process's stream of training examples and its DataLoader. The epoch reaches the workers through
     shared memory, persistent or not; the loader has its own generator, so starting an epoch (or resuming
     mid-epoch) does not draw from the global RNG that the noise comes from. Captions that cannot teach a model to
     follow prompts are named first."""
     if accelerator.is_main_process:
-        conditioning.check_captions(config.data, source, tokenizer)
-    dataset = ImageTextStream(source, config.data, tokenizer, config.train.seed, accelerator.process_index,
+        conditioning.check_captions(config.data, source, tokenizers[0])
+    dataset = ImageTextStream(source, config.data, tokenizers, config.train.seed, accelerator.process_index,
                               accelerator.num_processes)
     workers = config.data.num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.train_batch_size, drop_last=True,
@@ -162,10 +169,10 @@ def prepare(accelerator: Accelerator, config: Config, components: Components, tr
     """accelerate's wrapping of the trained models, optimizer and LR schedule (the components then hold the wrapped
     models); the training step's copy of the noise schedule, its tables on the device; the batch encoder."""
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    components.unet = trained[0]
-    components.text_encoder = trained[1] if len(trained) > 1 else components.text_encoder
+    for name, model in zip(("unet", "text_encoder", "text_encoder_2"), trained):  # the order build_model made
+        setattr(components, name, model)
     schedule = on_device(components.scheduler, accelerator.device)
-    encoder = BatchEncoder(components.vae, components.text_encoder, len(trained) > 1, config.data.cache)
+    encoder = BatchEncoder(components.vae, text_conditioning(components), len(trained) > 1, config.data.cache)
     return trained, optimizer, lr_scheduler, schedule, encoder
 
 
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
         source = build_source(config.data, train.seed)
     components, trained = build_model(config, source, accelerator)
-    dataset, loader = build_data(config, components.tokenizer, source, accelerator)
+    dataset, loader = build_data(config, components.tokenizers, source, accelerator)
     set_seed(train.seed, device_specific=True)  # same initial weights everywhere, different noise per process
 
     # Build the optimizer, LR schedule and EMA over the trainable weights; frozen models are not wrapped.

@@ -109,3 +109,63 @@ def build_tiny_sd_pipeline(folder: Path):
 @pytest.fixture(scope="session")
 def tiny_sd_folder(tmp_path_factory):
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+def _scaled(config: dict, **sizes) -> dict:
+    """A real base's config with only its sizes replaced (every other key, behaviour included, as published; not the
+    dtype the weights were stored in, which transformers would build the tiny model in)."""
+    return {k: v for k, v in {**config, **sizes}.items() if not k.startswith("_") and k != "torch_dtype"}
+
+
+def build_tiny_sdxl_pipeline(folder: Path):
+    """An SDXL-shaped pipeline built from SDXL base 1.0's own configs (tests/fixtures/sdxl): its UNet (text_time
+    embedding, linear projections, per-level heads and transformer depths), VAE (scaling 0.13025, force_upcast),
+    CLIP-L and OpenCLIP-G-shaped text encoders (quick_gelu / gelu, the second with a projection), two CLIP tokenizers
+    (the second pads with "!"), EulerDiscreteScheduler and model_index flags; only widths, depths and sizes shrunk.
+    Tokenizers spell words out letter by letter, their special tokens last, as in CLIP's vocabulary (the pooled
+    output is read at the highest id, the end token). 16 px images, 8 px latents."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    real = REAL_CONFIGS / "sdxl"
+
+    def config(part: str) -> dict:
+        return json.loads((real / part / "config.json").read_text())
+
+    torch.manual_seed(0)
+    vocab_folder = folder.parent / (folder.name + "-vocab")
+    vocab_folder.mkdir(parents=True, exist_ok=True)
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    tokens = [*chars, *(c + "</w>" for c in chars), "!", "<|startoftext|>", "<|endoftext|>"]
+    (vocab_folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (vocab_folder / "merges.txt").write_text("#version: 0.2\n")
+    files = (str(vocab_folder / "vocab.json"), str(vocab_folder / "merges.txt"))
+    tokenizer = CLIPTokenizer(*files, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(*files, model_max_length=77, pad_token="!")
+    ids = {"vocab_size": len(tokens), "bos_token_id": len(tokens) - 2, "eos_token_id": len(tokens) - 1}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_scaled(
+        config("text_encoder"), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        projection_dim=16, pad_token_id=len(tokens) - 1, **ids)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_scaled(
+        config("text_encoder_2"), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        projection_dim=16, pad_token_id=len(tokens) - 3, **ids)))
+    vae = AutoencoderKL(**_scaled(config("vae"), block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                  sample_size=16))
+    unet = UNet2DConditionModel(**_scaled(
+        config("unet"), sample_size=8, block_out_channels=[8, 16, 32], layers_per_block=1, norm_num_groups=4,
+        attention_head_dim=[2, 2, 4], transformer_layers_per_block=[1, 1, 2], cross_attention_dim=32,
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16, addition_embed_type_num_heads=2))
+    scheduler = EulerDiscreteScheduler.from_pretrained(real, subfolder="scheduler")
+    index = json.loads((real / "model_index.json").read_text())
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=index["force_zeros_for_empty_prompt"],
+                                     add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")

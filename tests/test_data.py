@@ -191,10 +191,11 @@ def test_repeated_captions_are_tokenised_once(tiny_shards, monkeypatch):
     """Each distinct caption goes through the tokenizer once, and every example gets the ids of its own caption:
     the same as a stream that tokenises every time. Past 10,000 remembered captions the memory starts again."""
     stream, fresh = _stream(tiny_shards, caption_dropout=0.5), _stream(tiny_shards, caption_dropout=0.5)
-    monkeypatch.setattr(fresh, "token_ids", lambda caption: fresh.tokenize([caption])[0])  # no memory
+    monkeypatch.setattr(fresh, "token_ids", lambda caption: {"input_ids": fresh.tokenize([caption])[0]})  # no memory
     calls = []
     tokenize = stream.tokenize
-    monkeypatch.setattr(stream, "tokenize", lambda captions: calls.append(captions) or tokenize(captions))
+    monkeypatch.setattr(stream, "tokenize",
+                        lambda captions, which=0: calls.append(captions) or tokenize(captions, which))
     examples, expected = list(stream), list(fresh)
     assert [e["key"] for e in examples] == [e["key"] for e in expected]
     for example, reference in zip(examples, expected):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from finetune.config import ModelConfig, load_config
 from finetune.encoding import BatchEncoder
+from finetune.families import OneEncoder
 from finetune.models import load_components
 from finetune.train import build_model
 from finetune.validation import sample_grid
@@ -121,16 +122,17 @@ class _CountingEncoder(torch.nn.Module):
 
 def test_cache_encodes_each_caption_once():
     text = _CountingEncoder()
-    encoder = BatchEncoder(None, text, text_trains=False, cache=True)
+    encoder = BatchEncoder(None, OneEncoder(text), text_trains=False, cache=True)
     batch = {"input_ids": torch.tensor([[1, 2], [3, 4], [1, 2]]),
              "pixel_values": torch.zeros(3, 3, 8, 8, dtype=torch.uint8)}
-    first = encoder.text(batch, torch.device("cpu"))
-    second = encoder.text({**batch, "input_ids": torch.tensor([[3, 4], [5, 6]])}, torch.device("cpu"))
+    first = encoder.conditioning(batch, torch.device("cpu"))["encoder_hidden_states"]
+    second = encoder.conditioning({**batch, "input_ids": torch.tensor([[3, 4], [5, 6]])},
+                                  torch.device("cpu"))["encoder_hidden_states"]
     assert text.rows == 2 + 1  # [1, 2] and [3, 4], then only [5, 6]
     torch.testing.assert_close(first, text.table(batch["input_ids"]), rtol=0, atol=0)
     torch.testing.assert_close(second[0], first[1], rtol=0, atol=0)
-    uncached = BatchEncoder(None, text, text_trains=False, cache=False)
-    uncached.text(batch, torch.device("cpu"))
+    uncached = BatchEncoder(None, OneEncoder(text), text_trains=False, cache=False)
+    uncached.conditioning(batch, torch.device("cpu"))
     assert text.rows == 3 + 3
 
 
@@ -244,7 +246,7 @@ def test_lora_refuses_a_schedule_the_base_would_not_sample_with(pixel_base):
 
 def test_cache_refuses_a_key_that_names_two_images(tiny_sd_folder):
     components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
-    encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=True)
+    encoder = BatchEncoder(components.vae, OneEncoder(components.text_encoder), text_trains=False, cache=True)
     pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     encoder.samples({"key": ["a", "b"], "pixel_values": pixels}, torch.device("cpu"))
     encoder.samples({"key": ["b", "a"], "pixel_values": pixels.flip(0)}, torch.device("cpu"))  # same images

@@ -12,6 +12,7 @@ from finetune import performance
 from finetune.config import load_config
 from finetune.data.transforms import to_unit_range
 from finetune.encoding import BatchEncoder
+from finetune.families import text_conditioning
 from finetune.nonfinite import NonFiniteGuard
 from finetune.objective import on_device
 from finetune.train import build_model, compute_loss, trainable
@@ -34,7 +35,7 @@ def test_a_lora_step_never_waits_for_the_gpu(tiny_sd_folder, cache):
     params = trainable(trained[0])
     unet, optimizer = accelerator.prepare(trained[0], performance.make_optimizer(params, config.train,
                                                                                 accelerator.device))
-    encoder = BatchEncoder(components.vae, components.text_encoder, text_trains=False, cache=cache)
+    encoder = BatchEncoder(components.vae, text_conditioning(components), text_trains=False, cache=cache)
     schedule, guard = on_device(components.scheduler, accelerator.device), NonFiniteGuard("error", 0, 10)
     ids = components.tokenizer(["a red circle", "a blue square"], padding="max_length", return_tensors="pt")
     batch = {"key": ["a", "b"], "pixel_values": torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8).pin_memory(),

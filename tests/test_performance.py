@@ -34,7 +34,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_components):
 
     unet.train(), text_encoder.train()
     before = gradients()
-    performance.speed_up(unet, text_encoder, TrainConfig(gradient_checkpointing=True), torch.device("cpu"))
+    performance.speed_up(unet, [text_encoder], TrainConfig(gradient_checkpointing=True), torch.device("cpu"))
     assert unet.is_gradient_checkpointing and text_encoder.is_activation_checkpointing
     for a, b in zip(before, gradients()):
         torch.testing.assert_close(a, b)
@@ -43,7 +43,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_components):
 def test_compile_is_in_place(tiny_components):
     unet = tiny_components.unet
     keys = list(unet.state_dict())
-    performance.speed_up(unet, None, TrainConfig(compile=True), torch.device("cpu"))
+    performance.speed_up(unet, [], TrainConfig(compile=True), torch.device("cpu"))
     assert unet._compiled_call_impl is not None  # compiled lazily at the first call
     assert list(unet.state_dict()) == keys  # saving and checkpoints see the same module
 

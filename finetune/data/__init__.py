@@ -23,9 +23,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import ConfigError, DataConfig, FilterConfig
+from ..families import tokenize
 from . import shapes
 from .tables import HFDatasetSource, MetadataFolderSource, ParquetSource, RawSample, SidecarFolderSource, deal
-from .transforms import decode_rgb, to_uint8, unreadable_reason
+from .transforms import crop_square, decode_rgb, unreadable_reason
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -184,8 +185,10 @@ def pick_caption(caption, rng: random.Random) -> str | None:
 
 
 class ImageTextStream(IterableDataset):
-    """Training examples `{"pixel_values", "input_ids", "key"}` for process `rank` of `world_size`; the pixels
-    are (3, H, W) uint8 (`transforms.to_uint8`), scaled to [-1, 1] where they are used.
+    """Training examples `{"pixel_values", "input_ids", "key", "original_size", "crop_top_left"}` for process `rank`
+    of `world_size`; the pixels are (3, H, W) uint8 (`transforms.to_uint8`), scaled to [-1, 1] where they are used;
+    the image file's (height, width) and the crop's (top, left) are what SDXL's micro-conditioning takes.
+    `tokenizer` may be a pair (SDXL's two): the second one's ids are `input_ids_2`.
 
     Each (process, worker) pair reads a disjoint part of the source; the order is a function of (seed, epoch,
     part, parts) only, so resume can replay it. With `data.cache` the parts are dealt the same every epoch (only
@@ -194,12 +197,13 @@ class ImageTextStream(IterableDataset):
     """
 
     def __init__(self, source, config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
-        self.source, self.config, self.tokenizer = source, config, tokenizer
+        self.source, self.config = source, config
+        self.tokenizers = tuple(tokenizer) if isinstance(tokenizer, (list, tuple)) else (tokenizer,)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared, so persistent workers see set_epoch
         self.counts: Counter = Counter()  # in this process; dataloader workers report theirs through a queue
         self._worker_counts = multiprocessing.Queue()
-        self._token_ids: dict[str, torch.Tensor] = {}  # caption -> ids, see `token_ids`
+        self._token_ids: dict[str, tuple[torch.Tensor, ...]] = {}  # caption -> ids per tokenizer, see `token_ids`
 
     @property
     def epoch(self) -> int:
@@ -208,23 +212,21 @@ class ImageTextStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = epoch
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
+    def tokenize(self, captions: list[str], which: int = 0) -> torch.Tensor:
+        return tokenize(self.tokenizers[which], captions)
 
-    def token_ids(self, caption: str) -> torch.Tensor:
-        """The token ids of one caption, remembered for the next time it comes (up to 10,000 captions, then
-        forgotten at once): data that repeats its captions (the built-in set, class-like captions, and the empty
-        caption of caption dropout) skips the tokenizer, 0.15 ms a sample, a third of the built-in set's loading.
-        The tensor is shared by every sample with that caption; batching copies it."""
+    def token_ids(self, caption: str) -> dict[str, torch.Tensor]:
+        """The token ids of one caption (`input_ids`, and `input_ids_2` from a second tokenizer), remembered for the
+        next time it comes (up to 10,000 captions, then forgotten at once): data that repeats its captions (the
+        built-in set, class-like captions, and the empty caption of caption dropout) skips the tokenizer, 0.15 ms a
+        sample, a third of the built-in set's loading. The tensors are shared by every sample with that caption;
+        batching copies them."""
         ids = self._token_ids.get(caption)
         if ids is None:
             if len(self._token_ids) >= 10_000:
                 self._token_ids.clear()
-            ids = self._token_ids[caption] = self.tokenize([caption])[0]
-        return ids
+            ids = self._token_ids[caption] = tuple(self.tokenize([caption], i)[0] for i in range(len(self.tokenizers)))
+        return {"input_ids": ids[0], **({"input_ids_2": ids[1]} if len(ids) > 1 else {})}
 
     def _example(self, raw: RawSample, rng: random.Random) -> dict | None:
         """Filter, decode and transform one raw sample; None (counted) when it is dropped or unreadable."""
@@ -239,7 +241,8 @@ class ImageTextStream(IterableDataset):
             return self._bad(raw.key, "no image" if raw.image is None else "no caption", "")
         try:
             image = decode_rgb(raw.image, self.config.max_image_pixels, min_size=self.config.resolution)
-            pixels = to_uint8(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
+            pixels, crop = crop_square(image, self.config.resolution, self.config.center_crop, self.config.random_flip,
+                                       rng)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)
         (width, height), filters = image.info["source_size"], self.config.filters
@@ -248,7 +251,8 @@ class ImageTextStream(IterableDataset):
             return None
         caption = "" if rng.random() < self.config.caption_dropout else caption
         self.counts["used"] += 1
-        return {"pixel_values": pixels, "input_ids": self.token_ids(caption), "key": raw.key}
+        return {"pixel_values": pixels, **self.token_ids(caption), "key": raw.key,
+                "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor(crop)}
 
     def _bad(self, key: str, reason: str, detail) -> None:
         """Count a bad sample, log it (the first few of each reason, then every 100th), and stop the run when

@@ -120,6 +120,13 @@ def to_uint8(image: Image.Image, resolution: int, center_crop: bool, random_flip
     """Resize the shorter side to `resolution`, crop a square, maybe flip: (3, H, W) uint8. Training examples stay
     8-bit until they reach the device: a quarter of float32's bytes through the dataloader workers' shared memory,
     pinned memory and the copy to a GPU (benchmarks/README.md)."""
+    return crop_square(image, resolution, center_crop, random_flip, rng)[0]
+
+
+def crop_square(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`to_uint8`, and where its crop starts in the resized image, (top, left), as SDXL's micro-conditioning takes
+    it: in the picture that was trained, so for a flipped crop the mirrored offset."""
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     if size != image.size:
@@ -128,7 +135,9 @@ def to_uint8(image: Image.Image, resolution: int, center_crop: bool, random_flip
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     else:
         left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+    width = image.width
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        left = width - resolution - left
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), (top, left)

@@ -1,0 +1,261 @@
+"""SDXL-shaped bases: two text encoders, the pooled embedding and the size-and-crop time ids, trained as the stock
+SDXL pipeline conditions, and outputs that stock diffusers loads. The base is built from SDXL base 1.0's own configs
+(tests/conftest.py, `build_tiny_sdxl_pipeline`), shrunk in size only."""
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune import lora
+from finetune.cli import UserError
+from finetune.config import DataConfig, LoraConfig, ModelConfig
+from finetune.data import ImageTextStream, build_source
+from finetune.data.transforms import crop_square
+from finetune.encoding import BatchEncoder
+from finetune.export import exported_checkpoint
+from finetune.families import TwoEncodersXL, text_conditioning, time_ids
+from finetune.models import Components, frozen_dtype, load_components
+
+from .test_hub import _grid_tiles
+from .test_train import ROOT, _train
+
+XL = ["data.resolution=16", "model.train_text_encoder=false", "validation.guidance_scale=2.0",
+      "validation.num_inference_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def xl(tiny_sdxl_folder) -> Components:
+    return load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_folder)))
+
+
+def _ids(components: Components, captions: list[str]) -> torch.Tensor:
+    family = text_conditioning(components)
+    tokenized = [components.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                                      return_tensors="pt").input_ids,
+                 components.tokenizer_2(captions, padding="max_length", max_length=77, truncation=True,
+                                        return_tensors="pt").input_ids]
+    return family.ids({"input_ids": tokenized[0], "input_ids_2": tokenized[1]})
+
+
+def test_text_conditioning_is_what_the_sdxl_pipeline_encodes(xl):
+    """The trainer's embeddings of a caption are the stock pipeline's `encode_prompt` (penultimate layers of both
+    encoders concatenated, the second's pooled projection), and an empty caption is its unconditional input: zeros."""
+    family = text_conditioning(xl)
+    assert isinstance(family, TwoEncodersXL)
+    with torch.no_grad():
+        hidden, pooled = family.embed(_ids(xl, ["a red circle", ""]), torch.device("cpu"))
+        pipe = xl.pipeline()
+        embeds, negative, pooled_ref, negative_pooled = pipe.encode_prompt("a red circle", device="cpu",
+                                                                           do_classifier_free_guidance=True)
+    assert hidden.shape == (2, 77, 32) and pooled.shape == (2, 16)
+    torch.testing.assert_close(hidden[:1], embeds, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pooled[:1], pooled_ref, rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(hidden[0]) > 0
+    assert torch.equal(hidden[1:], negative) and torch.equal(pooled[1:], negative_pooled)  # zeros
+
+
+def test_the_text_cache_gives_the_same_conditioning(xl):
+    batch = {"input_ids": None, "pixel_values": torch.zeros(3, 3, 16, 16, dtype=torch.uint8),
+             "original_size": torch.tensor([[20, 40], [16, 16], [20, 40]]),
+             "crop_top_left": torch.tensor([[0, 8], [0, 0], [0, 8]])}
+    ids = _ids(xl, ["a cat", "", "a cat"])
+    batch["input_ids"], batch["input_ids_2"] = ids[:, :77], ids[:, 77:]
+    cached = BatchEncoder(xl.vae, text_conditioning(xl), text_trains=False, cache=True)
+    plain = BatchEncoder(xl.vae, text_conditioning(xl), text_trains=False, cache=False)
+    first, again, reference = (encoder.conditioning(batch, torch.device("cpu")) for encoder in (cached, cached, plain))
+    assert len(cached.text_cache) == 2
+    for result in (first, again):
+        torch.testing.assert_close(result["encoder_hidden_states"], reference["encoder_hidden_states"])
+        for name in ("text_embeds", "time_ids"):
+            torch.testing.assert_close(result["added_cond_kwargs"][name], reference["added_cond_kwargs"][name])
+    assert reference["added_cond_kwargs"]["time_ids"].tolist() == [[20, 40, 0, 8, 16, 16], [16, 16, 0, 0, 16, 16],
+                                                                   [20, 40, 0, 8, 16, 16]]
+
+
+def test_the_crop_offset_is_where_the_trained_pixels_are():
+    """`crop_square` returns the crop's (top, left) in the resized image; for a flipped crop, the offset in the
+    flipped image: cropping the resized (and flipped) image there gives exactly the training pixels."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))  # 50 wide, 30 high
+    resized = image.resize((27, 16), Image.Resampling.BICUBIC)
+    seen_flipped = seen_plain = False
+    for seed in range(12):
+        pixels, (top, left) = crop_square(image, 16, center_crop=False, random_flip=True, rng=random.Random(seed))
+        plain = np.asarray(resized.crop((left, top, left + 16, top + 16)))
+        flipped = np.asarray(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((left, top, left + 16, top + 16)))
+        array = pixels.permute(1, 2, 0).numpy()
+        seen_plain |= np.array_equal(array, plain)
+        seen_flipped |= np.array_equal(array, flipped)
+        assert np.array_equal(array, plain) or np.array_equal(array, flipped), seed
+    assert seen_plain and seen_flipped
+    assert crop_square(image, 16, True, False, random.Random(0))[1] == (0, 5)
+
+
+def test_the_stream_gives_each_image_its_size_and_crop(xl, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 20), "red").save(folder / "wide.png")
+    Image.new("RGB", (24, 36), "blue").save(folder / "tall.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "wide.png", "text": "a red thing"}\n'
+                                           '{"file_name": "tall.png", "text": "a blue thing"}\n')
+    data = DataConfig(source="imagefolder", path=str(folder), resolution=16, center_crop=True)
+    stream = ImageTextStream(build_source(data, 0), data, xl.tokenizers, seed=0)
+    examples = {e["key"]: e for e in stream}
+    assert len(examples) == 2
+    batch = torch.utils.data.default_collate(sorted(examples.values(), key=lambda e: e["key"]))
+    assert time_ids(batch, torch.device("cpu"), torch.float32).tolist() == [
+        [36, 24, 4, 0, 16, 16],  # tall: 16 x 24 after resizing, cropped 4 px from the top
+        [20, 40, 0, 8, 16, 16],  # wide: 32 x 16, cropped 8 px from the left
+    ]
+    assert batch["input_ids_2"].shape == batch["input_ids"].shape == (2, 77)
+    assert not torch.equal(batch["input_ids"], batch["input_ids_2"])  # "!" pads the second
+
+
+def test_the_vae_runs_in_float32_where_float16_would_overflow(xl):
+    """SDXL's VAE config asks for float32 (`force_upcast`): under fp16 it stays float32, under bf16 (float32's
+    range) it follows the training precision; `model.vae_upcast` decides either way."""
+    assert xl.vae.config.force_upcast
+    auto, on, off = (ModelConfig(pretrained_model_name_or_path="x", vae_upcast=v) for v in (None, True, False))
+    assert frozen_dtype(xl, xl.vae, auto, "fp16") == torch.float32
+    assert frozen_dtype(xl, xl.vae, auto, "bf16") == torch.bfloat16
+    assert frozen_dtype(xl, xl.vae, on, "bf16") == torch.float32
+    assert frozen_dtype(xl, xl.vae, off, "fp16") == torch.float16
+    assert frozen_dtype(xl, xl.unet, on, "fp16") == torch.float16
+
+
+def test_a_vae_in_place_of_the_bases(tiny_sdxl_folder, tmp_path):
+    torch.manual_seed(1)
+    other = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl_folder / "vae"))
+    other.save_pretrained(tmp_path / "fixed-vae")
+    config = ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_folder),
+                         pretrained_vae_model_name_or_path=str(tmp_path / "fixed-vae"))
+    loaded = load_components(config).vae.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(UserError, match=r"model.pretrained_vae_model_name_or_path=.*no AutoencoderKL"):
+        load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_folder),
+                                    pretrained_vae_model_name_or_path=str(tmp_path / "nothing-here")))
+
+
+def test_bases_of_another_shape_are_refused(tiny_sdxl_folder, tiny_sd_folder, tmp_path, xl):
+    with pytest.raises(UserError, match="lora.save_format: both.*SDXL"):
+        lora.attach(load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_folder))),
+                    LoraConfig(enabled=True, save_format="both"))
+    # An SDXL UNet in a pipeline with one text encoder (model_index.json without text_encoder_2).
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_sd_folder, mixed)
+    shutil.rmtree(mixed / "unet")
+    shutil.copytree(tiny_sdxl_folder / "unet", mixed / "unet")
+    with pytest.raises(ValueError, match="addition_embed_type='text_time'.*SDXL-shaped"):
+        load_components(ModelConfig(pretrained_model_name_or_path=str(mixed)))
+
+
+DOWNSTREAM = """
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+args = json.loads(sys.argv[1])
+pipe = DiffusionPipeline.from_pretrained(args["pipeline"], use_safetensors=True)
+pipe.set_progress_bar_config(disable=True)
+images = []
+for lora in ([None, args["lora"]] if args["lora"] else [None]):
+    if lora:
+        pipe.load_lora_weights(lora)
+    out = pipe(args["prompts"], num_images_per_prompt=args["n"], num_inference_steps=args["steps"],
+               guidance_scale=args["guidance"], generator=torch.Generator("cpu").manual_seed(args["seed"]),
+               output_type="pil")
+    images.append(np.stack([np.asarray(image) for image in out.images]))
+np.save(args["save"], np.stack(images))
+assert not any(name.split(".")[0] in ("finetune", "pipelines") for name in sys.modules)
+print(type(pipe).__name__, type(pipe.scheduler).__name__)
+"""
+
+
+def _downstream(tmp_path, out, pipeline, lora_folder=None):
+    """The run's validation images drawn by stock diffusers in a process that never imports this project: without
+    and (for a LoRA) with the adapters."""
+    validation = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())["validation"]))
+    args = {"pipeline": str(pipeline), "lora": str(lora_folder) if lora_folder else None,
+            "prompts": validation["prompts"], "n": validation["num_images_per_prompt"],
+            "steps": validation["num_inference_steps"], "guidance": validation["guidance_scale"],
+            "seed": validation["seed"], "save": str(tmp_path / "downstream.npy")}
+    result = subprocess.run([sys.executable, "-c", DOWNSTREAM, json.dumps(args)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split(), np.load(tmp_path / "downstream.npy")
+
+
+@pytest.mark.slow
+def test_a_lora_on_sdxl_resumes_exactly_and_loads_in_the_stock_sdxl_pipeline(tiny_sdxl_folder, tmp_path):
+    """Adapters on the UNet and both text encoders train on SDXL's conditioning, from the text cache; a run resumed
+    from its step-2 checkpoint ends with the same tensors; stock diffusers, in a process without this project, loads
+    the file onto the base and draws exactly the trainer's final grid; the checkpoint exports to the same layout."""
+    common = [*XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "lora.enabled=true", "lora.alpha=8",
+              "lora.train_text_encoder=true", "lora.text_encoder_rank=2", "data.cache=true",
+              "train.max_train_steps=4", "train.checkpointing_steps=2", "train.learning_rate=1e-2"]
+    out, resumed = tmp_path / "run", tmp_path / "resumed"
+    result = _train(tmp_path, *common, f"train.output_dir={out}")
+    assert "SDXL" in result.stdout and "and the text encoders (rank 2)" in result.stdout
+    resumed.mkdir()
+    (resumed / "checkpoint-2").symlink_to(out / "checkpoint-2")
+    _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest")
+    weights, again = load_file(out / lora.WEIGHT_NAME), load_file(resumed / lora.WEIGHT_NAME)
+    assert {key.split(".")[0] for key in weights} == {"unet", "text_encoder", "text_encoder_2"}
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    assert not (out / lora.KOHYA_WEIGHT_NAME).exists() and not (out / "model_index.json").exists()
+
+    (kind, scheduler), images = _downstream(tmp_path, out, tiny_sdxl_folder, out)
+    assert (kind, scheduler) == ("StableDiffusionXLPipeline", "EulerDiscreteScheduler")
+    np.testing.assert_array_equal(images[1], _grid_tiles(out, 4, columns=1))
+    assert not np.array_equal(images[0], images[1])
+
+    exported, _ = exported_checkpoint(out / "checkpoint-2")
+    assert load_file(exported / lora.WEIGHT_NAME).keys() == weights.keys()
+
+
+@pytest.mark.slow
+def test_a_full_finetune_of_sdxl_is_a_stock_sdxl_pipeline(tiny_sdxl_folder, tmp_path):
+    """Every UNet weight trains, the frozen encoders and VAE come out unchanged, and the folder is a stock
+    StableDiffusionXLPipeline (the base's scheduler class) that draws the trainer's final grid."""
+    out = tmp_path / "run"
+    _train(tmp_path, *XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "train.max_train_steps=2",
+           "train.use_ema=false", f"train.output_dir={out}")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    for part, name, changed in (("unet", "diffusion_pytorch_model", True), ("vae", "diffusion_pytorch_model", False),
+                                ("text_encoder", "model", False), ("text_encoder_2", "model", False)):
+        base, tuned = (load_file(f / part / f"{name}.safetensors") for f in (tiny_sdxl_folder, out))
+        assert base.keys() == tuned.keys(), part
+        assert any(not torch.equal(base[k], tuned[k]) for k in base) == changed, part
+    (kind, _), images = _downstream(tmp_path, out, out)
+    assert kind == "StableDiffusionXLPipeline"
+    np.testing.assert_array_equal(images[0], _grid_tiles(out, 2, columns=1))
+    assert isinstance(StableDiffusionXLPipeline.from_pretrained(out).vae, AutoencoderKL)
+
+
+@pytest.mark.slow
+def test_the_sdxl_laion_recipe_runs_on_a_tiny_base(tiny_sdxl_folder, tiny_shards, tmp_path):
+    """configs/sdxl-lora-laion.yaml as shipped (bf16, gradient checkpointing, random crops and flips, the VAE
+    override, resampled shards, workers, filters), with only the base, the VAE, the data and the sizes swapped for
+    tiny ones."""
+    recipe = ROOT / "configs" / "sdxl-lora-laion.yaml"
+    out = tmp_path / "run"
+    result = _train(tmp_path, "--config", str(recipe), f"model.pretrained_model_name_or_path={tiny_sdxl_folder}",
+                    f"model.pretrained_vae_model_name_or_path={tiny_sdxl_folder / 'vae'}",
+                    f"data.path={tiny_shards}/00000.tar", "data.num_samples=32", "data.resolution=16",
+                    "data.num_workers=2", "data.shuffle_buffer=8", "data.filters.min_width=null",
+                    "data.filters.min_height=null", "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
+                    "train.max_train_steps=2", "train.train_batch_size=2", "validation.num_inference_steps=2",
+                    f"train.output_dir={out}")
+    assert "precision bf16" in result.stdout and "SDXL" in result.stdout
+    assert (out / lora.WEIGHT_NAME).is_file() and (out / "samples" / "step-2.png").is_file()
