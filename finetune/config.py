@@ -336,8 +336,9 @@ class LoraConfig:
     save_format: Literal["auto", "diffusers", "both"] = "auto"
     """`diffusers` writes pytorch_lora_weights.safetensors (diffusers' `load_lora_weights`); `both` also writes
     lora_kohya.safetensors in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`lora_unet_...`,
-    `lora_te_...`, the real alpha, ss_* metadata); `auto` is `both` on a Stable-Diffusion-shaped base and
-    `diffusers` otherwise (no other tool loads this project's own pixel-space models)."""
+    `lora_te_...`, the real alpha, ss_* metadata; SDXL's UNet under its original LDM names); `auto` is `both` on an
+    SD-1.x/2.x or SDXL base (on SDXL, while the adapters are in attention blocks) and `diffusers` otherwise (no
+    other tool loads this project's own pixel-space models)."""
 
     def __post_init__(self):
         problems = []

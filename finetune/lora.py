@@ -1,30 +1,30 @@
 """LoRA adapters (peft) on the text-conditioning path, saved in the diffusers format (and the kohya layout that
-ComfyUI, AUTOMATIC1111 and Forge load, `save_kohya`).
+ComfyUI, AUTOMATIC1111 and Forge load, `kohya.py`).
 
 Adapters go on the UNet's cross-attention projections (where the text enters) and, optionally, on the text
 encoder; the base's own weights stay frozen. The saved file carries peft's adapter metadata: without it
 `load_lora_weights` rebuilds an adapter with `lora_alpha = r`, which is silently wrong when alpha != rank.
 """
 
-import re
 from pathlib import Path
 
 import torch
 import transformers
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from . import kohya
 from .cli import UserError
 from .config import LoraConfig
 from .models import Components
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+KOHYA_WEIGHT_NAME = kohya.WEIGHT_NAME
 
 
 def peft_config(rank: int, alpha: float | None, targets: list[str], config: LoraConfig) -> PeftLoraConfig:
@@ -38,10 +38,6 @@ def attach(components: Components, config: LoraConfig, autocast: bool = False) -
     that now train. A target that matches no module is an error naming the modules that exist. `autocast`: the
     models only ever run under autocast (mixed precision training), so the adapters skip peft's input casts (unless
     they have dropout or DoRA)."""
-    if components.text_encoder_2 is not None and config.save_format == "both":
-        raise UserError("lora.save_format: both: the kohya-layout file is written for SD-1.x/2.x bases so far, and "
-                        "this base is SDXL; use lora.save_format: auto or diffusers (a file that diffusers' SDXL "
-                        "pipeline, ComfyUI and Forge load)")
     components.unet.requires_grad_(False)
     for encoder in components.text_encoders:
         encoder.requires_grad_(False)
@@ -61,6 +57,11 @@ def attach(components: Components, config: LoraConfig, autocast: bool = False) -
                              "attn2.to_k)") from None
         if autocast and not config.dropout and not config.use_dora:
             _skip_input_casts(model)
+    outside = kohya.unmapped(components.unet) if components.text_encoder_2 is not None else []
+    if outside and config.save_format == "both":
+        raise UserError(f"lora.save_format: both: the SDXL kohya file names adapters in the UNet's attention blocks "
+                        f"only, and lora.target_modules also adapts {outside[0]}; target attention layers, or use "
+                        "lora.save_format: auto (then the diffusers file alone) or diffusers")
     return [model for model, _ in adapted]
 
 
@@ -94,10 +95,11 @@ def save(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.M
          save_format: str = "diffusers", name: str | None = None, text_encoder_2: torch.nn.Module | None = None,
          xl: bool = False) -> Path:
     """Write `output_dir/pytorch_lora_weights.safetensors` as diffusers' LoRA loaders read it (for SDXL, with
-    `text_encoder_2`, the SDXL pipeline's), with the adapter configs as metadata, and with `lora.save_format` both (or
-    auto, on a Stable-Diffusion-shaped base: a latent UNet, one text encoder, without DoRA) the kohya file beside it
-    (`save_kohya`, titled `name`, by default the folder's name). The text encoders are None unless they carry
-    adapters; `xl`: the base is SDXL (the file is then what `StableDiffusionXLPipeline.load_lora_weights` reads).
+    `text_encoder_2`, the SDXL pipeline's), with the adapter configs as metadata, and with `lora.save_format` both
+    (or auto, on an SD-1.x/2.x or SDXL base: a latent UNet, without DoRA; on SDXL, adapters in attention blocks
+    only) the kohya file beside it (`kohya.save_kohya`, titled `name`, by default the folder's name). The text
+    encoders are None unless they carry adapters; `xl`: the base is SDXL (the file is then what
+    `StableDiffusionXLPipeline.load_lora_weights` reads).
 
     The metadata says `lora_dropout: 0`: dropout is for training only, and `load_lora_weights` leaves the
     dropout layers it creates in training mode, so a saved dropout would make every downstream sample random."""
@@ -111,9 +113,9 @@ def save(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.M
             metadata[f"{prefix}_lora_adapter_metadata"] = {**adapter, "lora_dropout": 0.0}
     loader = StableDiffusionXLLoraLoaderMixin if xl else StableDiffusionLoraLoaderMixin
     loader.save_lora_weights(output_dir, **layers, **metadata, weight_name=WEIGHT_NAME)
-    sd_shaped = unet.config.in_channels == 4 and not xl and not unet.peft_config["default"].use_dora
-    if save_format == "both" or save_format == "auto" and sd_shaped:
-        save_kohya(output_dir, unet, text_encoder, name or Path(output_dir).resolve().name)
+    sd_shaped = unet.config.in_channels == 4 and not unet.peft_config["default"].use_dora
+    if save_format == "both" or save_format == "auto" and sd_shaped and not (xl and kohya.unmapped(unet)):
+        kohya.save_kohya(output_dir, unet, text_encoder, name or Path(output_dir).resolve().name, text_encoder_2, xl)
     return Path(output_dir) / WEIGHT_NAME
 
 
@@ -122,38 +124,6 @@ def save_run(output_dir: str | Path, components: Components, config: LoraConfig,
     text = components.text_encoders if config.train_text_encoder else [None, None]
     return save(output_dir, components.unet, text[0], config.save_format, name, text[1] if len(text) > 1 else None,
                 xl=components.text_encoder_2 is not None)
-
-
-def save_kohya(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-               name: str) -> Path:
-    """Write `output_dir/lora_kohya.safetensors`: the same adapters in the kohya layout that ComfyUI, AUTOMATIC1111
-    and Forge load on an SD-1.x/2.x base, through diffusers' own `convert_state_dict_to_kohya`, with what that
-    conversion gets wrong put right (shared/INTEROP.md): each module's `.alpha` is the adapter's real alpha (the
-    converter writes the rank, which every client would apply at rank/alpha of the strength), and text-encoder
-    keys are `lora_te_text_model_encoder_...` as those clients match them (under transformers 5 the converter
-    writes `lora_te1_encoder_...`, which none maps)."""
-    state, alphas = {}, {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
-        alpha = float(model.peft_config["default"].lora_alpha)
-        alphas[prefix] = alpha
-        peft_state = {f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(model).items()}
-        for key, value in convert_state_dict_to_kohya(peft_state).items():
-            if prefix == "text_encoder":
-                key = re.sub(r"^lora_te1_(?!text_model_)", "lora_te_text_model_", key).replace("lora_te1_", "lora_te_")
-            state[key] = torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous()
-    v2 = unet.config.cross_attention_dim == 1024  # SD-2.x's OpenCLIP-H width (SD-1.x: 768)
-    rank = unet.peft_config["default"].r
-    metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alphas['unet']:g}",
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2), "ss_output_name": name,
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.title": name,
-        "modelspec.architecture": f"stable-diffusion-v{'2' if v2 else '1'}/lora",
-    }
-    path = Path(output_dir) / KOHYA_WEIGHT_NAME
-    save_file(state, path, metadata=metadata)
-    return path
 
 
 def _full_magnitude_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -117,13 +117,14 @@ def _scaled(config: dict, **sizes) -> dict:
     return {k: v for k, v in {**config, **sizes}.items() if not k.startswith("_") and k != "torch_dtype"}
 
 
-def build_tiny_sdxl_pipeline(folder: Path):
+def build_tiny_sdxl_pipeline(folder: Path, real_depths: bool = False):
     """An SDXL-shaped pipeline built from SDXL base 1.0's own configs (tests/fixtures/sdxl): its UNet (text_time
     embedding, linear projections, per-level heads and transformer depths), VAE (scaling 0.13025, force_upcast),
     CLIP-L and OpenCLIP-G-shaped text encoders (quick_gelu / gelu, the second with a projection), two CLIP tokenizers
     (the second pads with "!"), EulerDiscreteScheduler and model_index flags; only widths, depths and sizes shrunk.
     Tokenizers spell words out letter by letter, their special tokens last, as in CLIP's vocabulary (the pooled
-    output is read at the highest id, the end token). 16 px images, 8 px latents."""
+    output is read at the highest id, the end token). 16 px images, 8 px latents. `real_depths`: SDXL's own layer
+    and block counts (2 ResNets per level, 1/2/10 transformer blocks, 12- and 32-layer encoders), widths shrunk."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -143,19 +144,21 @@ def build_tiny_sdxl_pipeline(folder: Path):
     tokenizer = CLIPTokenizer(*files, model_max_length=77)
     tokenizer_2 = CLIPTokenizer(*files, model_max_length=77, pad_token="!")
     ids = {"vocab_size": len(tokens), "bos_token_id": len(tokens) - 2, "eos_token_id": len(tokens) - 1}
+    depth = {} if real_depths else {"num_hidden_layers": 2}
     text_encoder = CLIPTextModel(CLIPTextConfig(**_scaled(
-        config("text_encoder"), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        projection_dim=16, pad_token_id=len(tokens) - 1, **ids)))
+        config("text_encoder"), hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16,
+        pad_token_id=len(tokens) - 1, **depth, **ids)))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_scaled(
-        config("text_encoder_2"), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        projection_dim=16, pad_token_id=len(tokens) - 3, **ids)))
+        config("text_encoder_2"), hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16,
+        pad_token_id=len(tokens) - 3, **depth, **ids)))
     vae = AutoencoderKL(**_scaled(config("vae"), block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
                                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                                   sample_size=16))
+    depth = {} if real_depths else {"layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2]}
     unet = UNet2DConditionModel(**_scaled(
-        config("unet"), sample_size=8, block_out_channels=[8, 16, 32], layers_per_block=1, norm_num_groups=4,
-        attention_head_dim=[2, 2, 4], transformer_layers_per_block=[1, 1, 2], cross_attention_dim=32,
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16, addition_embed_type_num_heads=2))
+        config("unet"), sample_size=8, block_out_channels=[8, 16, 32], norm_num_groups=4, attention_head_dim=[2, 2, 4],
+        cross_attention_dim=32, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        addition_embed_type_num_heads=2, **depth))
     scheduler = EulerDiscreteScheduler.from_pretrained(real, subfolder="scheduler")
     index = json.loads((real / "model_index.json").read_text())
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -10,13 +10,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 from finetune import lora
 from finetune.cli import UserError
-from finetune.config import DataConfig, LoraConfig, ModelConfig
+from finetune.config import DataConfig, ModelConfig
 from finetune.data import ImageTextStream, build_source
 from finetune.data.transforms import crop_square
 from finetune.encoding import BatchEncoder
@@ -144,10 +145,7 @@ def test_a_vae_in_place_of_the_bases(tiny_sdxl_folder, tmp_path):
                                     pretrained_vae_model_name_or_path=str(tmp_path / "nothing-here")))
 
 
-def test_bases_of_another_shape_are_refused(tiny_sdxl_folder, tiny_sd_folder, tmp_path, xl):
-    with pytest.raises(UserError, match="lora.save_format: both.*SDXL"):
-        lora.attach(load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_folder))),
-                    LoraConfig(enabled=True, save_format="both"))
+def test_bases_of_another_shape_are_refused(tiny_sdxl_folder, tiny_sd_folder, tmp_path):
     # An SDXL UNet in a pipeline with one text encoder (model_index.json without text_encoder_2).
     import shutil
 
@@ -167,9 +165,10 @@ args = json.loads(sys.argv[1])
 pipe = DiffusionPipeline.from_pretrained(args["pipeline"], use_safetensors=True)
 pipe.set_progress_bar_config(disable=True)
 images = []
-for lora in ([None, args["lora"]] if args["lora"] else [None]):
-    if lora:
-        pipe.load_lora_weights(lora)
+for weight_name in [None, *args["lora_files"]]:
+    pipe.unload_lora_weights()
+    if weight_name:
+        pipe.load_lora_weights(args["lora"], weight_name=weight_name)
     out = pipe(args["prompts"], num_images_per_prompt=args["n"], num_inference_steps=args["steps"],
                guidance_scale=args["guidance"], generator=torch.Generator("cpu").manual_seed(args["seed"]),
                output_type="pil")
@@ -180,11 +179,11 @@ print(type(pipe).__name__, type(pipe.scheduler).__name__)
 """
 
 
-def _downstream(tmp_path, out, pipeline, lora_folder=None):
+def _downstream(tmp_path, out, pipeline, lora_files=()):
     """The run's validation images drawn by stock diffusers in a process that never imports this project: without
-    and (for a LoRA) with the adapters."""
-    validation = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())["validation"]))
-    args = {"pipeline": str(pipeline), "lora": str(lora_folder) if lora_folder else None,
+    adapters, then with each of the LoRA files in `out` named."""
+    validation = yaml.safe_load((out / "config.yaml").read_text())["validation"]
+    args = {"pipeline": str(pipeline), "lora": str(out), "lora_files": list(lora_files),
             "prompts": validation["prompts"], "n": validation["num_images_per_prompt"],
             "steps": validation["num_inference_steps"], "guidance": validation["guidance_scale"],
             "seed": validation["seed"], "save": str(tmp_path / "downstream.npy")}
@@ -198,7 +197,8 @@ def _downstream(tmp_path, out, pipeline, lora_folder=None):
 def test_a_lora_on_sdxl_resumes_exactly_and_loads_in_the_stock_sdxl_pipeline(tiny_sdxl_folder, tmp_path):
     """Adapters on the UNet and both text encoders train on SDXL's conditioning, from the text cache; a run resumed
     from its step-2 checkpoint ends with the same tensors; stock diffusers, in a process without this project, loads
-    the file onto the base and draws exactly the trainer's final grid; the checkpoint exports to the same layout."""
+    the file onto the base and draws exactly the trainer's final grid, and the same images from the kohya file; the
+    checkpoint exports to the same layout."""
     common = [*XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "lora.enabled=true", "lora.alpha=8",
               "lora.train_text_encoder=true", "lora.text_encoder_rank=2", "data.cache=true",
               "train.max_train_steps=4", "train.checkpointing_steps=2", "train.learning_rate=1e-2"]
@@ -211,12 +211,13 @@ def test_a_lora_on_sdxl_resumes_exactly_and_loads_in_the_stock_sdxl_pipeline(tin
     weights, again = load_file(out / lora.WEIGHT_NAME), load_file(resumed / lora.WEIGHT_NAME)
     assert {key.split(".")[0] for key in weights} == {"unet", "text_encoder", "text_encoder_2"}
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
-    assert not (out / lora.KOHYA_WEIGHT_NAME).exists() and not (out / "model_index.json").exists()
+    assert not (out / "model_index.json").exists()
 
-    (kind, scheduler), images = _downstream(tmp_path, out, tiny_sdxl_folder, out)
+    (kind, scheduler), images = _downstream(tmp_path, out, tiny_sdxl_folder, [lora.WEIGHT_NAME, lora.KOHYA_WEIGHT_NAME])
     assert (kind, scheduler) == ("StableDiffusionXLPipeline", "EulerDiscreteScheduler")
     np.testing.assert_array_equal(images[1], _grid_tiles(out, 4, columns=1))
     assert not np.array_equal(images[0], images[1])
+    assert np.abs(images[2].astype(int) - images[1]).max() <= 1  # the kohya file: the same images, to rounding
 
     exported, _ = exported_checkpoint(out / "checkpoint-2")
     assert load_file(exported / lora.WEIGHT_NAME).keys() == weights.keys()

@@ -1,0 +1,87 @@
+"""The kohya layout of a run's LoRA: the file ComfyUI, AUTOMATIC1111 and Forge load (shared/INTEROP.md).
+
+Keys come from diffusers' own `convert_state_dict_to_kohya`, with what it gets wrong put right: each module's
+`.alpha` is the adapter's real alpha (the converter writes the rank, which every client would apply at rank/alpha
+of the strength), and text-encoder keys carry `text_model_` as those clients match them (under transformers 5 the
+converter leaves it out, and ComfyUI then skips every text-encoder key while Forge drops the whole file):
+`lora_te_text_model_...` on SD-1.x/2.x, `lora_te1_text_model_...` (CLIP-L) and `lora_te2_text_model_...`
+(OpenCLIP-G) on SDXL. SDXL's UNet modules get their original (LDM) names, `lora_unet_input_blocks_4_1_...`, the
+form kohya's sd-scripts write for SDXL and every one of those tools maps (AUTOMATIC1111's converter of
+diffusers-style names was written for SD-1's block layout only).
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers.utils import convert_state_dict_to_kohya
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .cli import UserError
+
+WEIGHT_NAME = "lora_kohya.safetensors"
+
+
+def save_kohya(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, name: str,
+               text_encoder_2: torch.nn.Module | None = None, xl: bool = False) -> Path:
+    """Write `output_dir/lora_kohya.safetensors` for an SD-1.x/2.x base (or with `xl`, an SDXL one), with the
+    safetensors metadata those tools read (`ss_network_dim`, `ss_network_alpha`, base model, `modelspec.*`)."""
+    state, alphas = {}, {}
+    encoders = {"text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is None:
+            continue
+        alpha = float(model.peft_config["default"].lora_alpha)
+        alphas[prefix] = alpha
+        peft_state = {f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(model).items()}
+        for key, value in convert_state_dict_to_kohya(peft_state).items():
+            if prefix != "unet":
+                key = re.sub(r"^lora_te[12]_(text_model_)?", encoders[prefix] + "text_model_", key)
+            elif xl:
+                key = ldm_name(key, unet.config.layers_per_block)
+            state[key] = torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous()
+    v2 = unet.config.cross_attention_dim == 1024  # SD-2.x's OpenCLIP-H width (SD-1.x: 768)
+    version, architecture = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base") if xl else \
+        ("sd_v2" if v2 else "sd_v1", f"stable-diffusion-v{'2' if v2 else '1'}")
+    metadata = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(unet.peft_config["default"].r),
+        "ss_network_alpha": f"{alphas['unet']:g}", "ss_base_model_version": version, "ss_v2": str(v2 and not xl),
+        "ss_output_name": name, "modelspec.sai_model_spec": "1.0.0", "modelspec.title": name,
+        "modelspec.architecture": f"{architecture}/lora",
+    }
+    path = Path(output_dir) / WEIGHT_NAME
+    save_file(state, path, metadata=metadata)
+    return path
+
+
+_BLOCK = re.compile(r"lora_unet_(?:down_blocks_(\d+)_attentions_(\d+)|up_blocks_(\d+)_attentions_(\d+)"
+                    r"|(mid_block)_attentions_0)_(.+)")
+
+
+def ldm_name(key: str, layers_per_block: int) -> str:
+    """An SDXL UNet key in diffusers' naming, `lora_unet_down_blocks_1_attentions_0_<rest>`, in the original one,
+    `lora_unet_input_blocks_4_1_<rest>`: the LDM UNet numbers its input blocks 1 + level x (layers + 1) + layer
+    (block 0 is the first convolution), its output blocks level x (layers + 1) + layer, and puts a level's
+    transformer at index 1 after its ResNet; inside a transformer the names are the same. The inverse of diffusers'
+    `_maybe_map_sgm_blocks_to_diffusers`, for attention blocks (what `lora.target_modules` may name here)."""
+    match = _BLOCK.fullmatch(key.split(".")[0])
+    if match is None or not isinstance(layers_per_block, int):
+        raise UserError(f"lora.target_modules: {key.split('.')[0]} is outside the UNet's attention blocks, which is "
+                        "all the SDXL kohya file maps so far; target attention layers (to_q, to_k, to_v, to_out.0, "
+                        "proj_in, ff.net.0.proj, ...) or set lora.save_format: diffusers")
+    down, down_layer, up, up_layer, mid, rest = match.groups()
+    stride = layers_per_block + 1
+    if down is not None:
+        block = f"input_blocks_{1 + int(down) * stride + int(down_layer)}_1"
+    elif up is not None:
+        block = f"output_blocks_{int(up) * stride + int(up_layer)}_1"
+    else:
+        block = "middle_block_1"
+    return f"lora_unet_{block}_{rest}" + key[len(key.split(".")[0]):]
+
+
+def unmapped(unet: torch.nn.Module) -> list[str]:
+    """The adapted modules of an SDXL UNet that the kohya file cannot name (outside its attention blocks)."""
+    modules = [name.removesuffix(".lora_A") for name, _ in unet.named_modules() if name.endswith(".lora_A")]
+    return [module for module in modules if not _BLOCK.fullmatch(f"lora_unet_{module.replace('.', '_')}")]
