@@ -208,7 +208,20 @@ class DataConfig:
     deterministic transforms (center_crop true, random_flip false); the text is cached only while the text
     encoder is frozen."""
     resolution: int = 32
-    """Images are resized (shorter side) and cropped to this square size."""
+    """Images are resized (shorter side) and cropped to this square size (with `buckets`, the side of the square
+    whose area the buckets have)."""
+    buckets: bool = False
+    """Aspect-ratio buckets: each image goes to the bucket nearest its aspect ratio among those it contains
+    (about resolution x resolution pixels; images are never enlarged), is resized to cover it and cropped
+    minimally, and every batch holds images of one bucket. An image smaller than every bucket is skipped (counted
+    as a bad sample); a bucket's leftover images at the end of a finite epoch are dropped (counted). With several
+    processes the data must be `resampled` (every reader then yields the same number of batches)."""
+    bucket_sizes: list[list[int]] | None = None
+    """The buckets, as [width, height] pairs (sides multiples of 8); null: for each height that is a multiple of
+    `bucket_step`, the widest width (also a multiple) that keeps the area within resolution^2, sides at most 4:1,
+    and the same lying down (at 1024 px, 17 buckets: 512x2048, 576x1792, ..., 1024x1024, ..., 2048x512)."""
+    bucket_step: int = 64
+    """The multiple that computed bucket sides are rounded down to (a multiple of 8, the VAE's factor)."""
     center_crop: bool = True
     """Crop the centre; false crops at a random position."""
     random_flip: bool = False
@@ -295,6 +308,18 @@ class DataConfig:
         if self.cache and self.streaming:
             problems.append("data.cache: a streamed dataset has no stable sample keys to cache by; set data.cache: "
                             "false or data.streaming: false")
+        sizes = self.bucket_sizes or []
+        if any(len(size) != 2 or min(size) < 8 or size[0] % 8 or size[1] % 8 for size in sizes):
+            problems.append(f"data.bucket_sizes: got {self.bucket_sizes}; give [width, height] pairs whose sides are "
+                            "multiples of 8 (the VAE's factor), at least 8")
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            problems.append(f"data.bucket_step: got {self.bucket_step}; must be a multiple of 8 (the VAE's factor)")
+        if self.buckets and not self.bucket_sizes and self.resolution < self.bucket_step:
+            problems.append(f"data.bucket_step: {self.bucket_step} is more than data.resolution={self.resolution}, so "
+                            "no bucket fits the area; lower data.bucket_step (a multiple of 8) or list "
+                            "data.bucket_sizes")
+        if (self.bucket_sizes is not None) and not self.buckets:
+            problems.append("data.bucket_sizes: set data.buckets: true to use them, or remove them")
         if self.cache and (self.random_flip or not self.center_crop):
             problems.append("data.cache: the cache stores one encoding per image, so random transforms would be "
                             "frozen; set data.random_flip: false and data.center_crop: true, or data.cache: false")

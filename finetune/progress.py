@@ -13,7 +13,8 @@ from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from tqdm.auto import tqdm
 
-from .config import Config, TrainConfig
+from .config import Config, DataConfig, TrainConfig
+from .data.transforms import bucket_sizes
 from .models import Components, count_parameters
 
 logger = get_logger("finetune")
@@ -157,6 +158,14 @@ def print_summary(config: Config, components: Components, params, source, accele
         print(describe(config, components, params, source, accelerator))
 
 
+def bucket_line(data: DataConfig) -> str:
+    """With data.buckets, the buckets (width x height), as the start-up summary names them."""
+    if not data.buckets:
+        return ""
+    sizes = data.bucket_sizes or bucket_sizes(data.resolution, data.bucket_step)
+    return f" in {len(sizes)} aspect-ratio buckets ({', '.join(f'{w}x{h}' for w, h in sizes)})"
+
+
 def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
     text = sum(count_parameters(encoder) for encoder in components.text_encoders)
     total = count_parameters(components.unet) + text
@@ -174,7 +183,8 @@ def describe(config: Config, components: Components, params, source, accelerator
         f"({trainable / total:.1%}; "
         f"UNet {count_parameters(components.unet, trainable_only=True) / count_parameters(components.unet):.1%}), "
         f"{space}\n"
-        f"data: {config.data.source} ({size} samples) at {config.data.resolution}px, vocabulary "
+        f"data: {config.data.source} ({size} samples) at {config.data.resolution}px{bucket_line(config.data)}, "
+        f"vocabulary "
         f"{len(components.tokenizer)} tokens\n"
         f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
         f"accumulation {config.train.gradient_accumulation_steps}, {accelerator.num_processes} processes) on "

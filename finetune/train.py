@@ -154,10 +154,15 @@ def build_data(config: Config, tokenizers: list, source, accelerator: Accelerato
     follow prompts are named first."""
     if accelerator.is_main_process:
         conditioning.check_captions(config.data, source, tokenizers[0])
+    buckets, batch = config.data.buckets, config.train.train_batch_size
+    if buckets and accelerator.num_processes > 1 and not getattr(source, "resampled", False):
+        raise UserError("data.buckets with several processes needs data.resampled: true (webdataset shards): a "
+                        "finite epoch gives each process a different number of full buckets, and a process that "
+                        "runs out first would leave the others waiting")
     dataset = ImageTextStream(source, config.data, tokenizers, config.train.seed, accelerator.process_index,
-                              accelerator.num_processes)
+                              accelerator.num_processes, batch_size=batch if buckets else None)
     workers = config.data.num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.train_batch_size, drop_last=True,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None if buckets else batch, drop_last=not buckets,
                                          num_workers=workers, pin_memory=accelerator.device.type == "cuda",
                                          persistent_workers=config.data.persistent_workers and workers > 0,
                                          generator=torch.Generator().manual_seed(config.train.seed))

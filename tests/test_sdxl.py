@@ -246,17 +246,18 @@ def test_a_full_finetune_of_sdxl_is_a_stock_sdxl_pipeline(tiny_sdxl_folder, tmp_
 
 @pytest.mark.slow
 def test_the_sdxl_laion_recipe_runs_on_a_tiny_base(tiny_sdxl_folder, tiny_shards, tmp_path):
-    """configs/sdxl-lora-laion.yaml as shipped (bf16, gradient checkpointing, random crops and flips, the VAE
-    override, resampled shards, workers, filters), with only the base, the VAE, the data and the sizes swapped for
-    tiny ones."""
+    """configs/sdxl-lora-laion.yaml as shipped (bf16, gradient checkpointing, aspect-ratio buckets, random crops and
+    flips, the VAE override, resampled shards, workers, filters), with only the base, the VAE, the data and the sizes
+    swapped for tiny ones."""
     recipe = ROOT / "configs" / "sdxl-lora-laion.yaml"
     out = tmp_path / "run"
     result = _train(tmp_path, "--config", str(recipe), f"model.pretrained_model_name_or_path={tiny_sdxl_folder}",
                     f"model.pretrained_vae_model_name_or_path={tiny_sdxl_folder / 'vae'}",
                     f"data.path={tiny_shards}/00000.tar", "data.num_samples=32", "data.resolution=16",
-                    "data.num_workers=2", "data.shuffle_buffer=8", "data.filters.min_width=null",
-                    "data.filters.min_height=null", "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
+                    "data.num_workers=2", "data.shuffle_buffer=8", "data.bucket_step=8",
+                    "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
                     "train.max_train_steps=2", "train.train_batch_size=2", "validation.num_inference_steps=2",
                     f"train.output_dir={out}")
     assert "precision bf16" in result.stdout and "SDXL" in result.stdout
+    assert "in 3 aspect-ratio buckets" in result.stdout
     assert (out / lora.WEIGHT_NAME).is_file() and (out / "samples" / "step-2.png").is_file()

@@ -20,13 +20,13 @@ from urllib.parse import urlparse
 import braceexpand
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..config import ConfigError, DataConfig, FilterConfig
 from ..families import tokenize
 from . import shapes
 from .tables import HFDatasetSource, MetadataFolderSource, ParquetSource, RawSample, SidecarFolderSource, deal
-from .transforms import crop_square, decode_rgb, unreadable_reason
+from .transforms import bucket_sizes, crop_to, decode_rgb, nearest_bucket, unreadable_reason
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -190,14 +190,26 @@ class ImageTextStream(IterableDataset):
     the image file's (height, width) and the crop's (top, left) are what SDXL's micro-conditioning takes.
     `tokenizer` may be a pair (SDXL's two): the second one's ids are `input_ids_2`.
 
+    With `data.buckets` it yields whole batches of `batch_size` examples of one aspect-ratio bucket each (use it
+    with `DataLoader(batch_size=None)`): each reader keeps one buffer per bucket and yields a bucket's batch when
+    it fills, so at most buckets x (batch_size - 1) examples wait in memory per reader. The batches follow from
+    the reader's example order alone, so a resumed run that skips the batches already trained meets the same
+    ones. A resampled stream's epoch is then num_samples // (readers x batch_size) batches per reader, the same
+    for every process; a finite one drops each bucket's last, partial batch (counted).
+
     Each (process, worker) pair reads a disjoint part of the source; the order is a function of (seed, epoch,
     part, parts) only, so resume can replay it. With `data.cache` the parts are dealt the same every epoch (only
     the order within each part changes), so the samples a process encoded in the first epoch are the ones it meets
     again; without it each epoch deals anew. Call `set_epoch` before iterating each epoch.
     """
 
-    def __init__(self, source, config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
-        self.source, self.config = source, config
+    def __init__(self, source, config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
+                 batch_size: int | None = None):
+        self.source, self.config, self.batch_size = source, config, batch_size
+        if config.buckets and not batch_size:
+            raise ValueError("data.buckets: the stream makes the batches, so it needs the batch size")
+        self.buckets = ([tuple(size) for size in config.bucket_sizes] if config.bucket_sizes
+                        else bucket_sizes(config.resolution, config.bucket_step)) if config.buckets else None
         self.tokenizers = tuple(tokenizer) if isinstance(tokenizer, (list, tuple)) else (tokenizer,)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared, so persistent workers see set_epoch
@@ -241,8 +253,10 @@ class ImageTextStream(IterableDataset):
             return self._bad(raw.key, "no image" if raw.image is None else "no caption", "")
         try:
             image = decode_rgb(raw.image, self.config.max_image_pixels, min_size=self.config.resolution)
-            pixels, crop = crop_square(image, self.config.resolution, self.config.center_crop, self.config.random_flip,
-                                       rng)
+            size = (self.config.resolution,) * 2 if self.buckets is None else nearest_bucket(image.size, self.buckets)
+            if size is None:
+                return self._bad(raw.key, "smaller than every bucket", f"{image.width}x{image.height}")
+            pixels, crop = crop_to(image, size, self.config.center_crop, self.config.random_flip, rng)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)
         (width, height), filters = image.info["source_size"], self.config.filters
@@ -281,12 +295,33 @@ class ImageTextStream(IterableDataset):
         part, parts = self.rank * num_workers + worker_id, self.world_size * num_workers
         resampled = getattr(self.source, "resampled", False)
         examples = self._examples(part, parts, RESAMPLED_GIVE_UP if resampled else None)
+        if self.buckets:
+            examples = self._bucket_batches(examples)
+            share = self.config.num_samples // parts // self.batch_size if resampled else None
+        else:
+            share = self.config.num_samples // parts if resampled else None
         if resampled:  # an endless stream: the epoch is this reader's share of data.num_samples
-            examples = itertools.islice(examples, self.config.num_samples // parts)
+            examples = itertools.islice(examples, share)
         yield from examples
         self._check_bad_fraction(minimum=20)  # the whole part read: judge it unless it is tiny
         if worker:  # hand this epoch's counts to the main process (collect_counts)
             self._worker_counts.put(dict(self.counts))
+
+    def _bucket_batches(self, examples: Iterator[dict]) -> Iterator[dict]:
+        """Batches of one bucket each, in the order their buckets fill; a finite epoch's partial batches are
+        dropped and counted."""
+        waiting: dict[tuple[int, int], list[dict]] = {}
+        for example in examples:
+            bucket = waiting.setdefault(tuple(example["pixel_values"].shape[:0:-1]), [])
+            bucket.append(example)
+            if len(bucket) == self.batch_size:
+                self.counts[f"bucket {example['pixel_values'].shape[2]}x{example['pixel_values'].shape[1]}"] += \
+                    self.batch_size
+                yield default_collate(bucket)
+                bucket.clear()
+        left = sum(len(bucket) for bucket in waiting.values())
+        if left:
+            self.counts["dropped: a bucket's partial batch at the end of the epoch"] += left
 
     def raw_samples(self, part: int, parts: int) -> Iterator[RawSample]:
         """Reader `part`'s raw samples of this epoch, in the source's order (before the shuffle buffer). With

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import math
 import os
 import random
 import threading
@@ -127,17 +128,49 @@ def crop_square(image: Image.Image, resolution: int, center_crop: bool, random_f
                 rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
     """`to_uint8`, and where its crop starts in the resized image, (top, left), as SDXL's micro-conditioning takes
     it: in the picture that was trained, so for a flipped crop the mirrored offset."""
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+    return crop_to(image, (resolution, resolution), center_crop, random_flip, rng)
+
+
+def crop_to(image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,
+            rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize `image` to cover `size` (width, height) with its aspect ratio kept, crop that size (the centre, or at
+    random), maybe flip: (3, height, width) uint8 and the crop's (top, left) in the resized image (mirrored for a
+    flipped crop)."""
+    width, height = size
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
     if center_crop:
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        left, top = (image.width - width) // 2, (image.height - height) // 2
     else:
-        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
-    width = image.width
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+    full_width = image.width
+    image = image.crop((left, top, left + width, top + height))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = width - resolution - left
+        left = full_width - width - left
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), (top, left)
+
+
+def bucket_sizes(resolution: int, step: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets for an area of resolution^2: for each width that is a multiple of `step`, the largest
+    height (a multiple of `step`) that keeps the area within it, while the sides stay within `max_ratio` of each
+    other. Sorted from the tallest to the widest; the square is among them when `resolution` is a multiple of
+    `step`."""
+    area, widest = resolution * resolution, {}
+    for width in range(step, int(resolution * max_ratio ** 0.5) + step, step):
+        height = area // width // step * step
+        if height >= step and 1 / max_ratio <= width / height <= max_ratio:
+            widest[height] = max(widest.get(height, 0), width)  # one bucket per height: the widest that fits
+    sizes = {(w, h) for h, w in widest.items() if w >= h} | {(h, w) for h, w in widest.items() if w >= h}
+    return sorted(sizes, key=lambda size: size[0] / size[1])  # the same buckets lying down as standing
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """Of the buckets that fit inside the image (`size` is width, height; images are never enlarged), the one whose
+    aspect ratio is nearest the image's, on a log scale (so 1:2 and 2:1 are equally far from 1:1); among equals,
+    the larger. None when the image is smaller than every bucket."""
+    fitting = [b for b in buckets if b[0] <= size[0] and b[1] <= size[1]]
+    ratio = math.log(size[0] / size[1])
+    return min(fitting, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]), default=None)
