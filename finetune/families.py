@@ -16,6 +16,8 @@ unconditional input: both embeddings zero, as the pipeline makes them for classi
 
 import torch
 
+from .cli import UserError
+
 
 class OneEncoder:
     """SD-1.x/2.x and this project's pixel-space models: `encoder_hidden_states` is the last hidden state."""
@@ -66,6 +68,19 @@ def time_ids(batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Ten
     pixels = batch["pixel_values"]
     target = torch.tensor(pixels.shape[-2:]).expand(pixels.shape[0], 2)
     return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).to(device, dtype)
+
+
+def check_size(components, data) -> None:
+    """An SDXL base trains on square crops only at its own size (the UNet's sample size times the VAE's factor:
+    1024 px for SDXL base): at another square size its size conditioning would describe pictures it never saw.
+    Other sizes go through aspect-ratio buckets, whose time ids say what each picture is."""
+    if components.text_encoder_2 is None or data.buckets:
+        return
+    native = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    if data.resolution != native:
+        raise UserError(f"data.resolution: {data.resolution} px square crops on an SDXL base made for {native} px; "
+                        f"set data.resolution: {native}, or data.buckets: true (images of every aspect ratio at "
+                        f"about {data.resolution}x{data.resolution} pixels, their sizes and crops passed to the UNet)")
 
 
 def text_conditioning(components) -> OneEncoder | TwoEncodersXL:

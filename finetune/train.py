@@ -31,7 +31,7 @@ from .data import ImageTextStream, build_source, caption_texts
 from .distributed import finish
 from .encoding import BatchEncoder
 from .export import export, validate
-from .families import text_conditioning
+from .families import check_size, text_conditioning
 from .models import (
     Components,
     build_components,
@@ -96,6 +96,7 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
     else:
         components = build_components(config.model, config.data.resolution, caption_texts(config.data, source))
     check_objective(components.scheduler)
+    check_size(components, config.data)
     if components.vae is not None and components.vae.config.latent_channels != components.unet.config.in_channels:
         raise ValueError(f"{config.model.pretrained_model_name_or_path}: the VAE makes "
                          f"{components.vae.config.latent_channels}-channel latents but the UNet takes "

@@ -261,3 +261,20 @@ def test_the_sdxl_laion_recipe_runs_on_a_tiny_base(tiny_sdxl_folder, tiny_shards
     assert "precision bf16" in result.stdout and "SDXL" in result.stdout
     assert "in 3 aspect-ratio buckets" in result.stdout
     assert (out / lora.WEIGHT_NAME).is_file() and (out / "samples" / "step-2.png").is_file()
+
+
+def test_sdxl_at_another_square_size_is_refused(tiny_sdxl_folder):
+    """Square crops at a size the base was not made for (16 px here, as 1024 px for SDXL base) are refused with
+    both ways out; buckets take any size."""
+    from types import SimpleNamespace
+
+    from finetune.config import load_config
+    from finetune.train import build_model
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+    base = [f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "model.train_text_encoder=false"]
+    with pytest.raises(UserError, match=r"data.resolution: 32 px .* made for 16 px; set data.resolution: 16, or "
+                                        r"data.buckets: true"):
+        build_model(load_config(None, [*base, "data.resolution=32"]), None, accelerator)
+    build_model(load_config(None, [*base, "data.resolution=32", "data.buckets=true", "data.bucket_step=8"]), None,
+                accelerator)
