@@ -399,7 +399,15 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Forward passes accumulated into one optimizer step."""
     learning_rate: float = 1e-3
-    """Peak AdamW learning rate."""
+    """Peak learning rate (Prodigy: 1.0, a multiplier of the step size it finds itself)."""
+    optimizer: Literal["adamw", "adamw_8bit", "prodigy", "adafactor", "adamw_schedulefree", "sgd"] = "adamw"
+    """`adamw` (PyTorch's fused AdamW), `adamw_8bit` (bitsandbytes, CUDA), `prodigy` (prodigyopt: finds its own
+    step size; learning_rate 1.0), `adafactor` (PyTorch's: factored second moments, less memory),
+    `adamw_schedulefree` (schedulefree: no LR schedule, an average of the weights is what is sampled and saved) or
+    `sgd`. prodigy and adamw_schedulefree need `pip install 'finetune-ddpm[optimizers]'`."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """More keyword arguments for the optimizer, e.g. `{momentum: 0.9}` for sgd or `{d_coef: 2, safeguard_warmup:
+    true}` for prodigy; the adam_* fields below give betas, epsilon and weight decay to those that take them."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial"] = "cosine"
     """Learning-rate schedule (diffusers' get_scheduler)."""
@@ -446,7 +454,8 @@ class TrainConfig:
     compile: bool = False
     """`torch.compile` the UNet (in place): faster steps after a compilation of a minute or more."""
     use_8bit_adam: bool = False
-    """bitsandbytes' 8-bit AdamW (CUDA GPUs with bitsandbytes installed): a quarter of the optimizer memory."""
+    """bitsandbytes' 8-bit AdamW (CUDA GPUs with bitsandbytes installed): a quarter of the optimizer memory; the
+    same as `optimizer: adamw_8bit` (diffusers' name)."""
     use_ema: bool = True
     """Keep an exponential moving average of the trained weights and export it."""
     ema_max_decay: float = 0.999
@@ -493,6 +502,17 @@ class TrainConfig:
             problems.append(f"train.cpu_threads: got {self.cpu_threads}; must be >= 1 or null")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             problems.append(f"train.checkpoints_total_limit: got {self.checkpoints_total_limit}; must be >= 1 or null")
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw_8bit"):
+            problems.append(f"train.use_8bit_adam: true asks for adamw_8bit but train.optimizer is {self.optimizer}; "
+                            "keep one of them")
+        if self.optimizer == "adamw_schedulefree":
+            if self.lr_scheduler != "constant":
+                problems.append(f"train.lr_scheduler: {self.lr_scheduler} would fight adamw_schedulefree, which "
+                                "replaces the schedule (its warm-up is train.lr_warmup_steps); set train.lr_scheduler: "
+                                "constant")
+            if self.use_ema:
+                problems.append("train.use_ema: adamw_schedulefree already averages the weights (that average is "
+                                "what is sampled and saved); set train.use_ema: false")
         _check(problems)
 
 
@@ -612,6 +632,12 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if origin is Literal:
         if value not in args:
             problems.append(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in args)}")
+        return value
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected a mapping, {{name: value}}")
         return value
     if origin is list:
         if not isinstance(value, list):

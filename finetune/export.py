@@ -44,6 +44,7 @@ from .models import (
     trainable,
     trained_in_full,
 )
+from .performance import averaged_weights
 from .results import hide_library_progress
 from .validation import log_validation
 
@@ -54,10 +55,11 @@ EXPORTED_FROM = "exported_from.json"  # in an export: the checkpoint it came fro
 
 
 @contextlib.contextmanager
-def exported(accelerator: Accelerator, components: Components, emas: list[EMAModel]):
+def exported(accelerator: Accelerator, components: Components, emas: list[EMAModel], optimizer=None):
     """The pipeline to sample and save: unwrapped models in eval mode (no adapter dropout) with the EMA weights,
-    when EMA is on, in place of the trained ones; the training weights and mode come back afterwards. A compiled
-    UNet samples eagerly: compiling the sampling shapes would take longer than the few samples it speeds up."""
+    when EMA is on, or a schedule-free optimizer's average, in place of the trained ones; the training weights and
+    mode come back afterwards. A compiled UNet samples eagerly: compiling the sampling shapes would take longer than
+    the few samples it speeds up."""
     models = [accelerator.unwrap_model(model) for model in (components.unet, *components.text_encoders)]
     modes = [model.training for model in models]
     for ema, model in zip(emas, models):
@@ -66,7 +68,7 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
     for model in models:
         model.eval()
     try:
-        with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+        with accelerator.autocast(), torch.compiler.set_stance("force_eager"), averaged_weights(optimizer):
             yield dataclasses.replace(components, unet=models[0], text_encoder=models[1],
                                       text_encoder_2=models[2] if len(models) > 2 else None)
     finally:
@@ -76,16 +78,18 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
             model.train(mode)
 
 
-def validate(accelerator, config: Config, components: Components, emas: list[EMAModel], step: int) -> None:
+def validate(accelerator, config: Config, components: Components, emas: list[EMAModel], step: int,
+             optimizer=None) -> None:
     if accelerator.is_main_process:
-        with exported(accelerator, components, emas) as models:
+        with exported(accelerator, components, emas, optimizer) as models:
             path = log_validation(models.pipeline(), config.validation, step, config.train.output_dir,
                                   accelerator.trackers)
         logger.info(f"step {step}: samples in {path}")
     accelerator.wait_for_everyone()
 
 
-def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> Path | None:
+def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int,
+           optimizer=None) -> Path | None:
     """Write the result (EMA weights when enabled) to output_dir: the whole pipeline, or for a LoRA run the
     adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
     final sample grid, whose path it returns on the main process."""
@@ -93,7 +97,7 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
     if not accelerator.is_main_process:
         return None
     out = config.train.output_dir
-    with exported(accelerator, components, emas) as models:
+    with exported(accelerator, components, emas, optimizer) as models:
         if config.lora.enabled:
             lora.save_run(out, models, config.lora)
         else:
@@ -201,6 +205,10 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
                         "run's config there), so the model cannot be rebuilt; resume the run from it with this version "
                         "and export a later checkpoint")
     config = load_config(checkpoint / checkpointing.CONFIG)
+    if config.train.optimizer == "adamw_schedulefree":
+        raise UserError(f"checkpoint {checkpoint} is of an adamw_schedulefree run: it holds the training weights, not "
+                        "the average that is sampled and saved; resume the run to its end (train.max_train_steps "
+                        "sets where) to get the averaged export")
     components, trained = rebuild_model(config, manifest.get("mixed_precision", "no"))
     if not config.model.pretrained_model_name_or_path and len(trained) > 1:
         check_vocabulary(components, checkpointing.model_weights(checkpoint, 1), config.data)

@@ -2,12 +2,15 @@
 attention, `torch.compile`, and the optimizer (AdamW, or bitsandbytes' 8-bit AdamW). The GPU-only ones refuse
 with a clear message on a CPU; what each buys is measured in benchmarks/README.md."""
 
+import contextlib
+import importlib
 import logging
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
+from .cli import UserError
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -68,18 +71,73 @@ def speed_up(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], train:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, device: torch.device):
-    """AdamW over `params`: PyTorch's fused implementation, or bitsandbytes' 8-bit one with `train.use_8bit_adam`
-    (its moments take a quarter of the memory)."""
-    settings = {"lr": train.learning_rate, "betas": (train.adam_beta1, train.adam_beta2),
-                "weight_decay": train.adam_weight_decay, "eps": train.adam_epsilon}
-    if not train.use_8bit_adam:  # fused: one kernel for all tensors (LoRA's 256 small ones: 7.0 -> 1.2 ms on CPU)
-        return torch.optim.AdamW(params, **settings, fused=device.type in ("cpu", "cuda"))
+    """The optimizer of `train.optimizer` over `params`, with `train.optimizer_args`: PyTorch's fused AdamW (the
+    default), SGD or Adafactor; bitsandbytes' 8-bit AdamW (`adamw_8bit` or `train.use_8bit_adam`: its moments take
+    a quarter of the memory); prodigyopt's Prodigy; schedulefree's AdamW, put in train mode (and given the warm-up)."""
+    name = "adamw_8bit" if train.use_8bit_adam else train.optimizer
+    adam = {"lr": train.learning_rate, "betas": (train.adam_beta1, train.adam_beta2),
+            "weight_decay": train.adam_weight_decay, "eps": train.adam_epsilon}
+    args = dict(train.optimizer_args)
+    try:
+        if name == "adamw":  # fused: one kernel for all tensors (LoRA's 256 small ones: 7.0 -> 1.2 ms on CPU)
+            return torch.optim.AdamW(params, **{**adam, "fused": device.type in ("cpu", "cuda"), **args})
+        if name == "sgd":
+            return torch.optim.SGD(params, **{"lr": train.learning_rate, "weight_decay": train.adam_weight_decay,
+                                              **args})
+        if name == "adafactor":
+            return torch.optim.Adafactor(params, **{"lr": train.learning_rate,
+                                                    "weight_decay": train.adam_weight_decay, **args})
+        if name == "prodigy":
+            return _package("prodigyopt", name).Prodigy(params, **{**adam, **args})
+        if name == "adamw_schedulefree":
+            optimizer = _package("schedulefree", name).AdamWScheduleFree(
+                params, **{**adam, "warmup_steps": train.lr_warmup_steps, **args})
+            optimizer.train()
+            return optimizer
+        return _adamw_8bit(params, {**adam, **args}, device,
+                           "train.use_8bit_adam" if train.use_8bit_adam else "train.optimizer: adamw_8bit")
+    except TypeError as error:
+        raise UserError(f"train.optimizer_args: {error} ({name} takes other arguments; see its documentation)") \
+            from error
+
+
+def _package(module: str, optimizer: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UserError(f"train.optimizer: {optimizer} needs the {module} package: pip install "
+                        f"'finetune-ddpm[optimizers]' (or pip install {module})") from error
+
+
+def _adamw_8bit(params: list[torch.nn.Parameter], settings: dict, device: torch.device, key: str):
     if device.type != "cuda":
-        raise ValueError(f"train.use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW; this run is on {device}); "
-                         "set it to false")
+        raise ValueError(f"{key} needs a CUDA GPU (bitsandbytes' 8-bit AdamW; this run is on {device}); use "
+                         "train.optimizer: adamw (or adafactor, whose factored moments also save memory)")
     try:
         import bitsandbytes
     except ImportError as error:
-        raise ValueError("train.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes`, or set it "
-                         "to false") from error
+        raise ValueError(f"{key}: bitsandbytes is not installed; `pip install bitsandbytes`, or use "
+                         "train.optimizer: adamw") from error
     return bitsandbytes.optim.AdamW8bit(params, **settings)
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer):
+    """A schedule-free optimizer's average x in the weights while the block runs (sampling, saving), then the
+    training weights y back bit for bit: `eval()` and `train()` each interpolate, and the round trip would not give
+    y's bits back, so y is copied aside and restored instead. Other optimizers: nothing changes."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's wrapper holds it)
+    if not any("train_mode" in group for group in getattr(inner, "param_groups", [])):
+        yield
+        return
+    params = [p for group in inner.param_groups for p in group["params"]]
+    saved = [p.detach().clone() for p in params]
+    inner.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
+        for group in inner.param_groups:
+            group["train_mode"] = True

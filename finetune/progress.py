@@ -47,7 +47,8 @@ def tracker_settings(config: Config) -> dict:
     not leave this machine: fields named like a credential are left out, and the paths are reduced by
     `public_location` (a Hub id or a remote URL stays, without its credentials)."""
     paths = {"train.output_dir": False, "train.resume_from_checkpoint": False, "data.path": config.data.source == "hf",
-             "model.pretrained_model_name_or_path": True}  # the fields that hold paths; true: or a Hub id
+             "model.pretrained_model_name_or_path": True,
+             "model.pretrained_vae_model_name_or_path": True}  # the fields that hold paths; true: or a Hub id
     flat = {}
     for section, values in dataclasses.asdict(config).items():
         for key, value in values.items():
@@ -75,7 +76,8 @@ def public_location(location: str, may_be_hub_id: bool) -> str:
         query = "&".join(k + ("=REDACTED" if SECRET_NAME.search(k) else sep + v) for k, sep, v in params)
         return urlunsplit((url.scheme, url.netloc.rpartition("@")[2], url.path, query, url.fragment))
     path = Path(url.path if url.scheme == "file" else location).expanduser()
-    return location if may_be_hub_id and not path.exists() else path.name
+    hub_like = location.count("/") <= 1 and not location.startswith(("/", ".", "~"))  # (a missing local path is
+    return location if may_be_hub_id and hub_like and not path.exists() else path.name  # still a path)
 
 
 class StepLogger:

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                 save_checkpoint(accelerator, config, step, {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
                                 resumed_from)
             if sample:
-                validate(accelerator, config, components, emas, step)
+                validate(accelerator, config, components, emas, step, optimizer)
             if stopping:
                 stopped = True
                 break
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         return end_stopped(accelerator, stop, step, lock)
 
     # Export: the pipeline (EMA weights when enabled) at output_dir and a final sample grid; then push, summarise.
-    grid = export(accelerator, config, components, emas, step)
+    grid = export(accelerator, config, components, emas, step, optimizer)
     finish(accelerator)
     if accelerator.is_main_process:
         publish(config, grid, step_logger.summary(step), accelerator.num_processes, lock)

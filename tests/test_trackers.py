@@ -35,12 +35,14 @@ def test_every_field_is_reported_and_local_paths_lose_their_folders(tmp_path):
     config = load_config(None, [f"train.output_dir={tmp_path}/home/alice/outputs/shapes/",
                                 f"train.resume_from_checkpoint={tmp_path}/home/alice/outputs/shapes/checkpoint-500",
                                 f"model.pretrained_model_name_or_path={base}", "model.train_text_encoder=false",
+                                f"model.pretrained_vae_model_name_or_path={tmp_path}/home/alice/models/vae-fix",
                                 "data.source=parquet", f"data.path={tmp_path}/home/alice/data/*.parquet"])
     settings = tracker_settings(config)
     assert settings.keys() == _flat_names(config)  # nothing else left out (model.max_caption_tokens is no token)
     assert settings["train.output_dir"] == "shapes"
     assert settings["train.resume_from_checkpoint"] == "checkpoint-500"
     assert settings["model.pretrained_model_name_or_path"] == "sd-base"
+    assert settings["model.pretrained_vae_model_name_or_path"] == "vae-fix"
     assert settings["data.path"] == "*.parquet"
     assert not any(str(tmp_path) in str(value) or "alice" in str(value) for value in settings.values())
     assert tracker_settings(load_config(None, ["train.resume_from_checkpoint=latest"])) \
