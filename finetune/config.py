@@ -204,9 +204,9 @@ class DataConfig:
     as often); null: every colour but purple, which is held out for the LoRA fine-tuning demo."""
     cache: bool = False
     """Encode each image with the frozen VAE and each caption with the frozen text encoder once, keep the results
-    in memory and train from them (the same training, without the repeated encoder passes). Needs
-    deterministic transforms (center_crop true, random_flip false); the text is cached only while the text
-    encoder is frozen."""
+    in memory and train from them (the same training, without the repeated encoder passes). Needs centre crops
+    (center_crop true); with random_flip each orientation is encoded once (a flipped image's latent is not the
+    flipped latent). The text is cached only while the text encoder is frozen."""
     resolution: int = 32
     """Images are resized (shorter side) and cropped to this square size (with `buckets`, the side of the square
     whose area the buckets have)."""
@@ -320,9 +320,9 @@ class DataConfig:
                             "data.bucket_sizes")
         if (self.bucket_sizes is not None) and not self.buckets:
             problems.append("data.bucket_sizes: set data.buckets: true to use them, or remove them")
-        if self.cache and (self.random_flip or not self.center_crop):
-            problems.append("data.cache: the cache stores one encoding per image, so random transforms would be "
-                            "frozen; set data.random_flip: false and data.center_crop: true, or data.cache: false")
+        if self.cache and not self.center_crop:
+            problems.append("data.cache: the cache stores one encoding per image (and orientation), so random crops "
+                            "would be frozen; set data.center_crop: true, or data.cache: false")
         _check(problems)
 
 

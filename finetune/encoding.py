@@ -3,11 +3,11 @@ model family's, `families.py`).
 
 x_0 is the image itself (pixel-space models) or its VAE latent scaled by `vae.config.scaling_factor`
 (latent-space models). With `data.cache`, the frozen encoders' outputs are kept in memory: the VAE's latent
-distribution per sample key (a latent is still drawn from it at every step, as without the cache) and the text
-embeddings per token sequence (so caption dropout still works; for SDXL both encoders' outputs). The first sight of
-a sample encodes it; every later one reuses the stored result. Stored results are kept on the CPU (a LAION-scale
-cache does not fit a GPU) and reach a GPU through pinned memory, without a host sync. The batch's pixels come as
-uint8 and are scaled to [-1, 1] on the device.
+distribution per sample key and orientation (a latent is still drawn from it at every step, as without the cache)
+and the text embeddings per token sequence (so caption dropout still works; for SDXL both encoders' outputs). The
+first sight of a sample encodes it; every later one reuses the stored result. Stored results are kept on the CPU (a
+LAION-scale cache does not fit a GPU) and reach a GPU through pinned memory, without a host sync. The batch's pixels
+come as uint8 and are scaled to [-1, 1] on the device.
 """
 
 import zlib
@@ -33,8 +33,9 @@ class BatchEncoder:
         if self.vae is None:
             return to_unit_range(_to(pixels, device))
         if self.cache:
-            self._check_keys(batch["key"], pixels)
-            moments = self._cached(self.latent_cache, batch["key"], pixels, self._moments)[0]
+            keys = cache_keys(batch)
+            self._check_keys(keys, pixels)
+            moments = self._cached(self.latent_cache, keys, pixels, self._moments)[0]
         else:
             moments = self._moments(pixels)
         latents = DiagonalGaussianDistribution(_to(moments, device)).sample()
@@ -86,6 +87,13 @@ class BatchEncoder:
             for j, i in enumerate(missing):
                 cache[keys[i]] = tuple(part[j].cpu() for part in parts)
         return tuple(torch.stack([cache[key][n] for key in keys]) for n in range(len(cache[keys[0]])))
+
+
+def cache_keys(batch: dict) -> list[str]:
+    """The latent cache's key of each sample: its key, and for a flipped one the key with " (flipped)": each
+    orientation is encoded once (the VAE's latent of a flipped image is not the flipped latent)."""
+    flipped = batch.get("flipped", [False] * len(batch["key"]))
+    return [f"{key} (flipped)" if bool(flip) else key for key, flip in zip(batch["key"], flipped)]
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -79,7 +79,7 @@ def test_all_errors_at_once(tmp_path):
     ("lora.init=pissa", "lora.init: got 'pissa'; allowed: 'default', 'gaussian'"),
     ("lora.target_modules=[]", "lora.target_modules: got []; give at least one module name"),
     ("data.colors=[teal]", "data.colors: got ['teal']; give some of red, orange"),
-    ("data.random_flip=true & data.cache=true", "data.cache: the cache stores one encoding per image"),
+    ("data.center_crop=false & data.cache=true", "random crops would be frozen; set data.center_crop: true"),
     ("train.noise_offset=-1", "train.noise_offset and train.input_perturbation must be >= 0"),
     ("data.filters.on_missing=skip", "data.filters.on_missing: got 'skip'; allowed: 'keep', 'drop'"),
     ("data.max_bad_fraction=2", "data.max_image_pixels must be >= 1 and data.max_bad_fraction in [0, 1]"),

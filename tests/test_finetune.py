@@ -95,11 +95,14 @@ def test_full_finetune_of_a_stable_diffusion_base(tiny_sd_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_trains_the_same_as_encoding_every_step(tiny_sd_folder, tmp_path):
+@pytest.mark.parametrize("flip", ["false", "true"])
+def test_cache_trains_the_same_as_encoding_every_step(tiny_sd_folder, tmp_path, flip):
     """Two epochs of 4 batches: with data.cache the second epoch reuses the first's encodings, and the run ends
-    where the uncached one does (VAE latents are still drawn from the cached distribution at every step)."""
+    where the uncached one does (VAE latents are still drawn from the cached distribution at every step); with
+    random flips too, each orientation cached on its own."""
     common = [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
-              "data.num_samples=20", "data.shuffle_buffer=4", "train.max_train_steps=8", "train.use_ema=false"]
+              "data.num_samples=20", "data.shuffle_buffer=4", "train.max_train_steps=8", "train.use_ema=false",
+              f"data.random_flip={flip}"]
     for cache in ("true", "false"):
         _train(tmp_path, *common, f"data.cache={cache}", f"train.output_dir={tmp_path / cache}")
     cached, uncached = (load_file(tmp_path / c / "pytorch_lora_weights.safetensors") for c in ("true", "false"))
@@ -242,6 +245,23 @@ def test_lora_refuses_a_schedule_the_base_would_not_sample_with(pixel_base):
     accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
     with pytest.raises(ValueError, match="model.prediction_type: 'epsilon' -> 'v_prediction': a LoRA file carries"):
         build_model(config, None, accelerator)
+
+
+def test_each_orientation_of_an_image_is_cached_once(tiny_sd_folder):
+    """A flipped image's latent is not the flipped latent: with random flips the cache keeps one per orientation,
+    encoded on first sight, and gives back exactly what encoding each would."""
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    encoder = BatchEncoder(components.vae, OneEncoder(components.text_encoder), text_trains=False, cache=True)
+    pixels = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    mirrored = pixels.flip(-1)
+    for image, flipped in ((pixels, False), (mirrored, True), (pixels, False), (mirrored, True)):
+        encoder.samples({"key": ["a"], "flipped": torch.tensor([flipped]), "pixel_values": image},
+                        torch.device("cpu"))
+    assert sorted(encoder.latent_cache) == ["a", "a (flipped)"]
+    moments = {key: encoder._moments(image) for key, image in (("a", pixels), ("a (flipped)", mirrored))}
+    for key, value in moments.items():
+        torch.testing.assert_close(encoder.latent_cache[key][0], value[0], rtol=0, atol=0)
+    assert not torch.allclose(moments["a (flipped)"], moments["a"].flip(-1))  # so both are needed
 
 
 def test_cache_refuses_a_key_that_names_two_images(tiny_sd_folder):

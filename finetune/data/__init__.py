@@ -185,7 +185,8 @@ def pick_caption(caption, rng: random.Random) -> str | None:
 
 
 class ImageTextStream(IterableDataset):
-    """Training examples `{"pixel_values", "input_ids", "key", "original_size", "crop_top_left"}` for process `rank`
+    """Training examples `{"pixel_values", "input_ids", "key", "flipped", "original_size", "crop_top_left"}` for process
+    `rank`
     of `world_size`; the pixels are (3, H, W) uint8 (`transforms.to_uint8`), scaled to [-1, 1] where they are used;
     the image file's (height, width) and the crop's (top, left) are what SDXL's micro-conditioning takes.
     `tokenizer` may be a pair (SDXL's two): the second one's ids are `input_ids_2`.
@@ -256,7 +257,7 @@ class ImageTextStream(IterableDataset):
             size = (self.config.resolution,) * 2 if self.buckets is None else nearest_bucket(image.size, self.buckets)
             if size is None:
                 return self._bad(raw.key, "smaller than every bucket", f"{image.width}x{image.height}")
-            pixels, crop = crop_to(image, size, self.config.center_crop, self.config.random_flip, rng)
+            pixels, crop, flipped = crop_to(image, size, self.config.center_crop, self.config.random_flip, rng)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)
         (width, height), filters = image.info["source_size"], self.config.filters
@@ -265,7 +266,7 @@ class ImageTextStream(IterableDataset):
             return None
         caption = "" if rng.random() < self.config.caption_dropout else caption
         self.counts["used"] += 1
-        return {"pixel_values": pixels, **self.token_ids(caption), "key": raw.key,
+        return {"pixel_values": pixels, **self.token_ids(caption), "key": raw.key, "flipped": flipped,
                 "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor(crop)}
 
     def _bad(self, key: str, reason: str, detail) -> None:

@@ -128,14 +128,14 @@ def crop_square(image: Image.Image, resolution: int, center_crop: bool, random_f
                 rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
     """`to_uint8`, and where its crop starts in the resized image, (top, left), as SDXL's micro-conditioning takes
     it: in the picture that was trained, so for a flipped crop the mirrored offset."""
-    return crop_to(image, (resolution, resolution), center_crop, random_flip, rng)
+    return crop_to(image, (resolution, resolution), center_crop, random_flip, rng)[:2]
 
 
 def crop_to(image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,
-            rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
+            rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], bool]:
     """Resize `image` to cover `size` (width, height) with its aspect ratio kept, crop that size (the centre, or at
-    random), maybe flip: (3, height, width) uint8 and the crop's (top, left) in the resized image (mirrored for a
-    flipped crop)."""
+    random), maybe flip: (3, height, width) uint8, the crop's (top, left) in the resized image (mirrored for a
+    flipped crop) and whether it was flipped."""
     width, height = size
     scale = max(width / image.width, height / image.height)
     resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -147,10 +147,11 @@ def crop_to(image: Image.Image, size: tuple[int, int], center_crop: bool, random
         left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
     full_width = image.width
     image = image.crop((left, top, left + width, top + height))
-    if random_flip and rng.random() < 0.5:
+    flipped = random_flip and rng.random() < 0.5
+    if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = full_width - width - left
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), (top, left)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), (top, left), flipped
 
 
 def bucket_sizes(resolution: int, step: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
