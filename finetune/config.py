@@ -207,6 +207,11 @@ class DataConfig:
     in memory and train from them (the same training, without the repeated encoder passes). Needs centre crops
     (center_crop true); with random_flip each orientation is encoded once (a flipped image's latent is not the
     flipped latent). The text is cached only while the text encoder is frozen."""
+    cache_dir: str | None = None
+    """With `cache`: keep the encodings in this folder instead of in memory (one safetensors file per encoded image
+    or caption, named by a hash of its pixels or token ids, under a folder per encoder's weights), so memory stays
+    bounded at any dataset size and the next run on the same data and base reuses them. Each process writes its
+    own; no sample keys needed (streamed data too)."""
     resolution: int = 32
     """Images are resized (shorter side) and cropped to this square size (with `buckets`, the side of the square
     whose area the buckets have)."""
@@ -305,9 +310,12 @@ class DataConfig:
         if self.allow_pipe_urls and self.source != "webdataset":
             problems.append(f"data.allow_pipe_urls: only webdataset shards are opened by URL (got "
                             f"data.source={self.source!r}); remove it")
-        if self.cache and self.streaming:
-            problems.append("data.cache: a streamed dataset has no stable sample keys to cache by; set data.cache: "
-                            "false or data.streaming: false")
+        if self.cache_dir and not self.cache:
+            problems.append("data.cache_dir: set data.cache: true to use it, or remove it")
+        if self.cache and self.streaming and not self.cache_dir:
+            problems.append("data.cache: a streamed dataset has no stable sample keys to cache by in memory; set "
+                            "data.cache_dir (the disk cache names images by their pixels), data.cache: false or "
+                            "data.streaming: false")
         sizes = self.bucket_sizes or []
         if any(len(size) != 2 or min(size) < 8 or size[0] % 8 or size[1] % 8 for size in sizes):
             problems.append(f"data.bucket_sizes: got {self.bucket_sizes}; give [width, height] pairs whose sides are "

@@ -11,20 +11,32 @@ come as uint8 and are scaled to [-1, 1] on the device.
 """
 
 import zlib
+from pathlib import Path
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .data.transforms import check_uint8, to_unit_range
+from .disk_cache import DiskStore, fingerprint, pixel_keys
 from .families import OneEncoder, TwoEncodersXL
 
 
 class BatchEncoder:
-    def __init__(self, vae, text: OneEncoder | TwoEncodersXL, text_trains: bool, cache: bool):
+    def __init__(self, vae, text: OneEncoder | TwoEncodersXL, text_trains: bool, cache: bool,
+                 cache_dir: str | None = None):
+        """With `cache_dir` (and `cache`), the caches are `DiskStore`s in folders named by the encoders' weights,
+        keyed by what was encoded: pixels (so no sample key is needed) or token ids."""
         self.vae, self.text_family, self.text_trains, self.cache = vae, text, text_trains, cache
-        self.latent_cache: dict[str, torch.Tensor] = {}
+        self.on_disk = bool(cache and cache_dir)
+        self.latent_cache: dict | DiskStore = {}
         self.fingerprints: dict[str, tuple[tuple[int, ...], int]] = {}
-        self.text_cache: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+        self.text_cache: dict | DiskStore = {}
+        if self.on_disk:
+            if vae is not None:
+                self.latent_cache = DiskStore(Path(cache_dir) / f"vae-{fingerprint(vae, 'latent_dist.parameters')}")
+            if not text_trains:
+                encoders = [e for e in (text.text_encoder, getattr(text, "text_encoder_2", None)) if e is not None]
+                self.text_cache = DiskStore(Path(cache_dir) / f"text-{fingerprint(*encoders, type(text).__name__)}")
 
     def samples(self, batch: dict, device: torch.device) -> torch.Tensor:
         """x_0 in float32: pixels in [-1, 1], or z ~ q(z | x) times the VAE's scaling factor."""
@@ -32,7 +44,9 @@ class BatchEncoder:
         check_uint8(pixels)  # (here too: with every key cached they are never scaled)
         if self.vae is None:
             return to_unit_range(_to(pixels, device))
-        if self.cache:
+        if self.on_disk:
+            moments = self._cached(self.latent_cache, pixel_keys(pixels), pixels, self._moments)[0]
+        elif self.cache:
             keys = cache_keys(batch)
             self._check_keys(keys, pixels)
             moments = self._cached(self.latent_cache, keys, pixels, self._moments)[0]
@@ -86,7 +100,8 @@ class BatchEncoder:
             parts = encoded if isinstance(encoded, tuple) else (encoded,)
             for j, i in enumerate(missing):
                 cache[keys[i]] = tuple(part[j].cpu() for part in parts)
-        return tuple(torch.stack([cache[key][n] for key in keys]) for n in range(len(cache[keys[0]])))
+        rows = [cache[key] for key in keys]  # (each read once: from a DiskStore, a file)
+        return tuple(torch.stack([row[n] for row in rows]) for n in range(len(rows[0])))
 
 
 def cache_keys(batch: dict) -> list[str]:

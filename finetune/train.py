@@ -178,7 +178,8 @@ def prepare(accelerator: Accelerator, config: Config, components: Components, tr
     for name, model in zip(("unet", "text_encoder", "text_encoder_2"), trained):  # the order build_model made
         setattr(components, name, model)
     schedule = on_device(components.scheduler, accelerator.device)
-    encoder = BatchEncoder(components.vae, text_conditioning(components), len(trained) > 1, config.data.cache)
+    encoder = BatchEncoder(components.vae, text_conditioning(components), len(trained) > 1, config.data.cache,
+                           config.data.cache_dir)
     return trained, optimizer, lr_scheduler, schedule, encoder
 
 

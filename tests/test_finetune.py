@@ -98,16 +98,21 @@ def test_full_finetune_of_a_stable_diffusion_base(tiny_sd_folder, tmp_path):
 @pytest.mark.parametrize("flip", ["false", "true"])
 def test_cache_trains_the_same_as_encoding_every_step(tiny_sd_folder, tmp_path, flip):
     """Two epochs of 4 batches: with data.cache the second epoch reuses the first's encodings, and the run ends
-    where the uncached one does (VAE latents are still drawn from the cached distribution at every step); with
-    random flips too, each orientation cached on its own."""
+    where the uncached one does (VAE latents are still drawn from the cached distribution at every step), kept in
+    memory or on disk (data.cache_dir); with random flips too, each orientation cached on its own."""
     common = [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
               "data.num_samples=20", "data.shuffle_buffer=4", "train.max_train_steps=8", "train.use_ema=false",
               f"data.random_flip={flip}"]
-    for cache in ("true", "false"):
-        _train(tmp_path, *common, f"data.cache={cache}", f"train.output_dir={tmp_path / cache}")
-    cached, uncached = (load_file(tmp_path / c / "pytorch_lora_weights.safetensors") for c in ("true", "false"))
-    for key in uncached:
-        torch.testing.assert_close(cached[key], uncached[key], rtol=1e-5, atol=1e-6, msg=key)
+    runs = {"true": ["data.cache=true"], "false": ["data.cache=false"],
+            "disk": ["data.cache=true", f"data.cache_dir={tmp_path / 'encodings'}"]}
+    for name, settings in runs.items():
+        _train(tmp_path, *common, *settings, f"train.output_dir={tmp_path / name}")
+    assert any((tmp_path / "encodings").glob("vae-*/*/*.safetensors"))
+    uncached = load_file(tmp_path / "false" / "pytorch_lora_weights.safetensors")
+    for name in ("true", "disk"):
+        cached = load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+        for key in uncached:
+            torch.testing.assert_close(cached[key], uncached[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
 
 
 class _CountingEncoder(torch.nn.Module):
