@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Load the model; find the held-out data and the metrics to compute; load the feature models.
     try:
-        pipeline = load_result(args.pipeline).to(args.device)
+        pipeline = load_result(args.pipeline, "python -m finetune.evaluate").to(args.device)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load {args.pipeline}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)

@@ -70,15 +70,27 @@ def hide_library_progress() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+def _base_or_output(folder: str) -> str:
+    """The pipeline folder behind a run's output: its base for a LoRA run (the run's config.yaml names it)."""
+    if (Path(folder) / LORA_WEIGHTS).is_file():
+        return load_config(Path(folder) / "config.yaml").model.pretrained_model_name_or_path
+    return folder
+
+
 def pipeline_class(path: str, revision: str | None = None) -> type:
     """This project's pipeline class, or `StableDiffusionXLPipeline` for an SDXL folder (`text_encoder_2`)."""
     index = DiffusionPipeline.load_config(path, revision=revision)
     return sdxl_pipeline_class() if index.get("text_encoder_2") else TextToImageDDPMPipeline
 
 
-def load_result(folder: str) -> DiffusionPipeline:
+def load_result(folder: str, command: str | None = None) -> DiffusionPipeline:
     """The pipeline a run wrote to `folder`; for a LoRA run, its base (from the run's config.yaml) with the
-    adapters loaded. An SDXL one is diffusers' own pipeline."""
+    adapters loaded. An SDXL one is diffusers' own pipeline, which `command` (a tool that needs this project's
+    pipeline) refuses in one line."""
+    if command and pipeline_class(_base_or_output(folder)) is not TextToImageDDPMPipeline:
+        raise UserError(f"{folder} is an SDXL model, and {command} does not take SDXL models yet; draw images with "
+                        f"python -m finetune.sample {folder} \"PROMPT\", or load it in diffusers "
+                        "(StableDiffusionXLPipeline)")
     if not (Path(folder) / LORA_WEIGHTS).is_file():
         return pipeline_class(folder).from_pretrained(folder, use_safetensors=True)
     model = load_config(Path(folder) / "config.yaml").model

@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--num-shown must be >= 2 and --cell-size >= 1, got {args.num_shown} and {args.cell_size}")
     args.folder = str(result_folder(args.folder))  # a checkpoint: its export
     try:
-        pipeline = load_result(args.folder)
+        pipeline = load_result(args.folder, "python -m finetune.visualize")
     except (OSError, ValueError) as error:
         raise UserError(f"could not load {args.folder}: {error}") from error
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

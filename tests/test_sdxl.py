@@ -3,6 +3,7 @@ SDXL pipeline conditions, and outputs that stock diffusers loads. The base is bu
 (tests/conftest.py, `build_tiny_sdxl_pipeline`), shrunk in size only."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -278,3 +279,19 @@ def test_sdxl_at_another_square_size_is_refused(tiny_sdxl_folder):
         build_model(load_config(None, [*base, "data.resolution=32"]), None, accelerator)
     build_model(load_config(None, [*base, "data.resolution=32", "data.buckets=true", "data.bucket_step=8"]), None,
                 accelerator)
+
+
+@pytest.mark.slow
+def test_sample_takes_an_sdxl_run_and_the_other_tools_say_they_do_not_yet(tiny_sdxl_folder, tmp_path):
+    out = tmp_path / "run"
+    _train(tmp_path, *XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "lora.enabled=true",
+           "train.max_train_steps=1", f"train.output_dir={out}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    sampled = subprocess.run([sys.executable, "-m", "finetune.sample", str(out), "a red circle",
+                              "--num-inference-steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert sampled.returncode == 0 and (out / "samples" / "sampled" / "grid.png").is_file(), sampled.stderr[-2000:]
+    for tool in ("evaluate", "visualize"):
+        result = subprocess.run([sys.executable, "-m", f"finetune.{tool}", str(out)], cwd=ROOT, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"is an SDXL model, and python -m finetune.{tool} does not take SDXL models yet" in result.stderr
