@@ -231,6 +231,10 @@ class DataConfig:
     """Crop the centre; false crops at a random position."""
     random_flip: bool = False
     """Flip half of the images horizontally."""
+    masks: bool = False
+    """Weight the loss per pixel by a mask: a `<key>.mask.png` beside the image in webdataset shards, else the
+    image's own alpha channel (white / opaque counts fully, black / transparent by `train.unmasked_weight`); it
+    is resized, cropped and flipped with its image. Images with neither train everywhere."""
     caption_dropout: float = 0.1
     """Share of captions replaced by the empty caption, so the model also learns the unconditional
     prediction that classifier-free guidance needs."""
@@ -435,6 +439,11 @@ class TrainConfig:
     noise_offset: float = 0.0
     """Add this much per-channel constant noise to the training noise (Guttenberg 2023), so the model can learn
     much darker or brighter images than the mean; 0.05-0.1 is typical, 0 disables."""
+    unmasked_weight: float = 0.0
+    """With data.masks: the loss weight of the pixels outside the mask (0 ignores them, 1 ignores the mask)."""
+    normalize_mask_area: bool = True
+    """With data.masks: divide each sample's per-pixel weights by their mean, so the loss keeps its scale however
+    small the masked area (false: a small mask also makes a small loss)."""
     input_perturbation: float = 0.0
     """Perturb the noise that makes x_t (not the target) by this factor (Ning et al. 2023), against exposure bias;
     0.1 is the paper's value, 0 disables."""
@@ -500,6 +509,8 @@ class TrainConfig:
                 problems.append(f"train.{name}: got {getattr(self, name)}; must be in [0, 1)")
         if self.adam_epsilon <= 0 or self.adam_weight_decay < 0:
             problems.append("train.adam_epsilon must be > 0 and train.adam_weight_decay >= 0")
+        if not 0 <= self.unmasked_weight <= 1:
+            problems.append(f"train.unmasked_weight: got {self.unmasked_weight}; must be in [0, 1]")
         if self.noise_offset < 0 or self.input_perturbation < 0:
             problems.append("train.noise_offset and train.input_perturbation must be >= 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:

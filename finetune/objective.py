@@ -82,9 +82,31 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma
     return clipped
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The simplified objective L_simple (eq. 14): mean squared error in float32, optionally weighted per sample."""
-    if weights is None:
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                   pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The simplified objective L_simple (eq. 14): mean squared error in float32, optionally weighted per sample
+    and per pixel (`mask_weights`)."""
+    if weights is None and pixel_weights is None:
         return F.mse_loss(model_pred.float(), target.float())
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
-    return (per_sample * weights).mean()
+    squared = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if pixel_weights is not None:
+        squared = squared * pixel_weights
+    if weights is None:
+        return squared.mean()
+    return (squared.mean(dim=tuple(range(1, target.ndim))) * weights).mean()
+
+
+def mask_weights(mask: torch.Tensor | None, samples: torch.Tensor, unmasked_weight: float,
+                 normalize: bool) -> torch.Tensor | None:
+    """Per-pixel loss weights from a batch's uint8 masks (B, 1, H, W), at the samples' size (a latent's pixels
+    average their image's by area): 1 inside the mask, `unmasked_weight` outside, and with `normalize` divided by
+    each sample's mean weight, so the loss keeps its scale however small the masked area. None without masks."""
+    if mask is None:
+        return None
+    mask = mask.to(samples.device, non_blocking=True).float() / 255
+    if mask.shape[-2:] != samples.shape[-2:]:
+        mask = F.interpolate(mask, size=samples.shape[-2:], mode="area")
+    weights = unmasked_weight + (1 - unmasked_weight) * mask
+    if normalize:
+        weights = weights / weights.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return weights

@@ -46,6 +46,7 @@ from .models import (
 from .nonfinite import NonFiniteGuard
 from .objective import (
     diffusion_loss,
+    mask_weights,
     min_snr_weights,
     on_device,
     perturb_noise,
@@ -125,7 +126,8 @@ def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: to
     noisy = scheduler.add_noise(samples, perturb_noise(noise, train.input_perturbation), timesteps)
     model_pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
     weights = min_snr_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
-    return diffusion_loss(model_pred, training_target(scheduler, samples, noise, timesteps), weights)
+    pixel_weights = mask_weights(batch.get("mask"), samples, train.unmasked_weight, train.normalize_mask_area)
+    return diffusion_loss(model_pred, training_target(scheduler, samples, noise, timesteps), weights, pixel_weights)
 
 
 def build_optimization(config: Config, params: list, trained: list, accelerator: Accelerator):

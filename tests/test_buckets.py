@@ -40,7 +40,7 @@ def test_each_image_goes_to_the_nearest_bucket_it_contains():
     assert nearest_bucket((3000, 2000), sizes) == (1216, 832)
     assert nearest_bucket((1024, 1024), sizes) == (1024, 1024)
     assert nearest_bucket((500, 500), sizes) is None  # smaller than every bucket: never enlarged
-    pixels, (top, left), _ = crop_to(Image.new("RGB", (1000, 1500)), (832, 1216), True, False, random.Random(0))
+    pixels, (top, left), *_ = crop_to(Image.new("RGB", (1000, 1500)), (832, 1216), True, False, random.Random(0))
     assert pixels.shape == (3, 1216, 832) and (top, left) == (16, 0)  # 832 x 1248 after resizing
 
 

@@ -20,13 +20,14 @@ from urllib.parse import urlparse
 import braceexpand
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..config import ConfigError, DataConfig, FilterConfig
 from ..families import tokenize
 from . import shapes
 from .tables import HFDatasetSource, MetadataFolderSource, ParquetSource, RawSample, SidecarFolderSource, deal
-from .transforms import bucket_sizes, crop_to, decode_rgb, nearest_bucket, unreadable_reason
+from .transforms import bucket_sizes, crop_to, decode_mask, decode_rgb, nearest_bucket, unreadable_reason
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -92,7 +93,8 @@ class WebDatasetSource:
                 except ValueError:
                     counts["bad metadata"] += 1
             caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else metadata.get(self.caption_field)
-            yield RawSample(key=str(sample["__key__"]), image=image, caption=caption, metadata=metadata)
+            yield RawSample(key=str(sample["__key__"]), image=image, caption=caption, metadata=metadata,
+                            mask=sample.get("mask.png"))
 
 
     def _read(self, shards, on_error) -> Iterator[dict]:
@@ -257,7 +259,11 @@ class ImageTextStream(IterableDataset):
             size = (self.config.resolution,) * 2 if self.buckets is None else nearest_bucket(image.size, self.buckets)
             if size is None:
                 return self._bad(raw.key, "smaller than every bucket", f"{image.width}x{image.height}")
-            pixels, crop, flipped = crop_to(image, size, self.config.center_crop, self.config.random_flip, rng)
+            mask = decode_mask(raw.image, raw.mask, image.info["source_size"]) if self.config.masks else None
+            if mask is not None and mask.size != image.size:  # (a JPEG decoded at a reduced scale)
+                mask = mask.resize(image.size, Image.Resampling.BILINEAR)
+            pixels, crop, flipped, mask = crop_to(image, size, self.config.center_crop, self.config.random_flip, rng,
+                                                  mask)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)
         (width, height), filters = image.info["source_size"], self.config.filters
@@ -266,8 +272,10 @@ class ImageTextStream(IterableDataset):
             return None
         caption = "" if rng.random() < self.config.caption_dropout else caption
         self.counts["used"] += 1
+        masked = {"mask": mask if mask is not None else torch.full((1, *pixels.shape[1:]), 255, dtype=torch.uint8)}
         return {"pixel_values": pixels, **self.token_ids(caption), "key": raw.key, "flipped": flipped,
-                "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor(crop)}
+                "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor(crop),
+                **(masked if self.config.masks else {})}
 
     def _bad(self, key: str, reason: str, detail) -> None:
         """Count a bad sample, log it (the first few of each reason, then every 100th), and stop the run when

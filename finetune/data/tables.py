@@ -26,6 +26,7 @@ class RawSample:
     caption: str | list | None
     metadata: dict = field(default_factory=dict)
     refused: str | None = None  # why the source would not read this sample's image (then `image` is None)
+    mask: bytes | None = None  # a mask image beside it (webdataset `<key>.mask.png`), for data.masks
 
 
 def deal(units: Sequence, order_rng: random.Random, part: int, parts: int,

@@ -13,6 +13,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+class MaskMismatch(ValueError):
+    """A mask whose size is not its image's."""
+
+
 class ImageTooLarge(ValueError):
     """More pixels than allowed, known from the header alone (a decompression bomb, or just too big)."""
 
@@ -23,6 +27,8 @@ def unreadable_reason(error: Exception) -> str:
         return "image too large"
     if isinstance(error, UnidentifiedImageError):
         return "not an image"
+    if isinstance(error, MaskMismatch):
+        return "mask size differs from its image"
     if isinstance(error, OSError) and "truncated" in str(error):
         return "truncated image"
     return "corrupt image"
@@ -131,27 +137,46 @@ def crop_square(image: Image.Image, resolution: int, center_crop: bool, random_f
     return crop_to(image, (resolution, resolution), center_crop, random_flip, rng)[:2]
 
 
+def decode_mask(image_data: bytes, mask_data: bytes | None, size: tuple[int, int]) -> Image.Image | None:
+    """A sample's loss mask (mode L, upright like its image): the mask file's, else the image's alpha channel, else
+    None. A mask whose size is not the image's (`size`, width x height as stored) is an error."""
+    source = Image.open(io.BytesIO(mask_data if mask_data is not None else image_data))
+    if mask_data is None and not (source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info):
+        return None
+    if source.size != size and ImageOps.exif_transpose(source).size != size:
+        raise MaskMismatch(f"its mask is {source.width}x{source.height} but the image {size[0]}x{size[1]}")
+    upright = ImageOps.exif_transpose(source)
+    return upright.convert("L") if mask_data is not None else upright.convert("RGBA").getchannel("A")
+
+
 def crop_to(image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,
-            rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], bool]:
+            rng: random.Random, mask: Image.Image | None = None
+            ) -> tuple[torch.Tensor, tuple[int, int], bool, torch.Tensor | None]:
     """Resize `image` to cover `size` (width, height) with its aspect ratio kept, crop that size (the centre, or at
     random), maybe flip: (3, height, width) uint8, the crop's (top, left) in the resized image (mirrored for a
-    flipped crop) and whether it was flipped."""
+    flipped crop), whether it was flipped, and `mask` (mode L, the image's size) put through the same: (1, height,
+    width) uint8, or None."""
     width, height = size
     scale = max(width / image.width, height / image.height)
     resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if mask is not None:
+        mask = mask.resize(resized, Image.Resampling.BILINEAR)
     if resized != image.size:
         image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
     if center_crop:
         left, top = (image.width - width) // 2, (image.height - height) // 2
     else:
         left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
-    full_width = image.width
-    image = image.crop((left, top, left + width, top + height))
+    full_width, box = image.width, (left, top, left + width, top + height)
+    image, mask = image.crop(box), mask.crop(box) if mask is not None else None
     flipped = random_flip and rng.random() < 0.5
     if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
         left = full_width - width - left
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), (top, left), flipped
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    mask = torch.from_numpy(np.array(mask, dtype=np.uint8))[None] if mask is not None else None
+    return pixels, (top, left), flipped, mask
 
 
 def bucket_sizes(resolution: int, step: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
