@@ -95,8 +95,9 @@ class ModelConfig:
     """A VAE (folder or Hub id) to train and sample with in place of the base's own, e.g. an fp16-safe SDXL VAE
     (`madebyollin/sdxl-vae-fp16-fix`); a full fine-tune's pipeline is saved with it."""
     vae_upcast: bool | None = None
-    """Keep the frozen VAE in float32 under mixed precision. null: as the VAE's config says (`force_upcast`; SDXL's
-    VAE sets it, as its activations overflow float16)."""
+    """Keep the frozen VAE in float32 under mixed precision. null: for an SDXL base under fp16, as its VAE's config
+    says (`force_upcast`: SDXL's own VAE overflows float16, the fp16-fixed ones do not); SD-1.x/2.x VAEs follow the
+    training precision."""
 
     def __post_init__(self):
         problems = []
@@ -218,8 +219,9 @@ class DataConfig:
     buckets: bool = False
     """Aspect-ratio buckets: each image goes to the bucket nearest its aspect ratio among those it contains
     (about resolution x resolution pixels; images are never enlarged), is resized to cover it and cropped
-    minimally, and every batch holds images of one bucket. An image smaller than every bucket is skipped (counted
-    as a bad sample); a bucket's leftover images at the end of a finite epoch are dropped (counted). With several
+    minimally, and every batch holds images of one bucket. An image smaller than every bucket is dropped (counted,
+    like a filter's drop; data.filters.min_width/min_height drop small images before decoding); a bucket's leftover
+    images at the end of a finite epoch are dropped (counted). With several
     processes the data must be `resampled` (every reader then yields the same number of batches)."""
     bucket_sizes: list[list[int]] | None = None
     """The buckets, as [width, height] pairs (sides multiples of 8); null: for each height that is a multiple of

@@ -6,7 +6,8 @@ ids), under a folder named by the encoder: a hash of its weights (their bytes, d
 output is taken. The same image, transform and encoder find the same file in any later run, in any process; a
 changed encoder or transform finds none. Every process writes its own samples' files (written beside, then renamed
 into place: a file is whole or absent) and never waits on another, so no collective can time out; two processes
-that meet the same image write the same bytes. Memory holds nothing but what a batch needs.
+that meet the same image write the same encoding, up to the rounding of its place in a batch, and the last rename
+wins. Memory holds nothing but what a batch needs.
 """
 
 import hashlib
@@ -24,7 +25,7 @@ def fingerprint(*parts) -> str:
         if isinstance(part, torch.nn.Module):
             for name, tensor in part.state_dict().items():
                 digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             digest.update(repr(part).encode())
     return digest.hexdigest()[:16]

@@ -10,8 +10,8 @@ SD-1.x/2.x: the text encoder's last hidden state. SDXL (Podell et al. 2023, sect
 encodes a prompt: the penultimate hidden states of CLIP-L (`text_encoder`) and OpenCLIP-G (`text_encoder_2`)
 concatenated, OpenCLIP-G's pooled projection, and the six micro-conditioning numbers (original size, crop top-left,
 target size) of each sample, from the data. An empty caption (caption dropout, or data without one) is SDXL's
-unconditional input: both embeddings zero, as the pipeline makes them for classifier-free guidance
-(`force_zeros_for_empty_prompt`).
+unconditional input: both embeddings zero, as the pipeline makes them for classifier-free guidance (when the base's
+`force_zeros_for_empty_prompt` is true, as SDXL base's is).
 """
 
 import torch
@@ -38,8 +38,8 @@ class OneEncoder:
 class TwoEncodersXL:
     """SDXL: two encoders, the pooled embedding and the size-and-crop time ids (`added_cond_kwargs`)."""
 
-    def __init__(self, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+    def __init__(self, text_encoder, text_encoder_2, tokenizer, tokenizer_2, zeros_for_empty: bool = True):
+        self.text_encoder, self.text_encoder_2, self.zeros_for_empty = text_encoder, text_encoder_2, zeros_for_empty
         self.split = tokenizer.model_max_length
         self.empty = torch.cat([tokenize(tokenizer, [""])[0], tokenize(tokenizer_2, [""])[0]])
 
@@ -52,6 +52,8 @@ class TwoEncodersXL:
         second = self.text_encoder_2(ids[:, self.split:], output_hidden_states=True)
         hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         pooled = second.text_embeds
+        if not self.zeros_for_empty:  # (a base whose pipeline encodes "" for its unconditional input)
+            return hidden, pooled
         keep = (ids != self.empty.to(device)).any(dim=1)  # an empty caption: zeros, SDXL's unconditional input
         return hidden * keep[:, None, None].to(hidden.dtype), pooled * keep[:, None].to(pooled.dtype)
 
@@ -83,11 +85,22 @@ def check_size(components, data) -> None:
                         f"about {data.resolution}x{data.resolution} pixels, their sizes and crops passed to the UNet)")
 
 
+def freeze_unused(components) -> None:
+    """SDXL reads CLIP-L at its penultimate layer, so its last layer and final layer norm never get a gradient:
+    freeze them (adapters on them included), or several processes' DDP would wait forever for their gradients and a
+    LoRA file would carry adapters that never trained. OpenCLIP-G's last layer makes the pooled embedding: it trains."""
+    if components.text_encoder_2 is None:
+        return
+    text_model = getattr(components.text_encoder, "text_model", components.text_encoder)  # (transformers 5: flat)
+    for module in (text_model.encoder.layers[-1], text_model.final_layer_norm):
+        module.requires_grad_(False)
+
+
 def text_conditioning(components) -> OneEncoder | TwoEncodersXL:
     if components.text_encoder_2 is None:
         return OneEncoder(components.text_encoder)
     return TwoEncodersXL(components.text_encoder, components.text_encoder_2, components.tokenizer,
-                         components.tokenizer_2)
+                         components.tokenizer_2, components.force_zeros_for_empty_prompt)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

@@ -82,6 +82,9 @@ def ldm_name(key: str, layers_per_block: int) -> str:
 
 
 def unmapped(unet: torch.nn.Module) -> list[str]:
-    """The adapted modules of an SDXL UNet that the kohya file cannot name (outside its attention blocks)."""
+    """The adapted modules of an SDXL UNet that the kohya file cannot name (outside its attention blocks; all of them
+    for a UNet with per-level ResNet counts)."""
     modules = [name.removesuffix(".lora_A") for name, _ in unet.named_modules() if name.endswith(".lora_A")]
+    if not isinstance(unet.config.layers_per_block, int):  # (per-level counts: no LDM numbering written for them)
+        return modules
     return [module for module in modules if not _BLOCK.fullmatch(f"lora_unet_{module.replace('.', '_')}")]

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from . import kohya
 from .cli import UserError
 from .config import LoraConfig
+from .families import freeze_unused
 from .models import Components
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -57,6 +58,7 @@ def attach(components: Components, config: LoraConfig, autocast: bool = False) -
                              "attn2.to_k)") from None
         if autocast and not config.dropout and not config.use_dora:
             _skip_input_casts(model)
+    freeze_unused(components)
     outside = kohya.unmapped(components.unet) if components.text_encoder_2 is not None else []
     if outside and config.save_format == "both":
         raise UserError(f"lora.save_format: both: the SDXL kohya file names adapters in the UNet's attention blocks "

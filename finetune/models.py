@@ -19,6 +19,7 @@ from pipelines.pipeline_text2image_ddpm import own_aligned_storage
 from .bases import locate_base
 from .cli import UserError
 from .config import ModelConfig
+from .families import freeze_unused
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 
@@ -290,6 +291,7 @@ def trained_in_full(components: Components, config: ModelConfig) -> list[torch.n
     `model.train_text_encoder`, every text encoder (SDXL's two); the encoders that do not train are frozen."""
     for encoder in components.text_encoders:
         encoder.requires_grad_(config.train_text_encoder)
+    freeze_unused(components)
     return [components.unet] + (components.text_encoders if config.train_text_encoder else [])
 
 
@@ -303,13 +305,14 @@ def frozen_models(components: Components, trained: list[torch.nn.Module], lora: 
 def frozen_dtype(components: Components, model: torch.nn.Module, config: ModelConfig,
                  mixed_precision: str) -> torch.dtype:
     """The dtype a frozen model is kept in: the training precision's, but float32 for a VAE that must not run in
-    float16 (`model.vae_upcast`; null: its config's `force_upcast`, as diffusers' pipelines decide; bfloat16 has
-    float32's range and needs no upcast)."""
+    float16 (`model.vae_upcast`; null: an SDXL base's VAE whose config says `force_upcast`, as SDXL's own does and
+    the fp16-fixed ones do not; bfloat16 has float32's range and needs no upcast)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     if model is components.vae:
         upcast = config.vae_upcast
-        if upcast is None:
-            upcast = dtype == torch.float16 and bool(model.config.get("force_upcast", False))
+        if upcast is None:  # (SDXL only: diffusers' default force_upcast is True for every VAE, SD-1.x's included,
+            xl = components.text_encoder_2 is not None  # which trained in fp16 as before)
+            upcast = dtype == torch.float16 and xl and bool(model.config.get("force_upcast", False))
         if upcast:
             return torch.float32
     return dtype

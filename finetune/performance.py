@@ -88,6 +88,10 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, device:
             return torch.optim.Adafactor(params, **{"lr": train.learning_rate,
                                                     "weight_decay": train.adam_weight_decay, **args})
         if name == "prodigy":
+            if train.learning_rate < 0.1:
+                logger.warning(f"train.optimizer: prodigy finds its own step size and train.learning_rate "
+                               f"({train.learning_rate:g}) multiplies it: 1.0 is the usual value, so this run will "
+                               "move very slowly")
             return _package("prodigyopt", name).Prodigy(params, **{**adam, **args})
         if name == "adamw_schedulefree":
             optimizer = _package("schedulefree", name).AdamWScheduleFree(

@@ -87,7 +87,7 @@ def test_every_batch_holds_one_bucket(tmp_path):
     counts = stream.counts
     assert counts["bucket 32x8"] == 6 and counts["bucket 16x16"] == 4 and counts["bucket 8x32"] == 2
     assert counts["dropped: a bucket's partial batch at the end of the epoch"] == 2
-    assert counts["skipped: smaller than every bucket"] == 1
+    assert counts["dropped: smaller than every bucket"] == 1
 
 
 def _shards(folder, count: int):

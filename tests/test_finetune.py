@@ -315,8 +315,8 @@ def test_the_sd_laion_recipe_runs_on_a_tiny_base(tiny_sd_folder, tiny_shards, tm
     out = tmp_path / "run"
     result = _train(tmp_path, "--config", str(recipe), f"model.pretrained_model_name_or_path={tiny_sd_folder}",
                     f"data.path={tiny_shards}/00000.tar", "data.num_samples=32", "data.resolution=16",
-                    "data.num_workers=2", "data.shuffle_buffer=8", "data.bucket_step=8",
-                    "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
+                    "data.num_workers=2", "data.shuffle_buffer=8", "data.bucket_step=8", "data.filters.min_width=null",
+                    "data.filters.min_height=null", "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
                     "train.max_train_steps=3",
                     "train.train_batch_size=2", f"train.output_dir={out}")
     assert "precision bf16" in result.stdout and "LoRA rank 2 on to_q, to_k, to_v, to_out.0" in result.stdout

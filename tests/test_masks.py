@@ -63,6 +63,33 @@ def test_the_mask_is_cropped_and_flipped_with_its_image():
     assert flips == {True, False}
 
 
+def test_the_mask_stays_aligned_with_its_image_pixel_for_pixel():
+    """A mask that is a copy of the image's red channel comes out equal to the red channel of the training crop,
+    random crops and flips included (30 x 20 to 16 x 20: a crop with no resize, so equality is exact)."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for seed in range(8):
+        pixels, _, _, mask = crop_to(image, (16, 20), False, True, random.Random(seed), image.getchannel("R"))
+        assert torch.equal(mask[0], pixels[0]), seed
+
+
+def test_a_mask_file_follows_a_jpeg_decoded_at_a_reduced_scale(tmp_path):
+    """A 128 px JPEG read for 16 px training is decoded at a reduced scale (draft); its full-size mask is resized
+    to match before the crop: the mask's left half is where the image's red half is."""
+    half = np.zeros((128, 128, 3), dtype=np.uint8)
+    half[:, :64, 0] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(half).save(buffer, format="JPEG", quality=95)
+    mask = Image.fromarray((half[:, :, 0] > 127).astype(np.uint8) * 255)
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
+        sink.write({"__key__": "a", "jpg": buffer.getvalue(), "mask.png": _png(mask), "txt": "a red square"})
+    data = DataConfig(source="webdataset", path=str(tmp_path / "00000.tar"), resolution=16, masks=True,
+                      caption_dropout=0.0)
+    example = next(iter(ImageTextStream(build_source(data, 0), data, build_tokenizer(["a red square"], 8), seed=0)))
+    red, weights = example["pixel_values"][0].int(), example["mask"][0].int()
+    assert (red - weights).abs().max() <= 40 and weights[:, :7].min() == 255 and weights[:, 9:].max() == 0
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

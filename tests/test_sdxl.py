@@ -133,6 +133,45 @@ def test_the_vae_runs_in_float32_where_float16_would_overflow(xl):
     assert frozen_dtype(xl, xl.unet, on, "fp16") == torch.float16
 
 
+def test_an_sd_vae_follows_the_training_precision(tiny_sd_folder):
+    """diffusers gives every VAE force_upcast: true unless its config says otherwise, SD-1.5's included: an SD-1.x
+    VAE still trains in fp16 as before; only SDXL's upcasts by itself."""
+    sd = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    assert sd.vae.config.force_upcast
+    auto = ModelConfig(pretrained_model_name_or_path="x")
+    assert frozen_dtype(sd, sd.vae, auto, "fp16") == torch.float16
+
+
+def test_every_trainable_weight_gets_a_gradient(tiny_sdxl_folder):
+    """SDXL reads CLIP-L at its penultimate layer: its last layer and final norm are frozen (with their adapters),
+    or DDP over several processes would wait forever for their gradients. After one backward pass every weight that
+    trains has a gradient, for LoRA on both encoders and for full fine-tunes of them."""
+    from types import SimpleNamespace
+
+    from finetune.config import load_config
+    from finetune.objective import on_device
+    from finetune.train import build_model, compute_loss
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+    base = [f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "data.resolution=16"]
+    for overrides in (["model.train_text_encoder=false", "lora.enabled=true", "lora.train_text_encoder=true",
+                       "lora.text_encoder_target_modules=[q_proj, k_proj, v_proj, out_proj, fc1, fc2]"],
+                      ["model.train_text_encoder=true"]):
+        config = load_config(None, base + overrides)
+        components, trained = build_model(config, None, accelerator)
+        ids = _ids(components, ["a red circle", "a cat"])
+        batch = {"pixel_values": torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), "input_ids": ids[:, :77],
+                 "input_ids_2": ids[:, 77:], "original_size": torch.tensor([[16, 16]] * 2),
+                 "crop_top_left": torch.zeros(2, 2, dtype=torch.long)}
+        encoder = BatchEncoder(components.vae, text_conditioning(components), True, False)
+        compute_loss(batch, components.unet, encoder, on_device(components.scheduler, accelerator.device),
+                     accelerator.device, config.train).backward()
+        missing = [name for model in trained for name, p in model.named_parameters()
+                   if p.requires_grad and p.grad is None]
+        assert not missing, (overrides, missing[:3])
+        assert any(not p.requires_grad for p in components.text_encoder.parameters())
+
+
 def test_a_vae_in_place_of_the_bases(tiny_sdxl_folder, tmp_path):
     torch.manual_seed(1)
     other = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl_folder / "vae"))
@@ -255,8 +294,8 @@ def test_the_sdxl_laion_recipe_runs_on_a_tiny_base(tiny_sdxl_folder, tiny_shards
     result = _train(tmp_path, "--config", str(recipe), f"model.pretrained_model_name_or_path={tiny_sdxl_folder}",
                     f"model.pretrained_vae_model_name_or_path={tiny_sdxl_folder / 'vae'}",
                     f"data.path={tiny_shards}/00000.tar", "data.num_samples=32", "data.resolution=16",
-                    "data.num_workers=2", "data.shuffle_buffer=8", "data.bucket_step=8",
-                    "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
+                    "data.num_workers=2", "data.shuffle_buffer=8", "data.bucket_step=8", "data.filters.min_width=null",
+                    "data.filters.min_height=null", "data.filters.min_aesthetic=null", "lora.rank=2", "lora.alpha=2",
                     "train.max_train_steps=2", "train.train_batch_size=2", "validation.num_inference_steps=2",
                     f"train.output_dir={out}")
     assert "precision bf16" in result.stdout and "SDXL" in result.stdout

@@ -257,9 +257,11 @@ class ImageTextStream(IterableDataset):
         try:
             image = decode_rgb(raw.image, self.config.max_image_pixels, min_size=self.config.resolution)
             size = (self.config.resolution,) * 2 if self.buckets is None else nearest_bucket(image.size, self.buckets)
-            if size is None:
-                return self._bad(raw.key, "smaller than every bucket", f"{image.width}x{image.height}")
-            mask = decode_mask(raw.image, raw.mask, image.info["source_size"]) if self.config.masks else None
+            if size is None:  # (a filter's drop, not bad data: small images are common and nothing is wrong with them)
+                self.counts["dropped: smaller than every bucket"] += 1
+                return None
+            mask = (decode_mask(raw.image, raw.mask, image.info["source_size"], self.config.max_image_pixels)
+                    if self.config.masks else None)
             if mask is not None and mask.size != image.size:  # (a JPEG decoded at a reduced scale)
                 mask = mask.resize(image.size, Image.Resampling.BILINEAR)
             pixels, crop, flipped, mask = crop_to(image, size, self.config.center_crop, self.config.random_flip, rng,

@@ -137,10 +137,20 @@ def crop_square(image: Image.Image, resolution: int, center_crop: bool, random_f
     return crop_to(image, (resolution, resolution), center_crop, random_flip, rng)[:2]
 
 
-def decode_mask(image_data: bytes, mask_data: bytes | None, size: tuple[int, int]) -> Image.Image | None:
+def decode_mask(image_data: bytes, mask_data: bytes | None, size: tuple[int, int],
+                max_pixels: int = 89_478_485) -> Image.Image | None:
     """A sample's loss mask (mode L, upright like its image): the mask file's, else the image's alpha channel, else
-    None. A mask whose size is not the image's (`size`, width x height as stored) is an error."""
+    None. A mask whose size is not the image's (`size`, width x height, upright) is an error; so is one larger than
+    `max_pixels` (checked from its header, as for images)."""
+    with PILLOW_LIMIT.at_least(max_pixels):
+        return _decode_mask(image_data, mask_data, size, max_pixels)
+
+
+def _decode_mask(image_data: bytes, mask_data: bytes | None, size: tuple[int, int],
+                 max_pixels: int) -> Image.Image | None:
     source = Image.open(io.BytesIO(mask_data if mask_data is not None else image_data))
+    if source.width * source.height > max_pixels:
+        raise ImageTooLarge(f"mask of {source.width}x{source.height} pixels exceeds data.max_image_pixels")
     if mask_data is None and not (source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info):
         return None
     if source.size != size and ImageOps.exif_transpose(source).size != size:
