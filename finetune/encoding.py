@@ -35,9 +35,8 @@ class BatchEncoder:
             if vae is not None:
                 self.latent_cache = DiskStore(Path(cache_dir) / f"vae-{fingerprint(vae, 'latent_dist.parameters')}")
             if not text_trains:
-                encoders = [e for e in (text.text_encoder, getattr(text, "text_encoder_2", None)) if e is not None]
-                how = (type(text).__name__, getattr(text, "zeros_for_empty", None))
-                self.text_cache = DiskStore(Path(cache_dir) / f"text-{fingerprint(*encoders, how)}")
+                how = (type(text).__name__, text.zeros_for_empty)
+                self.text_cache = DiskStore(Path(cache_dir) / f"text-{fingerprint(*text.encoders, how)}")
 
     def samples(self, batch: dict, device: torch.device) -> torch.Tensor:
         """x_0 in float32: pixels in [-1, 1], or z ~ q(z | x) times the VAE's scaling factor."""

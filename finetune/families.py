@@ -1,6 +1,6 @@
 """How text becomes the UNet's conditioning, per model family: the one place where SD-1.x/2.x (and this project's
-pixel-space models) and SDXL differ in training. The loop asks `text_conditioning(components, trains)` for an object
-with three methods and reads the same for every base:
+pixel-space models) and SDXL differ in training. The loop asks `text_conditioning(components)` for an object with
+the list of its `encoders` and three methods, and reads the same for every base:
 
 - `ids(batch)`: one row of token ids per sample (the cache key of its embeddings);
 - `embed(ids, device)`: the frozen or training encoders' outputs for those rows, a tuple of tensors;
@@ -23,7 +23,7 @@ class OneEncoder:
     """SD-1.x/2.x and this project's pixel-space models: `encoder_hidden_states` is the last hidden state."""
 
     def __init__(self, text_encoder):
-        self.text_encoder = text_encoder
+        self.text_encoder, self.encoders, self.zeros_for_empty = text_encoder, [text_encoder], None
 
     def ids(self, batch: dict) -> torch.Tensor:
         return batch["input_ids"]
@@ -40,6 +40,7 @@ class TwoEncodersXL:
 
     def __init__(self, text_encoder, text_encoder_2, tokenizer, tokenizer_2, zeros_for_empty: bool = True):
         self.text_encoder, self.text_encoder_2, self.zeros_for_empty = text_encoder, text_encoder_2, zeros_for_empty
+        self.encoders = [text_encoder, text_encoder_2]
         self.split = tokenizer.model_max_length
         self.empty = torch.cat([tokenize(tokenizer, [""])[0], tokenize(tokenizer_2, [""])[0]])
 

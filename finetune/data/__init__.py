@@ -187,10 +187,10 @@ def pick_caption(caption, rng: random.Random) -> str | None:
 
 
 class ImageTextStream(IterableDataset):
-    """Training examples `{"pixel_values", "input_ids", "key", "flipped", "original_size", "crop_top_left"}` for process
-    `rank`
-    of `world_size`; the pixels are (3, H, W) uint8 (`transforms.to_uint8`), scaled to [-1, 1] where they are used;
-    the image file's (height, width) and the crop's (top, left) are what SDXL's micro-conditioning takes.
+    """Training examples `{"pixel_values", "input_ids", "key", "flipped", "original_size", "crop_top_left"}` (and
+    `mask` with data.masks) for process `rank` of `world_size`; the pixels are (3, H, W) uint8
+    (`transforms.to_uint8`), scaled to [-1, 1] where they are used; the image file's (height, width) and the crop's
+    (top, left) are what SDXL's micro-conditioning takes.
     `tokenizer` may be a pair (SDXL's two): the second one's ids are `input_ids_2`.
 
     With `data.buckets` it yields whole batches of `batch_size` examples of one aspect-ratio bucket each (use it
