@@ -1,7 +1,11 @@
 """What a run shows: the start-up summary, the progress bar, the periodic loss / LR / gradient-norm / images/s
-logs sent to the trackers, and the end-of-run summary."""
+logs sent to the trackers (and appended to `<output_dir>/metrics.jsonl`, which `finetune.ui` reads), and the
+end-of-run summary."""
 
 import dataclasses
+import json
+import math
+import os
 import re
 import time
 from pathlib import Path
@@ -80,20 +84,32 @@ def public_location(location: str, may_be_hub_id: bool) -> str:
     return location if may_be_hub_id and hub_like and not path.exists() else path.name  # still a path)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class StepLogger:
     """Accumulates the loss on the device and logs loss, LR, gradient norm, step time and images/s every
     `train.logging_steps` steps (the only host syncs between them), from `step` (where the run starts or
-    resumes) to `train.max_train_steps`."""
+    resumes) to `train.max_train_steps`.
+
+    The main process also appends what it logs to `<output_dir>/metrics.jsonl`, one JSON object a line, so a
+    reader needs no tracker and no server (`finetune.ui` draws its live view from it): `{"event": "start", "step",
+    "max_steps"}` when training starts or resumes, `{"step", "max_steps", "loss", "lr", "grad_norm", "step_time",
+    "images_per_s"}` every logging step, `{"step", "data": {...}}` after each epoch (the data counts), and
+    `{"event": "end", "step"}` when a run finishes (not when it is stopped); every line has its wall-clock `time`.
+    A resumed run appends to the same file, so steps may repeat: the latest line of a step is the one that counts."""
 
     def __init__(self, accelerator: Accelerator, train: TrainConfig, step: int):
         self.progress = tqdm(total=train.max_train_steps, initial=step, disable=not accelerator.is_main_process,
                              desc="train", unit="step")
-        self.accelerator, self.every = accelerator, train.logging_steps
+        self.accelerator, self.every, self.max_steps = accelerator, train.logging_steps, train.max_train_steps
         # the images one optimizer step trains on, over all processes
         self.samples_per_step = train.train_batch_size * train.gradient_accumulation_steps * accelerator.num_processes
         self.loss_sum, self.count = torch.zeros((), device=accelerator.device), 0
         self.start, self.start_step = time.perf_counter(), step
         self.run_start, self.first_step = self.start, step
+        self.metrics = Path(train.output_dir) / METRICS_FILE if accelerator.is_main_process else None
+        self.record({"event": "start", "step": step, "max_steps": self.max_steps})
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach()
@@ -112,6 +128,7 @@ class StepLogger:
         logs = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
                 "images_per_s": self.samples_per_step / step_time}
         self.accelerator.log(logs, step=step)
+        self.record({"step": step, "max_steps": self.max_steps, **logs})
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{logs['images_per_s']:.1f}")
         self.loss_sum.zero_()
         self.count, self.start, self.start_step = 0, now, step
@@ -127,9 +144,12 @@ class StepLogger:
                                "data.filters, or lower train.train_batch_size")
         logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
         self.accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=step)
+        self.record({"step": step, "data": dict(counts)})
 
     def summary(self, step: int) -> str:
-        """Steps, wall time and images/s of this run (since it started or resumed)."""
+        """Steps, wall time and images/s of this run (since it started or resumed); asked for once a run has
+        finished, so the end is recorded in metrics.jsonl here."""
+        self.record({"event": "end", "step": step})
         seconds, steps = time.perf_counter() - self.run_start, step - self.first_step
         minutes, rest = divmod(round(seconds), 60)
         rate = f", {steps * self.samples_per_step / seconds:.1f} images/s" if steps else ""
@@ -138,6 +158,20 @@ class StepLogger:
         memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
                   if device.type == "cuda" else "")
         return f"trained {steps} steps{resumed} in {minutes}:{rest:02d}{rate}{memory}; at step {step}"
+
+    def record(self, entry: dict) -> None:
+        """Append `entry` and the time to metrics.jsonl (main process only). The line goes out in one `write` to a
+        file opened for appending, so a reader sees whole lines only, never half of one; a value that is not
+        finite is written as null (JSON has no NaN)."""
+        if self.metrics is None:
+            return
+        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
+        line = json.dumps({**values, "time": round(time.time(), 3)}) + "\n"
+        fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
 
 def run_summary(trained: str, output: str, grid, lora: bool, pushed: str | None, prompt: str) -> str:
