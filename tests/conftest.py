@@ -106,6 +106,35 @@ def build_tiny_sd_pipeline(folder: Path):
     return folder
 
 
+def build_sd15_shaped(folder: Path) -> Path:
+    """SD-1.5's UNet, VAE and text encoder configs as published (tests/fixtures/sd15), widths shrunk (layers, blocks
+    and activations as they are), with SD-1.5's scheduler."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def config(name: str) -> dict:
+        return {k: v for k, v in json.loads((REAL_CONFIGS / "sd15" / name / "config.json").read_text()).items()
+                if not k.startswith("_")}
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(folder.parent / (folder.name + "-vocab"))
+    unet = UNet2DConditionModel(**{**config("unet"), "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4,
+                                   "attention_head_dim": 2, "cross_attention_dim": 16, "sample_size": 8})
+    vae = AutoencoderKL(**{**config("vae"), "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
+                           "layers_per_block": 1, "sample_size": 64})
+    text = config("text_encoder")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**{k: text[k] for k in ("hidden_act", "max_position_embeddings",
+                                                                           "num_hidden_layers", "layer_norm_eps")},
+                                                   "hidden_size": 16, "intermediate_size": 32,
+                                                   "num_attention_heads": 2, "vocab_size": len(tokenizer),
+                                                   "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}))
+    scheduler = PNDMScheduler.from_pretrained(REAL_CONFIGS / "sd15", subfolder="scheduler")
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_folder(tmp_path_factory):
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
@@ -123,8 +152,10 @@ def build_tiny_sdxl_pipeline(folder: Path, real_depths: bool = False):
     CLIP-L and OpenCLIP-G-shaped text encoders (quick_gelu / gelu, the second with a projection), two CLIP tokenizers
     (the second pads with "!"), EulerDiscreteScheduler and model_index flags; only widths, depths and sizes shrunk.
     Tokenizers spell words out letter by letter, their special tokens last, as in CLIP's vocabulary (the pooled
-    output is read at the highest id, the end token). 16 px images, 8 px latents. `real_depths`: SDXL's own layer
-    and block counts (2 ResNets per level, 1/2/10 transformer blocks, 12- and 32-layer encoders), widths shrunk."""
+    output is read at the highest id, the end token). The encoders differ in width (16 and 24), as CLIP-L's 768 and
+    OpenCLIP-G's 1280 do: loaders that tell them apart by width are exercised. 16 px images, 8 px latents.
+    `real_depths`: SDXL's own layer and block counts (2 ResNets per level, 1/2/10 transformer blocks, 12- and
+    32-layer encoders), widths shrunk."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -148,8 +179,8 @@ def build_tiny_sdxl_pipeline(folder: Path, real_depths: bool = False):
     text_encoder = CLIPTextModel(CLIPTextConfig(**_scaled(
         config("text_encoder"), hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16,
         pad_token_id=len(tokens) - 1, **depth, **ids)))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_scaled(
-        config("text_encoder_2"), hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16,
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_scaled(  # wider than the first, as OpenCLIP-G is
+        config("text_encoder_2"), hidden_size=24, intermediate_size=48, num_attention_heads=2, projection_dim=16,
         pad_token_id=len(tokens) - 3, **depth, **ids)))
     vae = AutoencoderKL(**_scaled(config("vae"), block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
                                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
@@ -157,7 +188,7 @@ def build_tiny_sdxl_pipeline(folder: Path, real_depths: bool = False):
     depth = {} if real_depths else {"layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2]}
     unet = UNet2DConditionModel(**_scaled(
         config("unet"), sample_size=8, block_out_channels=[8, 16, 32], norm_num_groups=4, attention_head_dim=[2, 2, 4],
-        cross_attention_dim=32, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=16 + 24, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
         addition_embed_type_num_heads=2, **depth))
     scheduler = EulerDiscreteScheduler.from_pretrained(real, subfolder="scheduler")
     index = json.loads((real / "model_index.json").read_text())

@@ -1,29 +1,19 @@
 """LoRA files every tool loads: the kohya layout (ComfyUI, AUTOMATIC1111, Forge) beside diffusers' own, on a base
 with SD-1.5's real block layout (its published configs, tests/fixtures/sd15, with every width shrunk)."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from finetune import lora
 from finetune.cli import UserError
 from finetune.config import LoraConfig, ModelConfig
 from finetune.models import load_components
 
-from .conftest import REAL_CONFIGS, build_tiny_sdxl_pipeline, clip_tokenizer
-
-SD15 = REAL_CONFIGS / "sd15"
+from .conftest import build_sd15_shaped, build_tiny_sdxl_pipeline
 
 # The kohya module names of SD-1.5's cross-attention projections and CLIP-L's attention projections, as published
 # kohya-format SD-1.x LoRAs name them: the same names are listed in PaddlePaddle/PaddleNLP
@@ -39,30 +29,9 @@ TEXT_MODULES = {f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}" fo
                 for proj in ("q_proj", "k_proj", "v_proj", "out_proj")}
 
 
-def _config(name: str) -> dict:
-    return {k: v for k, v in json.loads((SD15 / name / "config.json").read_text()).items() if not k.startswith("_")}
-
-
 @pytest.fixture(scope="module")
 def sd15_shaped(tmp_path_factory):
-    """SD-1.5's UNet, VAE and text encoder configs as published, widths shrunk (layers and blocks as they are)."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sd15-shaped") / "base"
-    tokenizer = clip_tokenizer(folder.parent / "vocab")
-    unet = UNet2DConditionModel(**{**_config("unet"), "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4,
-                                   "attention_head_dim": 2, "cross_attention_dim": 16, "sample_size": 8})
-    vae = AutoencoderKL(**{**_config("vae"), "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
-                           "layers_per_block": 1, "sample_size": 64})
-    text = _config("text_encoder")
-    text_encoder = CLIPTextModel(CLIPTextConfig(**{**{k: text[k] for k in ("hidden_act", "max_position_embeddings",
-                                                                           "num_hidden_layers", "layer_norm_eps")},
-                                                   "hidden_size": 16, "intermediate_size": 32,
-                                                   "num_attention_heads": 2, "vocab_size": len(tokenizer),
-                                                   "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}))
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                            scheduler=PNDMScheduler.from_pretrained(SD15, subfolder="scheduler"), safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
-    return folder
+    return build_sd15_shaped(tmp_path_factory.mktemp("sd15-shaped") / "base")
 
 
 @pytest.fixture(scope="module")

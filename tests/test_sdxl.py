@@ -57,7 +57,7 @@ def test_text_conditioning_is_what_the_sdxl_pipeline_encodes(xl):
         pipe = xl.pipeline()
         embeds, negative, pooled_ref, negative_pooled = pipe.encode_prompt("a red circle", device="cpu",
                                                                            do_classifier_free_guidance=True)
-    assert hidden.shape == (2, 77, 32) and pooled.shape == (2, 16)
+    assert hidden.shape == (2, 77, 16 + 24) and pooled.shape == (2, 16)
     torch.testing.assert_close(hidden[:1], embeds, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(pooled[:1], pooled_ref, rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(hidden[0]) > 0
