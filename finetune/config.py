@@ -41,7 +41,13 @@ class ModelConfig:
     pretrained_model_name_or_path: str | None = None
     """A pipeline folder or Hub id to start from: one this project trained (pixel space), a Stable-Diffusion-
     style one (`vae`, `unet`, `text_encoder`, `tokenizer`, `scheduler`; trained in the VAE's latent space) or an
-    SDXL one (also `text_encoder_2`, `tokenizer_2`). null builds every component from the fields below."""
+    SDXL one (also `text_encoder_2`, `tokenizer_2`); or a single `.safetensors` checkpoint of SD-1.x or SDXL in the
+    original layout, as model sites share them (converted offline to a diffusers folder once, kept in the cache).
+    null builds every component from the fields below."""
+    single_file_config: str | None = None
+    """With a single-file base: a diffusers folder with its configs, tokenizers and scheduler (the base's own
+    folder; its weights are not read). null: SD-1.5's or SDXL base 1.0's, which this package ships, told from the
+    file's keys; SD-2.x files and fine-tunes with another architecture need it."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `pretrained_model_name_or_path`."""
     variant: str | None = None
@@ -110,6 +116,9 @@ class ModelConfig:
                             "(begin token, at least one word, end token)")
         if self.pretrained_model_name_or_path is None and not problems:
             problems += self._architecture_problems()
+        if self.single_file_config and not str(self.pretrained_model_name_or_path).lower().endswith(".safetensors"):
+            problems.append(f"model.single_file_config: set, but model.pretrained_model_name_or_path="
+                            f"{self.pretrained_model_name_or_path} is no .safetensors file; it is for single files")
         _check(problems)
 
     def _architecture_problems(self) -> list[str]:
@@ -491,6 +500,11 @@ class TrainConfig:
     """Keep at most this many checkpoints (oldest removed after a new one is complete)."""
     resume_from_checkpoint: str | None = None
     """A checkpoint folder to resume from, or `latest` for the newest in output_dir."""
+    export_single_file: bool = False
+    """A full fine-tune of an SD-1.x or SDXL base also writes its pipeline as one `.safetensors` file in the original
+    layout (`<output_dir>/<output folder name>.safetensors`), as ComfyUI, AUTOMATIC1111 and Forge load checkpoints."""
+    single_file_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """The precision of that file's weights (fp16: half the size, as checkpoints are shared)."""
 
     def __post_init__(self):
         problems = []
@@ -628,6 +642,11 @@ class Config:
         if self.lora.enabled and not self.model.pretrained_model_name_or_path:
             problems.append("lora.enabled: adapters fine-tune a trained base; set model.pretrained_model_name_or_path "
                             "(e.g. outputs/shapes, written by configs/shapes.yaml)")
+        if self.train.export_single_file and (self.lora.enabled or not self.model.pretrained_model_name_or_path):
+            problems.append("train.export_single_file: only a full fine-tune of an SD-1.x or SDXL base has a "
+                            "single-file form (a LoRA run writes lora_kohya.safetensors, which those tools load); "
+                            "set it to false" + ("" if self.lora.enabled else
+                                                 ", or fine-tune a base (model.pretrained_model_name_or_path)"))
         _check(problems)
 
 

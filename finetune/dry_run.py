@@ -9,6 +9,7 @@ from pathlib import Path
 import braceexpand
 from accelerate import Accelerator
 
+from . import single_file
 from .bases import locate_base
 from .checkpointing import changed_settings, list_checkpoints, resume_target
 from .cli import UserError
@@ -18,9 +19,13 @@ from .output_lock import held_by, in_use
 
 def check_ahead(config: Config, accelerator: Accelerator) -> bool:
     """Check the output folder, the resume target and the base, printing a line for each (main process); False
-    when the base would be downloaded, so the dry run stops before it is."""
+    when the base would be downloaded (or a single-file base converted), so the dry run stops before it is."""
     lines = [check_output(config.train.output_dir), check_resume(config, accelerator.num_processes)]
-    base = config.model.pretrained_model_name_or_path
+    base, converted = config.model.pretrained_model_name_or_path, True
+    if single_file.is_single_file(base):
+        line, converted = check_single_file(base, config.model.single_file_config)
+        lines.append(line)
+        base = None
     where = locate_base(base, config.model.revision) if base else None
     if base:
         lines.append(f"base: {base}: " + {"local": "a local pipeline folder", "cache": "in the local Hugging Face "
@@ -29,7 +34,20 @@ def check_ahead(config: Config, accelerator: Accelerator) -> bool:
     lines.append(check_shards(config.data.path) if config.data.source == "webdataset" else None)
     if accelerator.is_main_process:
         print("\n".join(line for line in lines if line))
-    return where != "hub"
+    return where != "hub" and converted
+
+
+def check_single_file(path: str, config_folder: str | None) -> tuple[str, bool]:
+    """A single-file base: readable safetensors of a known family (or with its config folder); and whether it was
+    converted before (else a run converts it first, which the dry run does not: it writes the cache)."""
+    _, keys, _ = single_file.read_keys(path)
+    kind = f"configs from {config_folder}" if config_folder else {
+        "sd15": "SD-1.x", "sdxl": "SDXL"}[single_file.family(keys, path)] + ", configs shipped with this package"
+    folder = single_file.conversion(path, config_folder)
+    converted = (folder / "model_index.json").is_file()
+    state = (f"converted before, into {folder}" if converted else "not converted yet: a run converts it into a "
+             "diffusers folder in the cache first; the dry run stops here rather than write it")
+    return f"base: {path}: a single-file checkpoint ({len(keys)} tensors; {kind}); {state}", converted
 
 
 def check_shards(pattern: str | None) -> str | None:

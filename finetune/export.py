@@ -30,9 +30,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, lora
+from . import checkpointing, lora, single_file
 from .cli import ToolParser, UserError, run
-from .config import Config, DataConfig, load_config
+from .config import Config, DataConfig, TrainConfig, load_config
 from .data import build_source, caption_texts
 from .distributed import check_in_sync
 from .models import (
@@ -101,8 +101,16 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
         if config.lora.enabled:
             lora.save_run(out, models, config.lora)
         else:
-            models.pipeline().save_pretrained(out)
+            save_pipeline(models, out, config.train, Path(out).name)
         return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
+
+
+def save_pipeline(components: Components, out: str | Path, train: TrainConfig, name: str) -> None:
+    """A full fine-tune's pipeline folder and, with `train.export_single_file`, its single-file form in it
+    (`<name>.safetensors`, the original layout ComfyUI and AUTOMATIC1111 load)."""
+    components.pipeline().save_pretrained(out)
+    if train.export_single_file:
+        single_file.save(components, Path(out) / f"{name}.safetensors", train.single_file_precision, name)
 
 
 # ---- a checkpoint, exported -----------------------------------------------------------------------------------
@@ -221,7 +229,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         tmp.mkdir(parents=True)
         lora.save_run(tmp, components, config.lora, f"{Path(config.train.output_dir).name}-{checkpoint.name}")
     else:
-        components.pipeline().save_pretrained(tmp)
+        save_pipeline(components, tmp, config.train, f"{Path(config.train.output_dir).name}-{checkpoint.name}")
     shutil.copyfile(checkpoint / checkpointing.CONFIG, tmp / checkpointing.CONFIG)
     (tmp / EXPORTED_FROM).write_text(json.dumps(export_record(checkpoint), indent=2) + "\n")
     if out.exists():

@@ -23,6 +23,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
+from . import single_file
 from .cli import ToolParser
 from .config import (
     ConfigError,
@@ -78,7 +79,7 @@ def model_card(output_dir: str | os.PathLike, repo_id: str, *, revision: str | N
     metadata = card_metadata(model, config.data, lora, license)
     # The model_index.json of what from_pretrained loads: this output or, for a LoRA, its base.
     loaded = (model.pretrained_model_name_or_path, model.revision) if lora.enabled else (str(folder), None)
-    index = read_model_index(*loaded)
+    index = base_index(model) if lora.enabled and single_file.is_single_file(loaded[0]) else read_model_index(*loaded)
     body = "\n\n".join(part for part in [
         f"# {repo_id.split('/')[-1]}",
         describe(model, lora),
@@ -149,6 +150,15 @@ def samples_section(grid: tuple[int, str] | None, validation: ValidationConfig) 
             f"The final grid, at step {step}: one row per prompt, {settings}.\n\n{prompts}")
 
 
+def base_index(model: ModelConfig) -> dict | None:
+    """The model_index.json of a single-file base's conversion (which the run made), None without one."""
+    try:
+        folder = single_file.conversion(model.pretrained_model_name_or_path, model.single_file_config)
+    except OSError:
+        return None
+    return _json_or_none(lambda: folder / "model_index.json")
+
+
 def read_model_index(pipeline: str, revision: str | None = None) -> dict | None:
     """A pipeline's model_index.json: from its folder or, for a Hub id, from the local cache (a run that trained on
     that base downloaded it), else from the Hub; None when it cannot be read."""
@@ -208,16 +218,22 @@ def usage_section(repo_id: str, revision: str | None, model: ModelConfig, lora: 
     could not be read: `trust_remote_code=True` only for a pipeline that ships this project's code."""
     at = f", revision={_py(revision)}" if revision else ""
     trust = ", trust_remote_code=True" if pipeline_code(index) == "project" else ""
+    pipeline_class = "DiffusionPipeline"
     if lora.enabled:
         base = model.pretrained_model_name_or_path
         base_kwargs = "".join(f", {k}={_py(v)}" for k, v in (("revision", model.revision), ("variant", model.variant))
                               if v)
-        load = (f"pipe = DiffusionPipeline.from_pretrained({_py(base)}{base_kwargs}{trust})\n"
-                f"pipe.load_lora_weights({_py(repo_id)}, weight_name={_py(LORA_WEIGHTS)}{at})")
+        load = f"pipe = DiffusionPipeline.from_pretrained({_py(base)}{base_kwargs}{trust})\n"
         notes = [code_note(index, "the base", f"in {_base_reference(base)}")]
-        if not is_hub_id(base):
+        if single_file.is_single_file(base):  # (diffusers' own pipeline, which reads the original layout)
+            pipeline_class = (index or {}).get("_class_name", "StableDiffusionPipeline")
+            load = f"pipe = {pipeline_class}.from_single_file({_py(base)})\n"
+            notes = [f"The base was the single-file checkpoint `{base}`: put your own path to it (or its URL) in its "
+                     "place; `from_single_file` reads the base's configs from the Hub the first time."]
+        elif not is_hub_id(base):
             notes.append(f"The base was the local folder `{base}`: put its Hub id (or your own path to it) in its "
                          "place.")
+        load += f"pipe.load_lora_weights({_py(repo_id)}, weight_name={_py(LORA_WEIGHTS)}{at})"
         needs = "torch, diffusers, transformers and peft"  # load_lora_weights needs peft
     else:
         load = f"pipe = DiffusionPipeline.from_pretrained({_py(repo_id)}{at}{trust})"
@@ -227,7 +243,7 @@ def usage_section(repo_id: str, revision: str | None, model: ModelConfig, lora: 
              f"up to rounding (the run sampled under {mixed_precision} autocast)")
     return (
         f"## Use it\n\nWith {needs} (this project is not needed):\n\n```python\n"
-        "import torch\nfrom diffusers import DiffusionPipeline\n\n"
+        f"import torch\nfrom diffusers import {pipeline_class}\n\n"
         f"{load}\nimages = pipe(\n    {_py(list(validation.prompts))},\n"
         f"    num_images_per_prompt={validation.num_images_per_prompt},\n"
         f"    num_inference_steps={validation.num_inference_steps},\n"

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTraine
 from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 from pipelines.pipeline_text2image_ddpm import own_aligned_storage
 
+from . import single_file
 from .bases import locate_base
 from .cli import UserError
 from .config import ModelConfig
@@ -144,7 +145,7 @@ def load_components(config: ModelConfig) -> Components:
     folder runs; training uses this project's DDPMScheduler with the base scheduler's settings (and the overrides
     `model.prediction_type` / `model.rescale_betas_zero_snr` / `model.timestep_spacing`); `model.
     pretrained_vae_model_name_or_path` replaces the VAE."""
-    path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
+    path, where = base_folder(config), {"revision": config.revision}
     locate_base(path, config.revision)  # a missing base is one line, and a path is never sent to the Hub
     index = DiffusionPipeline.load_config(path, **where)
     missing = [name for name in ("unet", "text_encoder", "tokenizer", "scheduler") if not _has(index, name)]
@@ -185,6 +186,15 @@ def load_components(config: ModelConfig) -> Components:
         if model is not None:
             own_aligned_storage(model)
     return components
+
+
+def base_folder(config: ModelConfig) -> str:
+    """Where the base's diffusers folder is: `model.pretrained_model_name_or_path` itself (a folder or Hub id), or
+    for a single `.safetensors` checkpoint its conversion (`single_file.diffusers_folder`, made once)."""
+    path = config.pretrained_model_name_or_path
+    if single_file.is_single_file(path):
+        return str(single_file.diffusers_folder(path, config.single_file_config))
+    return path
 
 
 def load_vae(path: str, use_safetensors: bool) -> AutoencoderKL:
@@ -249,7 +259,7 @@ def sample_as_downstream(config: ModelConfig, components: Components) -> None:
 def base_scheduler(config: ModelConfig, overrides: dict | None = None) -> SchedulerMixin:
     """The scheduler the base pipeline loads itself, in its own class (PNDM for SD-1.x): what samples a LoRA on it
     downstream; with `overrides` (a full fine-tune's schedule settings) applied."""
-    path, where = config.pretrained_model_name_or_path, {"revision": config.revision}
+    path, where = base_folder(config), {"revision": config.revision}
     library, name = DiffusionPipeline.load_config(path, **where)["scheduler"]
     if library == "diffusers":
         cls = getattr(diffusers, name)
@@ -271,11 +281,21 @@ def changed_schedule(config: ModelConfig, scheduler: DDPMScheduler) -> list[str]
     as `model.<key>: base -> now` lines; empty from scratch or without overrides."""
     if not config.pretrained_model_name_or_path:
         return []
-    base = DDPMScheduler.load_config(config.pretrained_model_name_or_path, subfolder="scheduler",
-                                     revision=config.revision)
+    base = DDPMScheduler.load_config(base_folder(config), subfolder="scheduler", revision=config.revision)
     defaults = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
     return [f"model.{key}: {base.get(key, default)!r} -> {scheduler.config[key]!r}" for key, default in defaults.items()
             if base.get(key, default) != scheduler.config[key]]
+
+
+def check_components(components: Components, config: ModelConfig, export_single_file: bool) -> None:
+    """Before training: the VAE's latents fit the UNet, and with `train.export_single_file` the pipeline has a
+    single-file form (so a run is not refused only at its end)."""
+    vae, unet = components.vae, components.unet
+    if vae is not None and vae.config.latent_channels != unet.config.in_channels:
+        raise ValueError(f"{config.pretrained_model_name_or_path}: the VAE makes {vae.config.latent_channels}-channel "
+                         f"latents but the UNet takes {unet.config.in_channels} channels")
+    if export_single_file:
+        single_file.exportable(components)
 
 
 def check_objective(scheduler: DDPMScheduler) -> None:

@@ -16,7 +16,7 @@ from . import checkpointing
 from .cli import UserError
 from .config import load_config
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
-from .models import sdxl_pipeline_class
+from .models import base_folder, sdxl_pipeline_class
 
 
 def run_guidance_scale(folder: str) -> float:
@@ -73,7 +73,7 @@ def hide_library_progress() -> None:
 def _base_or_output(folder: str) -> str:
     """The pipeline folder behind a run's output: its base for a LoRA run (the run's config.yaml names it)."""
     if (Path(folder) / LORA_WEIGHTS).is_file():
-        return load_config(Path(folder) / "config.yaml").model.pretrained_model_name_or_path
+        return base_folder(load_config(Path(folder) / "config.yaml").model)
     return folder
 
 
@@ -94,8 +94,9 @@ def load_result(folder: str, command: str | None = None) -> DiffusionPipeline:
     if not (Path(folder) / LORA_WEIGHTS).is_file():
         return pipeline_class(folder).from_pretrained(folder, use_safetensors=True)
     model = load_config(Path(folder) / "config.yaml").model
-    cls = pipeline_class(model.pretrained_model_name_or_path, model.revision)
-    pipeline = cls.from_pretrained(model.pretrained_model_name_or_path, revision=model.revision, variant=model.variant,
+    base = base_folder(model)  # (a single-file base: its conversion)
+    cls = pipeline_class(base, model.revision)
+    pipeline = cls.from_pretrained(base, revision=model.revision, variant=model.variant,
                                    use_safetensors=True if model.use_safetensors else None)
     pipeline.load_lora_weights(folder)
     return pipeline

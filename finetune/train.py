@@ -35,6 +35,7 @@ from .families import check_size, text_conditioning
 from .models import (
     Components,
     build_components,
+    check_components,
     check_objective,
     frozen_dtype,
     frozen_models,
@@ -98,10 +99,7 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
         components = build_components(config.model, config.data.resolution, caption_texts(config.data, source))
     check_objective(components.scheduler)
     check_size(components, config.data)
-    if components.vae is not None and components.vae.config.latent_channels != components.unet.config.in_channels:
-        raise ValueError(f"{config.model.pretrained_model_name_or_path}: the VAE makes "
-                         f"{components.vae.config.latent_channels}-channel latents but the UNet takes "
-                         f"{components.unet.config.in_channels} channels")
+    check_components(components, config.model, config.train.export_single_file)
     if config.lora.enabled:
         sample_as_downstream(config.model, components)  # with the base's own scheduler, unchanged
         trained = lora.attach(components, config.lora, autocast=accelerator.mixed_precision != "no")
