@@ -99,10 +99,12 @@ def test_runs_are_listed_with_their_state(tmp_path):
     _run(tmp_path, "group/c")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / LOCK_FILE).write_text("")
+    (tmp_path / "d").mkdir()  # launched from the page a moment ago: no config.yaml yet
+    (tmp_path / "d" / ui_runs.LAUNCH_FILE).write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
     (tmp_path / "not-a-run" / "logs").mkdir(parents=True)
     data = _client(tmp_path).get("/api/runs").json()
-    assert [run["name"] for run in data["runs"]] == ["a", "b", "group/c"]
-    assert {run["state"] for run in data["runs"]} == {"stopped", "idle"}
+    assert [run["name"] for run in data["runs"]] == ["a", "b", "d", "group/c"]
+    assert [run["state"] for run in data["runs"]] == ["stopped", "idle", "starting", "idle"]
     assert "shapes.yaml" in data["configs"]
 
 

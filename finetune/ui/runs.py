@@ -29,8 +29,8 @@ NOT_RUNS = ("logs", "samples")  # folders inside a run; checkpoint-N folders hol
 
 
 def is_run(folder: Path) -> bool:
-    """A run folder: one the trainer wrote its config or lock into."""
-    return (folder / "config.yaml").is_file() or (folder / LOCK_FILE).is_file()
+    """A run folder: one the trainer wrote its config or lock into, or the page launched a run into."""
+    return any((folder / name).is_file() for name in ("config.yaml", LOCK_FILE, LAUNCH_FILE))
 
 
 def list_runs(root: Path, depth: int = 3) -> list[str]:

@@ -121,7 +121,11 @@ function openRun(name) {
   const source = new EventSource(`/api/events?run=${encodeURIComponent(name)}`);
   view.source = source;
   source.onopen = () => { $("connection").textContent = "live"; };
-  source.onerror = () => { $("connection").textContent = "reconnecting…"; };
+  source.onerror = () => {
+    $("connection").textContent = "reconnecting…";
+    // The browser retries a dropped stream itself, but not one refused outright: try again shortly.
+    if (source.readyState === EventSource.CLOSED) setTimeout(() => { if (view.source === source) openRun(name); }, 2000);
+  };
   source.addEventListener("metrics", (event) => showMetrics(JSON.parse(event.data)));
   source.addEventListener("status", (event) => showStatus(JSON.parse(event.data)));
   source.addEventListener("pictures", (event) => showPictures(JSON.parse(event.data)));
@@ -225,9 +229,9 @@ function showPictures(pictures) {
   }
 }
 
-function scale(image, widest) {
-  // Tiny pixel-space samples are shown enlarged (pixelated), larger ones as they are.
-  const factor = Math.max(1, Math.min(6, Math.floor(widest / image.naturalWidth)));
+function scale(image, widest, most = 6) {
+  // Tiny pixel-space samples are shown enlarged (pixelated, at most `most` times), larger ones as they are.
+  const factor = Math.max(1, Math.min(most, Math.floor(widest / image.naturalWidth)));
   image.style.width = `${image.naturalWidth * factor}px`;
 }
 
@@ -342,7 +346,7 @@ async function followSample() {
     const image = new Image();
     image.alt = path;
     image.className = "sample";
-    image.onload = () => scale(image, 160);
+    image.onload = () => scale(image, 160, 16);
     image.src = fileUrl({ path, version: job.version });
     return image;
   }));
