@@ -372,6 +372,7 @@ def test_a_missing_starlette_is_one_line(tmp_path):
     ({"config": "shapes.yaml", "overrides": ["--dry-run"]}, "expected section.key=value"),
     ({"config": "shapes.yaml", "overrides": ["train.seed=1\nmodel.x=2"]}, "expected section.key=value"),
     ({"config": "shapes.yaml", "overrides": "train.seed=1"}, "a list of"),
+    ({"config": "shapes.yaml", "overrides": ["data.allow_pipe_urls=true"]}, "not from the page"),
     ({"config": "../pyproject.toml"}, "is not one of the configs"),
     ({"config": "/etc/passwd"}, "is not one of the configs"),
     ({"config": "shapes.yaml", "overrides": ["train.output_dir=/tmp/elsewhere"]}, "not inside the output root"),

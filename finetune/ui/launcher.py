@@ -28,6 +28,9 @@ from . import runs
 # section.key=value (nested keys allowed: data.filters.max_pwatermark=0.5); the loader then checks the key exists.
 OVERRIDE = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+=.*", re.DOTALL)
 RESUME = "train.resume_from_checkpoint=latest"
+# Keys the page does not set: they would let a request run commands (webdataset runs `pipe:` URLs in a shell). A
+# config file on this machine may still set them.
+NOT_FROM_THE_PAGE = {"data.allow_pipe_urls": "it lets data.path run a shell command (pipe:)"}
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -49,6 +52,10 @@ def check_overrides(overrides: list) -> list[str]:
     for item in overrides:
         if not isinstance(item, str) or "\n" in item or not OVERRIDE.fullmatch(item):
             raise Refused(f"override {item!r}: expected section.key=value, e.g. train.max_train_steps=100")
+        key = item.partition("=")[0]
+        if key in NOT_FROM_THE_PAGE:
+            raise Refused(f"override {key}: not from the page, since {NOT_FROM_THE_PAGE[key]}; set it in the config "
+                          "file instead")
     return overrides
 
 
