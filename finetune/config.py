@@ -52,6 +52,10 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of `pretrained_model_name_or_path`."""
     variant: str | None = None
     """Weight variant to load (e.g. fp16) from `pretrained_model_name_or_path`."""
+    base_quantization: Literal["none", "int8", "fp8", "nf4"] = "none"
+    """LoRA runs: hold the frozen base's linear layers (UNet and text encoders) quantized, the adapters in full
+    precision: `int8` (torchao, int8 weight-only), `fp8` (torchao, float8 e4m3 weight-only), `nf4` (bitsandbytes'
+    4-bit NormalFloat); `pip install 'finetune-ddpm[quantization]'`. The LoRA file is the same ordinary one."""
     use_safetensors: bool = True
     """Load the base's weights from `.safetensors` files only (a base with pickle-based `.bin` weights alone is
     refused). false also accepts `.bin` weights: loading a pickle can run code, so only for a base you trust."""
@@ -424,10 +428,10 @@ class TrainConfig:
     learning_rate: float = 1e-3
     """Peak learning rate (Prodigy: 1.0, a multiplier of the step size it finds itself)."""
     optimizer: Literal["adamw", "adamw_8bit", "prodigy", "adafactor", "adamw_schedulefree", "sgd"] = "adamw"
-    """`adamw` (PyTorch's fused AdamW), `adamw_8bit` (bitsandbytes, CUDA), `prodigy` (prodigyopt: finds its own
-    step size; learning_rate 1.0), `adafactor` (PyTorch's: factored second moments, less memory),
-    `adamw_schedulefree` (schedulefree: no LR schedule, an average of the weights is what is sampled and saved) or
-    `sgd`. prodigy and adamw_schedulefree need `pip install 'finetune-ddpm[optimizers]'`."""
+    """`adamw` (PyTorch's fused AdamW), `adamw_8bit` (bitsandbytes: CUDA, or CPU from bitsandbytes 0.50),
+    `prodigy` (prodigyopt: finds its own step size; learning_rate 1.0), `adafactor` (PyTorch's: factored second
+    moments, less memory), `adamw_schedulefree` (schedulefree: no LR schedule, an average of the weights is what is
+    sampled and saved) or `sgd`. prodigy and adamw_schedulefree need `pip install 'finetune-ddpm[optimizers]'`."""
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     """More keyword arguments for the optimizer, e.g. `{momentum: 0.9}` for sgd or `{d_coef: 2, safeguard_warmup:
     true}` for prodigy; the adam_* fields below give betas, epsilon and weight decay to those that take them."""
@@ -482,8 +486,8 @@ class TrainConfig:
     compile: bool = False
     """`torch.compile` the UNet (in place): faster steps after a compilation of a minute or more."""
     use_8bit_adam: bool = False
-    """bitsandbytes' 8-bit AdamW (CUDA GPUs with bitsandbytes installed): a quarter of the optimizer memory; the
-    same as `optimizer: adamw_8bit` (diffusers' name)."""
+    """bitsandbytes' 8-bit AdamW (CUDA GPUs, or the CPU with bitsandbytes >= 0.50): a quarter of the optimizer
+    memory; the same as `optimizer: adamw_8bit` (diffusers' name)."""
     use_ema: bool = True
     """Keep an exponential moving average of the trained weights and export it."""
     ema_max_decay: float = 0.999
@@ -642,6 +646,9 @@ class Config:
         if self.lora.enabled and not self.model.pretrained_model_name_or_path:
             problems.append("lora.enabled: adapters fine-tune a trained base; set model.pretrained_model_name_or_path "
                             "(e.g. outputs/shapes, written by configs/shapes.yaml)")
+        if self.model.base_quantization != "none" and not self.lora.enabled:
+            problems.append(f"model.base_quantization: {self.model.base_quantization} quantizes a frozen base, which "
+                            "only a LoRA run has; set lora.enabled: true, or base_quantization: none")
         if self.train.export_single_file and (self.lora.enabled or not self.model.pretrained_model_name_or_path):
             problems.append("train.export_single_file: only a full fine-tune of an SD-1.x or SDXL base has a "
                             "single-file form (a LoRA run writes lora_kohya.safetensors, which those tools load); "

@@ -5,6 +5,7 @@ with a clear message on a CPU; what each buys is measured in benchmarks/README.m
 import contextlib
 import importlib
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -114,14 +115,18 @@ def _package(module: str, optimizer: str):
 
 
 def _adamw_8bit(params: list[torch.nn.Parameter], settings: dict, device: torch.device, key: str):
-    if device.type != "cuda":
-        raise ValueError(f"{key} needs a CUDA GPU (bitsandbytes' 8-bit AdamW; this run is on {device}); use "
-                         "train.optimizer: adamw (or adafactor, whose factored moments also save memory)")
+    """bitsandbytes' blockwise 8-bit AdamW: on a CUDA GPU, or on the CPU from bitsandbytes 0.50 (its CPU kernels
+    for the 8-bit optimizers)."""
     try:
         import bitsandbytes
     except ImportError as error:
         raise ValueError(f"{key}: bitsandbytes is not installed; `pip install bitsandbytes`, or use "
                          "train.optimizer: adamw") from error
+    version = tuple(int(part) for part in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+    if device.type != "cuda" and (device.type != "cpu" or version < (0, 50)):
+        raise ValueError(f"{key} needs a CUDA GPU, or bitsandbytes >= 0.50 on the CPU (this run is on {device}, "
+                         f"with bitsandbytes {bitsandbytes.__version__}); `pip install -U bitsandbytes`, or use "
+                         "train.optimizer: adamw (or adafactor, whose factored moments also save memory)")
     return bitsandbytes.optim.AdamW8bit(params, **settings)
 
 

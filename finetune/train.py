@@ -15,6 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/train.py`): import as the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "finetune"
+    import finetune  # noqa: F401 - first, as `-m finetune.train` would (its __init__ quiets optional back-ends)
 
 import torch
 from accelerate import Accelerator
@@ -57,6 +58,7 @@ from .objective import (
 from .output_lock import OutputLock
 from .preemption import StopOnSignal
 from .progress import StepLogger, print_summary, run_summary, tracker_names, tracker_settings
+from .quantization import quantize_base
 
 logger = get_logger("finetune")
 
@@ -102,6 +104,8 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
     check_components(components, config.model, config.train.export_single_file)
     if config.lora.enabled:
         sample_as_downstream(config.model, components)  # with the base's own scheduler, unchanged
+        quantize_base(components, config.model.base_quantization, frozen_dtype(components, components.unet,
+                      config.model, accelerator.mixed_precision), accelerator.device)  # (none: nothing)
         trained = lora.attach(components, config.lora, autocast=accelerator.mixed_precision != "no")
     else:
         trained = trained_in_full(components, config.model)

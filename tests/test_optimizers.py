@@ -22,6 +22,7 @@ RESUMABLE = {
     "adafactor": ["train.optimizer=adafactor"],
     "prodigy": ["train.optimizer=prodigy", "train.learning_rate=1.0"],
     "adamw_schedulefree": ["train.optimizer=adamw_schedulefree", "train.lr_scheduler=constant"],
+    "adamw_8bit": ["train.optimizer=adamw_8bit"],  # bitsandbytes >= 0.50 runs it on the CPU
 }
 
 
@@ -113,3 +114,20 @@ def test_a_wrong_argument_or_a_missing_package_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"prodigy needs the prodigyopt package: pip install "
                                         r"'finetune-ddpm\[optimizers\]'"):
         performance.make_optimizer(params, TrainConfig(optimizer="prodigy"), torch.device("cpu"))
+
+
+def test_8bit_adamw_keeps_8_bit_moments_on_the_cpu(monkeypatch):
+    """bitsandbytes >= 0.50 runs its blockwise 8-bit AdamW on the CPU: the moments are uint8 (a quarter of
+    AdamW's float32); an older bitsandbytes is refused on the CPU, naming the version to install."""
+    import bitsandbytes
+
+    weight = torch.nn.Parameter(torch.ones(64, 64))  # 4,096 values: bitsandbytes' 8-bit minimum
+    train = load_config(None, ["train.optimizer=adamw_8bit", "train.learning_rate=1e-2"]).train
+    optimizer = performance.make_optimizer([weight], train, torch.device("cpu"))
+    weight.sum().backward()
+    optimizer.step()
+    state = optimizer.state[weight]
+    assert state["state1"].dtype == state["state2"].dtype == torch.uint8 and weight[0, 0] < 1
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.49.2")
+    with pytest.raises(ValueError, match=r"bitsandbytes >= 0.50 on the CPU .*with bitsandbytes 0.49.2"):
+        performance.make_optimizer([weight], train, torch.device("cpu"))
