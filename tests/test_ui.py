@@ -130,6 +130,14 @@ def test_a_lock_naming_a_process_that_is_gone_is_crashed(tmp_path):
     assert ui_runs.status(folder)["state"] == "crashed"
 
 
+def test_only_a_positive_pid_can_be_alive(tmp_path):
+    """os.kill(0 or -1, 0) would ask about process groups; a launch record without a time is no record."""
+    assert ui_runs.alive(os.getpid()) and not any(ui_runs.alive(pid) for pid in (0, -1, None, "1", True))
+    folder = _run(tmp_path, "run")
+    (folder / ui_runs.LAUNCH_FILE).write_text(json.dumps({"pid": -1, "started": "yesterday"}))
+    assert ui_runs.read_launch(folder) == {} and ui_runs.status(folder)["state"] == "idle"
+
+
 def test_finished_and_stopped_runs(tmp_path):
     start = json.dumps({"event": "start", "step": 0, "max_steps": 10, "time": 1.0})
     end = json.dumps({"event": "end", "step": 10, "time": 2.0})

@@ -132,11 +132,15 @@ class Launcher:
         """SIGTERM to the run in `folder`: to the process holding its lock (any run on this machine), else to a
         process this server launched that has not taken the lock yet. Returns what was signalled."""
         lock, holder = runs.lock_state(folder)
-        if lock == "held" and holder.get("host") == socket.gethostname():
-            os.kill(int(holder["pid"]), signal.SIGTERM)
-            return f"asked pid {holder['pid']} to stop: it writes a checkpoint and exits"
+        pid = holder.get("pid")
         if lock == "held":
-            raise Refused(f"the run in {folder.name} runs on {holder.get('host')}, not on this machine; stop it there")
+            if holder.get("host") != socket.gethostname():
+                raise Refused(f"the run in {folder.name} runs on {holder.get('host')}, not on this machine; stop it "
+                              "there")
+            if not runs.alive(pid) or pid in (1, os.getpid()):
+                raise Refused(f"the lock of {folder.name} names pid {pid}, which is no run this page can stop")
+            os.kill(pid, signal.SIGTERM)
+            return f"asked pid {pid} to stop: it writes a checkpoint and exits"
         process = self.processes.get(folder)
         if process is not None and process.poll() is None:
             process.terminate()

@@ -47,8 +47,11 @@ def list_runs(root: Path, depth: int = 3) -> list[str]:
     return found
 
 
-def alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine and has not exited (a zombie waiting to be reaped has)."""
+def alive(pid) -> bool:
+    """Whether process `pid` exists on this machine and has not exited (a zombie waiting to be reaped has). Anything
+    but a positive whole number is no process (`os.kill` would take 0 and -1 as groups)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,12 +86,14 @@ def lock_state(folder: Path) -> tuple[str, dict]:
 
 
 def read_launch(folder: Path) -> dict:
-    """What `ui-launch.json` says of the process the page launched here ({} when none)."""
+    """What `ui-launch.json` says of the process the page launched here: its `pid`, `started` (a time) and, once
+    it ended, `returncode` ({} when there is none, or it is not such a record)."""
     try:
         launch = json.loads((folder / LAUNCH_FILE).read_text())
-        return launch if isinstance(launch, dict) else {}
     except (OSError, ValueError):
         return {}
+    valid = isinstance(launch, dict) and isinstance(launch.get("started"), (int, float))
+    return launch if valid else {}
 
 
 def log_tail(folder: Path, lines: int = 25) -> str:
@@ -128,8 +133,8 @@ def status(folder: Path) -> dict:
     if lock == "held":
         return {"state": "running",
                 "detail": f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}"}
-    launched_after_lock = launch and launch.get("started", 0) > _mtime(folder / LOCK_FILE)
-    if launched_after_lock and launch.get("returncode") is None and alive(int(launch.get("pid", 0)) or -1):
+    launched_after_lock = bool(launch) and launch["started"] > _mtime(folder / LOCK_FILE)
+    if launched_after_lock and launch.get("returncode") is None and alive(launch.get("pid")):
         return {"state": "starting", "detail": "launched; loading the data and models", "log": log_tail(folder)}
     if launched_after_lock:  # it ended before it took the lock
         code = launch.get("returncode")
