@@ -45,16 +45,23 @@ def test_each_mode_stores_the_linear_layers_at_its_size(mode, ratio, tiny_sd_fol
     assert (got - want).norm() / want.norm() < {"int8": 0.02, "fp8": 0.1, "nf4": 0.3}[mode]
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_adapters_train_over_each_quantized_base(mode, tiny_sd_folder):
+def test_adapters_train_over_each_quantized_base(mode, precision, tiny_sd_folder):
     """peft wraps the quantized layers (torchao's with its torchao LoRA layer); every adapter gets a gradient (at
     the start only B's is non-zero: B is zero, so A cannot change the output yet), and the quantized weights stay
-    frozen."""
+    frozen. Under bf16 autocast too, with the float32 inputs the trainer feeds: autocast does not reach the
+    quantized layers, which cast their inputs themselves (else their float32 outputs meet the bf16 norms)."""
     components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
-    quantization.quantize_base(components, mode, torch.float32, torch.device("cpu"))
-    unet = attach(components, LoraConfig(enabled=True, rank=2))[0]
-    out = unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 16)).sample
-    out.pow(2).mean().backward()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    quantization.quantize_base(components, mode, dtype, torch.device("cpu"))
+    unet = attach(components, LoraConfig(enabled=True, rank=2), autocast=precision == "bf16")[0]
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        out = unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 16)).sample
+    out.float().pow(2).mean().backward()
     trained = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
     assert trained and all(".lora_" in name for name, _ in trained)
     assert all(p.grad is not None for _, p in trained)
