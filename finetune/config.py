@@ -360,6 +360,11 @@ class LoraConfig:
 
     enabled: bool = False
     """Train LoRA adapters (the base's weights stay frozen) instead of the full model."""
+    type: Literal["lora", "dora", "locon", "loha", "lokr"] = "lora"
+    """The adapter: `lora`; `dora` (the same as use_dora); `locon` (LoRA also on the UNet's ResNet convolutions,
+    at lora.conv_rank); `loha` (LyCORIS' Hadamard product of two low-rank pairs) or `lokr` (LyCORIS' Kronecker
+    product), peft's LoHa / LoKr, written in the LyCORIS layout ComfyUI, AUTOMATIC1111 and Forge load (stock
+    diffusers cannot load them: this project's sample, evaluate and export can)."""
     rank: int = 4
     """Adapter rank r of the UNet's adapters."""
     alpha: float | None = None
@@ -375,6 +380,14 @@ class LoraConfig:
     where the text enters the UNet."""
     use_dora: bool = False
     """Weight-decomposed adapters (DoRA, Liu et al. 2024)."""
+    conv_rank: int | None = None
+    """Rank of the adapters on the UNet's ResNet convolutions (conv1, conv2, conv_shortcut): with `locon` (null: lora.
+    rank), or to put LoHa / LoKr adapters there too (null: not on convolutions)."""
+    conv_alpha: float | None = None
+    """Scale numerator of the convolutions' adapters; null means alpha = conv_rank."""
+    lokr_factor: int = -1
+    """LoKr: the factor each dimension is split by for the Kronecker product (-1: as near its square root as
+    divides it, LyCORIS' default); it must divide the adapted layers' dimensions."""
     train_text_encoder: bool = False
     """Also put adapters on the text encoder (model.train_text_encoder must then be false: the encoder's own
     weights stay frozen)."""
@@ -394,6 +407,23 @@ class LoraConfig:
 
     def __post_init__(self):
         problems = []
+        if self.type == "dora":
+            self.use_dora = True
+        elif self.use_dora and self.type != "lora":
+            problems.append(f"lora.use_dora: DoRA is its own lora.type; with lora.type: {self.type} set it to false")
+        if self.type in ("loha", "lokr"):
+            if self.dropout:
+                problems.append(f"lora.dropout: peft's {self.type} has no input dropout; set it to 0")
+            if self.init != "default":
+                problems.append(f"lora.init: peft's {self.type} has no gaussian initialisation; set it to default")
+            if self.save_format == "diffusers":
+                problems.append(f"lora.save_format: diffusers has no form for {self.type} (its loaders cannot load "
+                                "it); use auto or both, the LyCORIS file ComfyUI, AUTOMATIC1111 and Forge load")
+        if self.conv_rank is not None and self.conv_rank < 1 or self.conv_alpha is not None and self.conv_alpha <= 0:
+            problems.append(f"lora.conv_rank / conv_alpha: got {self.conv_rank} / {self.conv_alpha}; must be >= 1 / "
+                            "> 0, or null")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            problems.append(f"lora.lokr_factor: got {self.lokr_factor}; -1 (automatic) or a factor >= 1")
         if self.save_format == "both" and self.use_dora:
             problems.append("lora.save_format: both: a DoRA's magnitudes have no kohya form that ComfyUI, A1111 and "
                             "Forge read alike; use lora.save_format: diffusers with lora.use_dora")

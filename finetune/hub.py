@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
     from httpx import TransportError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE, as finetune/lora.py writes it
+LYCORIS_WEIGHTS = "lycoris_adapters.safetensors"  # a LoHa / LoKr run's (finetune/lora.py)
 # A checkpoint still being written (checkpointing.py renames it into place when complete) is never uploaded.
 IN_PROGRESS = ".tmp-checkpoint-*"
 CHECKPOINTS = "checkpoint-*"
@@ -394,6 +395,10 @@ def finished_output(output_dir: str | os.PathLike) -> Path:
     folder = Path(output_dir)
     if not (folder / "config.yaml").is_file():
         raise HubPushError(f"{folder} is not an output folder of finetune/train.py: it has no config.yaml")
+    if (folder / LYCORIS_WEIGHTS).is_file():
+        raise HubPushError(f"{folder} holds LoHa / LoKr adapters, which stock diffusers cannot load, so a model card "
+                           "with diffusers code would not work; share lora_kohya.safetensors (the LyCORIS file "
+                           "ComfyUI, AUTOMATIC1111 and Forge load) with `hf upload`")
     if not (folder / "model_index.json").is_file() and not (folder / LORA_WEIGHTS).is_file():
         raise HubPushError(f"{folder} holds no result yet (no model_index.json, no {LORA_WEIGHTS}): the run has not "
                            "finished; let it finish (resume it with train.resume_from_checkpoint=latest), or push a "

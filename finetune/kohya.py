@@ -10,11 +10,13 @@ form kohya's sd-scripts write for SDXL and every one of those tools maps (AUTOMA
 diffusers-style names was written for SD-1's block layout only).
 """
 
+import json
 import re
 from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -32,15 +34,18 @@ def save_kohya(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torc
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if model is None:
             continue
-        alpha = float(model.peft_config["default"].lora_alpha)
-        alphas[prefix] = alpha
+        alphas[prefix] = float(model.peft_config["default"].lora_alpha)
+        scales = {name.replace(".", "_"): module.scaling["default"] for name, module in model.named_modules()
+                  if isinstance(module, BaseTunerLayer)}  # per module: lora.conv_alpha / conv_rank on convolutions
         peft_state = {f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(model).items()}
         for key, value in convert_state_dict_to_kohya(peft_state).items():
+            if key.endswith(".alpha"):  # (the converter's is the module's rank: len(lora_down))
+                value = torch.tensor(float(value) * scales[key.split(".")[0].split("_", 2)[2]])
             if prefix != "unet":
                 key = re.sub(r"^lora_te[12]_(text_model_)?", encoders[prefix] + "text_model_", key)
             elif xl:
                 key = ldm_name(key, unet.config.layers_per_block)
-            state[key] = torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous()
+            state[key] = value.contiguous()
     v2 = unet.config.cross_attention_dim == 1024  # SD-2.x's OpenCLIP-H width (SD-1.x: 768)
     version, architecture = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base") if xl else \
         ("sd_v2" if v2 else "sd_v1", f"stable-diffusion-v{'2' if v2 else '1'}")
@@ -84,7 +89,53 @@ def ldm_name(key: str, layers_per_block: int) -> str:
 def unmapped(unet: torch.nn.Module) -> list[str]:
     """The adapted modules of an SDXL UNet that the kohya file cannot name (outside its attention blocks; all of them
     for a UNet with per-level ResNet counts)."""
-    modules = [name.removesuffix(".lora_A") for name, _ in unet.named_modules() if name.endswith(".lora_A")]
+    modules = [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
     if not isinstance(unet.config.layers_per_block, int):  # (per-level counts: no LDM numbering written for them)
         return modules
     return [module for module in modules if not _BLOCK.fullmatch(f"lora_unet_{module.replace('.', '_')}")]
+
+
+# ---- LyCORIS (LoHa, LoKr) ------------------------------------------------------------------------------------
+
+LYCORIS_PARTS = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+                 "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
+
+
+def save_lycoris(output_dir: str | Path, models: dict[str, torch.nn.Module], name: str, xl: bool = False) -> Path:
+    """Write `output_dir/lora_kohya.safetensors` for peft LoHa or LoKr adapters in the layout of LyCORIS, which
+    ComfyUI, AUTOMATIC1111 and Forge load: `<kohya module name>.hada_w1_a` ... or `.lokr_w1` / `.lokr_w2_a` ...,
+    and `.alpha`. The loaders disagree on the scale: ComfyUI and AUTOMATIC1111 apply alpha / rank once, LyCORIS' own
+    merge applies it twice to a LoHa, and a LoKr with both factors full is applied at 1 whatever its alpha. So
+    peft's scale is folded into the first factor and alpha written equal to the rank (scale 1), which every one of
+    them applies alike. `models`: "unet", "text_encoder", "text_encoder_2" that carry adapters."""
+    state, algo = {}, None
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    for prefix, model in models.items():
+        for module_name, module in model.named_modules():
+            kind = "loha" if hasattr(module, "hada_w1_a") else "lokr" if hasattr(module, "lokr_w1") else None
+            if kind is None or "default" not in module.scaling:
+                continue
+            algo = kind
+            key = prefixes[prefix] + (module_name if prefix == "unet" else
+                                      "text_model." + module_name.removeprefix("text_model.")).replace(".", "_")
+            if prefix == "unet" and xl:
+                key = ldm_name(key, model.config.layers_per_block)
+            parts = {part: getattr(module, part)["default"].detach() for part in LYCORIS_PARTS[kind]
+                     if "default" in getattr(module, part, {})}
+            rank = (parts["hada_w1_b"].shape[0] if kind == "loha" else
+                    next((parts[p].shape[1] for p in ("lokr_w1_a", "lokr_w2_a") if p in parts), 1))
+            first = next(part for part in ("hada_w1_a", "lokr_w1", "lokr_w1_a") if part in parts)
+            parts[first] = parts[first] * module.scaling["default"]
+            state.update({f"{key}.{part}": value.contiguous() for part, value in parts.items()})
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    adapter, v2 = models["unet"].peft_config["default"], models["unet"].config.cross_attention_dim == 1024
+    version, architecture = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base") if xl else \
+        ("sd_v2" if v2 else "sd_v1", f"stable-diffusion-v{'2' if v2 else '1'}")
+    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(adapter.r),
+                "ss_network_alpha": f"{adapter.alpha:g}", "ss_network_args": json.dumps({"algo": algo}),
+                "ss_base_model_version": version, "ss_v2": str(v2 and not xl), "ss_output_name": name,
+                "modelspec.sai_model_spec": "1.0.0", "modelspec.title": name,
+                "modelspec.architecture": f"{architecture}/lycoris"}
+    path = Path(output_dir) / WEIGHT_NAME
+    save_file(state, path, metadata=metadata)
+    return path

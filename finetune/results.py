@@ -15,6 +15,7 @@ from pipelines import TextToImageDDPMPipeline
 from . import checkpointing
 from .cli import UserError
 from .config import load_config
+from .lora import LYCORIS_WEIGHTS, is_adapter_output, load_adapters
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
 from .models import base_folder, sdxl_pipeline_class
 
@@ -29,7 +30,7 @@ def check_folder(folder: Path) -> str | None:
     """Why `folder` cannot be sampled from, or None."""
     if not folder.is_dir():
         return f"{folder} is not a folder"
-    if (folder / LORA_WEIGHTS).is_file():
+    if is_adapter_output(folder):
         if not (folder / "config.yaml").is_file():
             return (f"{folder} holds LoRA weights but no config.yaml naming their base; pass the base pipeline "
                     f"folder and --lora {folder}")
@@ -72,7 +73,7 @@ def hide_library_progress() -> None:
 
 def _base_or_output(folder: str) -> str:
     """The pipeline folder behind a run's output: its base for a LoRA run (the run's config.yaml names it)."""
-    if (Path(folder) / LORA_WEIGHTS).is_file():
+    if is_adapter_output(folder):
         return base_folder(load_config(Path(folder) / "config.yaml").model)
     return folder
 
@@ -91,12 +92,16 @@ def load_result(folder: str, command: str | None = None) -> DiffusionPipeline:
         raise UserError(f"{folder} is an SDXL model, and {command} does not take SDXL models yet; draw images with "
                         f"python -m finetune.sample {folder} \"PROMPT\", or load it in diffusers "
                         "(StableDiffusionXLPipeline)")
-    if not (Path(folder) / LORA_WEIGHTS).is_file():
+    if not is_adapter_output(folder):
         return pipeline_class(folder).from_pretrained(folder, use_safetensors=True)
-    model = load_config(Path(folder) / "config.yaml").model
+    config = load_config(Path(folder) / "config.yaml")
+    model = config.model
     base = base_folder(model)  # (a single-file base: its conversion)
     cls = pipeline_class(base, model.revision)
     pipeline = cls.from_pretrained(base, revision=model.revision, variant=model.variant,
                                    use_safetensors=True if model.use_safetensors else None)
-    pipeline.load_lora_weights(folder)
+    if (Path(folder) / LYCORIS_WEIGHTS).is_file():  # LoHa / LoKr: stock diffusers cannot load them
+        load_adapters(pipeline, folder, config.lora)
+    else:
+        pipeline.load_lora_weights(folder)
     return pipeline
