@@ -10,7 +10,9 @@ their packed size with their scales), the process's resident memory after quanti
 (Linux's VmHWM, reset before the steps), the median step time, and the loss on one fixed batch (same noise and
 timesteps) against the unquantized bf16 UNet's: how far the quantized weights move what the adapters train on.
 
-    python benchmarks/bench_quantization.py [--steps 3] [--json benchmarks/results/quantization.json]
+    python benchmarks/bench_quantization.py [--steps 3] [--sdxl] [--json benchmarks/results/quantization.json]
+
+With --sdxl, also SDXL base 1.0's UNet (2.6B weights, built in bf16) quantized per mode: its weight bytes only.
 """
 
 import argparse
@@ -32,6 +34,24 @@ def rss(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def sdxl_weights(mode: str) -> dict:
+    """SDXL base 1.0's UNet at its real size (2.6B weights, built in bf16), quantized: its weight bytes only."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT))
+    from finetune import quantization
+
+    torch.set_num_threads(2)
+    config = json.loads((ROOT / "finetune" / "base_configs" / "sdxl" / "unet" / "config.json").read_text())
+    torch.set_default_dtype(torch.bfloat16)  # (built in bf16 directly: 5 GB, not 10)
+    unet = UNet2DConditionModel.from_config(config).requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    if mode != "none":
+        quantization.quantize(unet, mode, torch.bfloat16, torch.device("cpu"))
+    return {"unet_weight_bytes": quantization.weight_bytes(unet)}
 
 
 def measure(mode: str, steps: int) -> dict:
@@ -80,10 +100,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--sdxl", action="store_true", help="also SDXL's UNet's weight bytes per mode (no steps)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
+    parser.add_argument("--sdxl-mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(measure(args.mode, args.steps)))
+        return
+    if args.sdxl_mode:
+        print(json.dumps(sdxl_weights(args.sdxl_mode)))
         return
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": 2}, "steps": args.steps,
                "modes": {}}
@@ -92,6 +117,11 @@ def main() -> None:
                                capture_output=True, text=True, check=True)
         results["modes"][mode] = json.loads(child.stdout.strip().splitlines()[-1])
         print(mode, results["modes"][mode], flush=True)
+    for mode in MODES if args.sdxl else []:
+        child = subprocess.run([sys.executable, __file__, "--sdxl-mode", mode], capture_output=True, text=True,
+                               check=True)
+        results.setdefault("sdxl_unet", {})[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        print("sdxl", mode, results["sdxl_unet"][mode], flush=True)
     reference = results["modes"]["none"]["fixed_batch_loss"]
     for values in results["modes"].values():
         values["loss_gap_vs_bf16"] = values["fixed_batch_loss"] - reference

@@ -462,6 +462,10 @@ class TrainConfig:
     `prodigy` (prodigyopt: finds its own step size; learning_rate 1.0), `adafactor` (PyTorch's: factored second
     moments, less memory), `adamw_schedulefree` (schedulefree: no LR schedule, an average of the weights is what is
     sampled and saved) or `sgd`. prodigy and adamw_schedulefree need `pip install 'finetune-ddpm[optimizers]'`."""
+    optimizer_cpu_offload: bool = False
+    """Keep AdamW's moments and the update on the CPU (torchao's `CPUOffloadOptimizer`): less GPU memory for a
+    full fine-tune, at some speed; CUDA only, with train.optimizer: adamw (`pip install 'finetune-ddpm[quantization]'`
+    brings torchao)."""
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     """More keyword arguments for the optimizer, e.g. `{momentum: 0.9}` for sgd or `{d_coef: 2, safeguard_warmup:
     true}` for prodigy; the adam_* fields below give betas, epsilon and weight decay to those that take them."""
@@ -574,6 +578,9 @@ class TrainConfig:
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw_8bit"):
             problems.append(f"train.use_8bit_adam: true asks for adamw_8bit but train.optimizer is {self.optimizer}; "
                             "keep one of them")
+        if self.optimizer_cpu_offload and (self.optimizer != "adamw" or self.use_8bit_adam):
+            problems.append(f"train.optimizer_cpu_offload: offloads train.optimizer: adamw only (got "
+                            f"{'adamw_8bit' if self.use_8bit_adam else self.optimizer}); use adamw, or set it to false")
         if self.optimizer == "adamw_schedulefree":
             if self.lr_scheduler != "constant":
                 problems.append(f"train.lr_scheduler: {self.lr_scheduler} would fight adamw_schedulefree, which "

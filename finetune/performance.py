@@ -80,6 +80,8 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, device:
             "weight_decay": train.adam_weight_decay, "eps": train.adam_epsilon}
     args = dict(train.optimizer_args)
     try:
+        if train.optimizer_cpu_offload:
+            return _cpu_offloaded_adamw(params, {**adam, **args}, device)
         if name == "adamw":  # fused: one kernel for all tensors (LoRA's 256 small ones: 7.0 -> 1.2 ms on CPU)
             return torch.optim.AdamW(params, **{**adam, "fused": device.type in ("cpu", "cuda"), **args})
         if name == "sgd":
@@ -112,6 +114,23 @@ def _package(module: str, optimizer: str):
     except ImportError as error:
         raise UserError(f"train.optimizer: {optimizer} needs the {module} package: pip install "
                         f"'finetune-ddpm[optimizers]' (or pip install {module})") from error
+
+
+def _cpu_offloaded_adamw(params: list[torch.nn.Parameter], settings: dict, device: torch.device):
+    """AdamW whose state and update live on the CPU while the weights and gradients stay on the GPU (torchao's
+    `CPUOffloadOptimizer`, fused AdamW on the CPU side)."""
+    if device.type != "cuda":
+        raise ValueError(f"train.optimizer_cpu_offload moves the optimizer from a CUDA GPU to the CPU, and this run "
+                         f"is on {device}; set it to false (on a CPU the optimizer is there already)")
+    if PartialState().num_processes > 1:
+        raise ValueError("train.optimizer_cpu_offload: torchao's CPUOffloadOptimizer is for one process; launch a "
+                         "single process, or set it to false")
+    try:
+        from torchao.optim import CPUOffloadOptimizer
+    except ImportError as error:
+        raise ValueError("train.optimizer_cpu_offload needs torchao: pip install 'finetune-ddpm[quantization]' (or "
+                         "pip install torchao), or set it to false") from error
+    return CPUOffloadOptimizer(params, torch.optim.AdamW, **{**settings, "fused": True})
 
 
 def _adamw_8bit(params: list[torch.nn.Parameter], settings: dict, device: torch.device, key: str):

@@ -129,3 +129,17 @@ def test_the_trainers_own_loop_never_waits_for_the_gpu_between_logging_steps(tin
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert syncs_checked == [2, 3, 4, 5, 6, 7, 8]
+
+
+def test_cpu_offloaded_adamw_keeps_its_state_on_the_cpu():
+    """`train.optimizer_cpu_offload` gives torchao's CPUOffloadOptimizer: the weights stay on the GPU and move, the
+    moments of tensors from 4,096 values up (torchao's minimal_size) live on the CPU."""
+    config = load_config(None, ["train.optimizer_cpu_offload=true", "train.learning_rate=1e-2"])
+    weight = torch.nn.Parameter(torch.ones(64, 64, device="cuda"))
+    optimizer = performance.make_optimizer([weight], config.train, torch.device("cuda"))
+    weight.sum().backward()
+    optimizer.step()
+    assert weight.device.type == "cuda" and weight[0, 0].item() < 1
+    states = [value for offloaded in optimizer.state_dict()["offloaded"] for state in offloaded["state"].values()
+              for value in state.values() if torch.is_tensor(value) and value.dim() > 0]
+    assert states and all(value.device.type == "cpu" for value in states)

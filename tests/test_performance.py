@@ -73,6 +73,7 @@ def test_a_compiled_unet_samples_eagerly(tiny_components):
 @pytest.mark.parametrize("override, message", [
     ("train.enable_xformers_memory_efficient_attention=true",
      "train.enable_xformers_memory_efficient_attention needs a CUDA GPU"),
+    ("train.optimizer_cpu_offload=true", "train.optimizer_cpu_offload moves the optimizer from a CUDA GPU"),
 ])
 def test_gpu_only_levers_refuse_on_a_cpu(tmp_path, override, message):
     result = _train(tmp_path, override, "--dry-run", f"train.output_dir={tmp_path / 'run'}", check=False)
