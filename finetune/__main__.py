@@ -8,6 +8,7 @@
   hub         push a finished run to the Hugging Face Hub
   data        write the built-in shapes dataset as webdataset shards
   reference   print the config reference (every key, its default and meaning)
+  ui          a local web page to start, watch and sample runs (needs the ui extra)
 
 `finetune <command> --help` lists each command's options.
 """
@@ -20,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .cli import run
 
 COMMANDS = {name: f"finetune.{name}" for name in
-            ("train", "sample", "evaluate", "visualize", "export", "hub", "data", "reference")}
+            ("train", "sample", "evaluate", "visualize", "export", "hub", "data", "reference", "ui")}
 
 
 def package_version() -> str:

@@ -120,7 +120,11 @@ class ModelConfig:
                             "(begin token, at least one word, end token)")
         if self.pretrained_model_name_or_path is None and not problems:
             problems += self._architecture_problems()
-        if self.single_file_config and not str(self.pretrained_model_name_or_path).lower().endswith(".safetensors"):
+        single = str(self.pretrained_model_name_or_path).lower().endswith(".safetensors")
+        if single and (self.variant or self.revision):
+            problems.append("model.variant / model.revision: a single-file base is one file, with no variants or Hub "
+                            "revisions; remove them")
+        if self.single_file_config and not single:
             problems.append(f"model.single_file_config: set, but model.pretrained_model_name_or_path="
                             f"{self.pretrained_model_name_or_path} is no .safetensors file; it is for single files")
         _check(problems)
@@ -578,6 +582,10 @@ class TrainConfig:
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw_8bit"):
             problems.append(f"train.use_8bit_adam: true asks for adamw_8bit but train.optimizer is {self.optimizer}; "
                             "keep one of them")
+        if self.optimizer_cpu_offload and (self.max_grad_norm > 0 or self.mixed_precision == "fp16"):
+            problems.append("train.optimizer_cpu_offload: its optimizer copies each gradient to the CPU during the "
+                            "backward pass, before gradient clipping or fp16's unscaling could reach it; set "
+                            "train.max_grad_norm: 0 (and bf16 rather than fp16), or optimizer_cpu_offload: false")
         if self.optimizer_cpu_offload and (self.optimizer != "adamw" or self.use_8bit_adam):
             problems.append(f"train.optimizer_cpu_offload: offloads train.optimizer: adamw only (got "
                             f"{'adamw_8bit' if self.use_8bit_adam else self.optimizer}); use adamw, or set it to false")
@@ -686,6 +694,9 @@ class Config:
         if self.model.base_quantization != "none" and not self.lora.enabled:
             problems.append(f"model.base_quantization: {self.model.base_quantization} quantizes a frozen base, which "
                             "only a LoRA run has; set lora.enabled: true, or base_quantization: none")
+        if self.model.base_quantization == "nf4" and self.lora.type in ("loha", "lokr"):
+            problems.append(f"model.base_quantization: nf4 cannot carry lora.type: {self.lora.type} (peft sizes its "
+                            "factors from the packed 4-bit weights); use int8 or fp8, or lora.type: lora")
         if self.train.export_single_file and (self.lora.enabled or not self.model.pretrained_model_name_or_path):
             problems.append("train.export_single_file: only a full fine-tune of an SD-1.x or SDXL base has a "
                             "single-file form (a LoRA run writes lora_kohya.safetensors, which those tools load); "

@@ -41,10 +41,11 @@ def check_single_file(path: str, config_folder: str | None) -> tuple[str, bool]:
     """A single-file base: readable safetensors of a known family (or with its config folder); and whether it was
     converted before (else a run converts it first, which the dry run does not: it writes the cache)."""
     _, keys, _ = single_file.read_keys(path)
+    single_file.check_config_folder(config_folder)
     kind = f"configs from {config_folder}" if config_folder else {
         "sd15": "SD-1.x", "sdxl": "SDXL"}[single_file.family(keys, path)] + ", configs shipped with this package"
     folder = single_file.conversion(path, config_folder)
-    converted = (folder / "model_index.json").is_file()
+    converted = (folder / single_file.COMPLETE).is_file()
     state = (f"converted before, into {folder}" if converted else "not converted yet: a run converts it into a "
              "diffusers folder in the cache first; the dry run stops here rather than write it")
     return f"base: {path}: a single-file checkpoint ({len(keys)} tensors; {kind}); {state}", converted

@@ -49,6 +49,7 @@ IN_PROGRESS = ".tmp-checkpoint-*"
 CHECKPOINTS = "checkpoint-*"
 EXPORTS = "checkpoint-*/pipeline/*"  # a checkpoint's export (python -m finetune.export): made again from it
 PICKLES = ["*.pkl", "*.pickle"]
+WEB_PAGE = ["ui-launch.json", "ui-launch.log", "samples/ui/*"]  # what `python -m finetune.ui` keeps in a run folder
 # The code a pipeline folder of this project ships (TextToImageDDPMPipeline.save_pretrained writes model_index.json's
 # `_class_name` as [module, class] and copies the files), and what each file does.
 PROJECT_PIPELINE = ["pipeline_text2image_ddpm", "TextToImageDDPMPipeline"]
@@ -408,8 +409,9 @@ def finished_output(output_dir: str | os.PathLike) -> Path:
 
 def ignore_patterns(include_checkpoints: bool) -> list[str]:
     """What stays local: pickles, checkpoints being written, and finished ones unless asked for (never their
-    exports), and the lock of a run writing there."""
-    return [IN_PROGRESS, LOCK_FILE, EXPORTS, *PICKLES] + ([] if include_checkpoints else [CHECKPOINTS])
+    exports), the lock of a run writing there, and what the web page kept there (its launch record and log, the
+    images sampled on the page)."""
+    return [IN_PROGRESS, LOCK_FILE, EXPORTS, *PICKLES, *WEB_PAGE] + ([] if include_checkpoints else [CHECKPOINTS])
 
 
 def create(api: HfApi, hub: HubConfig) -> str:

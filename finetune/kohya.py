@@ -60,39 +60,56 @@ def save_kohya(output_dir: str | Path, unet: torch.nn.Module, text_encoder: torc
     return path
 
 
-_BLOCK = re.compile(r"lora_unet_(?:down_blocks_(\d+)_attentions_(\d+)|up_blocks_(\d+)_attentions_(\d+)"
-                    r"|(mid_block)_attentions_0)_(.+)")
+_BLOCK = re.compile(r"lora_unet_(?:down_blocks_(\d+)_(attentions|resnets)_(\d+)"
+                    r"|up_blocks_(\d+)_(attentions|resnets)_(\d+)|mid_block_(attentions|resnets)_(\d+))_(.+)")
+# A ResNet's layers under their LDM names (diffusers' `unet_conversion_map_resnet`, read the other way).
+_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "conv_shortcut": "skip_connection",
+           "time_emb_proj": "emb_layers_1"}
 
 
 def ldm_name(key: str, layers_per_block: int) -> str:
     """An SDXL UNet key in diffusers' naming, `lora_unet_down_blocks_1_attentions_0_<rest>`, in the original one,
     `lora_unet_input_blocks_4_1_<rest>`: the LDM UNet numbers its input blocks 1 + level x (layers + 1) + layer
     (block 0 is the first convolution), its output blocks level x (layers + 1) + layer, and puts a level's
-    transformer at index 1 after its ResNet; inside a transformer the names are the same. The inverse of diffusers'
-    `_maybe_map_sgm_blocks_to_diffusers`, for attention blocks (what `lora.target_modules` may name here)."""
-    match = _BLOCK.fullmatch(key.split(".")[0])
+    ResNet at index 0 and its transformer at index 1 (the middle block: ResNet, transformer, ResNet); inside a
+    transformer the names are the same, a ResNet's convolutions are `in_layers_2` / `out_layers_3` /
+    `skip_connection`. The inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`, for attention blocks and
+    ResNets (what `lora.target_modules` and `lora.conv_rank` may adapt)."""
+    module = key.split(".")[0]
+    match = _nameable(module)
     if match is None or not isinstance(layers_per_block, int):
-        raise UserError(f"lora.target_modules: {key.split('.')[0]} is outside the UNet's attention blocks, which is "
-                        "all the SDXL kohya file maps so far; target attention layers (to_q, to_k, to_v, to_out.0, "
-                        "proj_in, ff.net.0.proj, ...) or set lora.save_format: diffusers")
-    down, down_layer, up, up_layer, mid, rest = match.groups()
+        raise UserError(f"lora: the SDXL kohya file cannot name {module} (outside the UNet's attention blocks and "
+                        "ResNet convolutions); target those (to_q, to_k, to_v, to_out.0, proj_in, ff.net.0.proj, "
+                        "conv1, ...) or set lora.save_format: diffusers")
+    down, down_kind, down_layer, up, up_kind, up_layer, mid_kind, mid_layer, rest = match.groups()
     stride = layers_per_block + 1
+    kind = down_kind or up_kind or mid_kind
+    if kind == "resnets":
+        rest = _RESNET[rest]
     if down is not None:
-        block = f"input_blocks_{1 + int(down) * stride + int(down_layer)}_1"
+        block = f"input_blocks_{1 + int(down) * stride + int(down_layer)}_{0 if kind == 'resnets' else 1}"
     elif up is not None:
-        block = f"output_blocks_{int(up) * stride + int(up_layer)}_1"
+        block = f"output_blocks_{int(up) * stride + int(up_layer)}_{0 if kind == 'resnets' else 1}"
     else:
-        block = "middle_block_1"
-    return f"lora_unet_{block}_{rest}" + key[len(key.split(".")[0]):]
+        block = f"middle_block_{2 * int(mid_layer) if kind == 'resnets' else 1}"
+    return f"lora_unet_{block}_{rest}" + key[len(module):]
+
+
+def _nameable(module: str) -> re.Match | None:
+    """The match of a UNet module's kohya name (`lora_unet_...`) that `ldm_name` can rename, else None."""
+    match = _BLOCK.fullmatch(module)
+    if match and "resnets" in match.groups() and match.group(9) not in _RESNET:
+        return None
+    return match
 
 
 def unmapped(unet: torch.nn.Module) -> list[str]:
-    """The adapted modules of an SDXL UNet that the kohya file cannot name (outside its attention blocks; all of them
-    for a UNet with per-level ResNet counts)."""
+    """The adapted modules of an SDXL UNet that the kohya file cannot name (outside its attention blocks and ResNet
+    layers; all of them for a UNet with per-level ResNet counts)."""
     modules = [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
     if not isinstance(unet.config.layers_per_block, int):  # (per-level counts: no LDM numbering written for them)
         return modules
-    return [module for module in modules if not _BLOCK.fullmatch(f"lora_unet_{module.replace('.', '_')}")]
+    return [module for module in modules if not _nameable(f"lora_unet_{module.replace('.', '_')}")]
 
 
 # ---- LyCORIS (LoHa, LoKr) ------------------------------------------------------------------------------------

@@ -85,10 +85,13 @@ def attach(components: Components, config: LoraConfig, autocast: bool = False) -
             _skip_input_casts(model)
     freeze_unused(components)
     outside = kohya.unmapped(components.unet) if components.text_encoder_2 is not None else []
-    if outside and (config.save_format == "both" or config.type in ("loha", "lokr")):  # (these: the kohya file only)
+    if outside and config.type in ("loha", "lokr"):  # (the kohya file is their only one)
+        raise UserError(f"lora.target_modules: the SDXL LyCORIS file names adapters in the UNet's attention blocks "
+                        f"and ResNets only, and {outside[0]} is neither; target those layers")
+    if outside and config.save_format == "both":
         raise UserError(f"lora.save_format: both: the SDXL kohya file names adapters in the UNet's attention blocks "
-                        f"only, and lora.target_modules also adapts {outside[0]}; target attention layers, or use "
-                        "lora.save_format: auto (then the diffusers file alone) or diffusers")
+                        f"and ResNets only, and lora.target_modules also adapts {outside[0]}; target those layers, or "
+                        "use lora.save_format: auto (then the diffusers file alone) or diffusers")
     return [model for model, _ in adapted]
 
 

@@ -33,16 +33,18 @@ def quantize_base(components, mode: str, dtype: torch.dtype, device: torch.devic
 
 
 def quantize(model: torch.nn.Module, mode: str, dtype: torch.dtype, device: torch.device) -> None:
-    """Cast `model` to `dtype`, move it to `device` and quantize its linear layers in place (`mode`: int8, fp8,
-    nf4)."""
+    """Quantize the linear layers of `model` in place (`mode`: int8, fp8, nf4), computing in `dtype`, and move it to
+    `device`. The model is cast where it was loaded (the CPU) and each layer is quantized as it moves, so the
+    full-precision weights never reach the GPU all at once: its peak is the quantized model and one layer."""
     _library(mode)
-    model.to(device, dtype)
+    model.to(dtype)
     if mode == "nf4":
         _swap_in_nf4(model, dtype, device)
     else:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-        quantize_(model, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
+        quantize_(model, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig(), device=device)
+    model.to(device)  # (the rest: convolutions, norms, embeddings)
     if dtype != torch.float32:  # autocast does not reach quantized layers: their float32 inputs would stay float32
         for module in model.modules():  # and make float32 outputs, which meet the base's bf16 norms downstream
             if isinstance(module, torch.nn.Linear):

@@ -45,6 +45,7 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT = {"sd15": "cond_stage_model.transformer.text_model.", "sdxl": "conditioner.embedders.0.transformer.text_model."}
 OPEN_CLIP = "conditioner.embedders.1.model."
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPLETE = ".conversion-complete"  # written last into a conversion
 
 
 def is_single_file(path: str | None) -> bool:
@@ -111,30 +112,62 @@ def diffusers_folder(path: str, config_folder: str | None) -> Path:
     `config_folder` (default: the shipped ones of the family its keys show) on first use and kept in the cache
     (`$FINETUNE_CACHE/single-file/`, the weights in the file's precision), so that every command that reads the
     base (training, export, sampling a LoRA on it) reads the same folder. A changed file or config folder is
-    converted again."""
+    converted again. With several processes, one per machine converts while the others wait, then read it."""
+    from accelerate import PartialState
+
     file, keys, dtype = read_keys(path)
-    if config_folder:
-        folder = Path(config_folder).expanduser()
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"{CONFIG_KEY}={config_folder}: no model_index.json there; give the base's diffusers "
-                            "folder (configs, tokenizer and scheduler; its weights are not read)")
-    else:
+    check_config_folder(config_folder)
+    if not config_folder:
         family(keys, path)  # SD-1.x or SDXL, or the error that asks for the config folder
     out = conversion(path, config_folder)
-    if (out / "model_index.json").is_file():
-        return out
+    with PartialState().local_main_process_first():
+        if not (out / COMPLETE).is_file():
+            _convert(file, family(keys, path) if not config_folder else None, config_folder, dtype, out)
+            logger.info(f"{KEY}={path}: converted to a diffusers folder, {out} (kept for later runs; delete it to "
+                        "free the space)")
+    return out
+
+
+def check_config_folder(config_folder: str | None) -> None:
+    if config_folder and not (Path(config_folder).expanduser() / "model_index.json").is_file():
+        raise UserError(f"{CONFIG_KEY}={config_folder}: no model_index.json there; give the base's diffusers folder "
+                        "(configs, tokenizer and scheduler; its weights are not read)")
+
+
+def _convert(file: Path, shipped: str | None, config_folder: str | None, dtype: torch.dtype, out: Path) -> None:
+    """Write the conversion beside `out` and rename it into place once complete (marked by `COMPLETE`, written
+    last): a conversion that was killed, or one that lost the race to another run, is never read."""
+    for stale in out.parent.glob(f".tmp-{out.name}-*"):  # (left by a conversion that was killed)
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     with tempfile.TemporaryDirectory(prefix="finetune-base-config-") as scratch:
-        folder = folder if config_folder else shipped_config(family(keys, path), Path(scratch))
+        folder = shipped_config(shipped, Path(scratch)) if shipped else Path(config_folder).expanduser()
         pipeline = _from_single_file(file, folder, dtype)
-        tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
         pipeline.save_pretrained(tmp)
+    for name in ("text_encoder", "text_encoder_2"):  # transformers writes them on global rank 0 only
+        model = getattr(pipeline, name, None)
+        if model is not None and not (tmp / name / "model.safetensors").is_file():
+            model.config.save_pretrained(tmp / name)
+            save_file({key: value.contiguous() for key, value in model.state_dict().items()},
+                      tmp / name / "model.safetensors", metadata={"format": "pt"})
+    (tmp / COMPLETE).write_text(json.dumps({"file": str(file), "config": config_folder or shipped}) + "\n")
+    if out.exists() and not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete conversion
     try:
         tmp.rename(out)
-    except OSError:  # another process converted it first
+    except OSError:  # another run converted it first
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info(f"{KEY}={path}: converted to a diffusers folder, {out} (kept for later runs; delete it to free "
-                "the space)")
-    return out
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) > 0
 
 
 def conversion(path: str, config_folder: str | None) -> Path:

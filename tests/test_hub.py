@@ -315,11 +315,15 @@ def test_the_token_is_never_printed_or_written(hub, made_output):
 
 
 def test_checkpoints_stay_local_unless_asked_for(hub, made_output):
+    """So do what the web page keeps in a run folder: its launch record and log, the images sampled on it."""
+    for name in ("ui-launch.json", "ui-launch.log", "samples/ui/0-a-red-circle.png"):
+        (made_output / name).parent.mkdir(parents=True, exist_ok=True)
+        (made_output / name).write_text("local")
     assert _push(hub, made_output, "--hub-model-id", "alice/no-checkpoints").returncode == 0
     files = hub.repos["alice/no-checkpoints"].files()
     assert {"config.yaml", "model_index.json", "README.md", "samples/step-4.png",
             "logs/finetune/events.out.tfevents.1.host", "unet/diffusion_pytorch_model.safetensors"} <= files.keys()
-    assert not [path for path in files if "checkpoint-" in path]
+    assert not [path for path in files if "checkpoint-" in path or "ui-launch" in path or path.startswith("samples/ui")]
 
     assert _push(hub, made_output, "--hub-model-id", "alice/no-checkpoints", "--include-checkpoints").returncode == 0
     files = hub.repos["alice/no-checkpoints"].files()

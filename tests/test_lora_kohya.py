@@ -2,6 +2,8 @@
 with SD-1.5's real block layout (its published configs, tests/fixtures/sd15, with every width shrunk)."""
 
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -105,14 +107,15 @@ XL_TEXT_MODULES = {f"lora_te{n}_text_model_encoder_layers_{layer}_self_attn_{pro
                    for layer in range(layers) for proj in ("q_proj", "k_proj", "v_proj", "out_proj")}
 
 
-@pytest.fixture(scope="module")
-def sdxl_lora(tmp_path_factory):
+@pytest.fixture(scope="module", params=["lora", "locon"])
+def sdxl_lora(request, tmp_path_factory):
     """A base with SDXL base 1.0's own block and layer counts (widths shrunk) and adapters on the UNet and both
-    encoders (rank 2, alpha 6; encoders rank 2, alpha 1) with random weights, saved both ways."""
+    encoders (rank 2, alpha 6; encoders rank 2, alpha 1; with LoCon also the ResNets' convolutions, rank 2, alpha 4)
+    with random weights, saved both ways."""
     base = build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl-shaped") / "base", real_depths=True)
     components = load_components(ModelConfig(pretrained_model_name_or_path=str(base)))
-    config = LoraConfig(enabled=True, rank=2, alpha=6, train_text_encoder=True, text_encoder_rank=2,
-                        text_encoder_alpha=1)
+    config = LoraConfig(enabled=True, type=request.param, rank=2, alpha=6, conv_alpha=4, train_text_encoder=True,
+                        text_encoder_rank=2, text_encoder_alpha=1)
     models = lora.attach(components, config)
     torch.manual_seed(1)
     for model in models:
@@ -130,8 +133,18 @@ def test_the_sdxl_kohya_file_names_modules_as_sdxl_lora_files_do(sdxl_lora):
         keys, metadata = set(f.keys()), f.metadata()
         alphas = {key.rsplit(".", 1)[0]: f.get_tensor(key).item() for key in keys if key.endswith(".alpha")}
     modules = {key.split(".")[0] for key in keys}
-    assert modules == XL_UNET_MODULES | XL_TEXT_MODULES
+    resnets = modules - XL_UNET_MODULES - XL_TEXT_MODULES
+    assert XL_UNET_MODULES | XL_TEXT_MODULES <= modules
     assert {alphas[m] for m in XL_UNET_MODULES} == {6.0} and {alphas[m] for m in XL_TEXT_MODULES} == {1.0}
+    # LoCon: every ResNet of SDXL's layout (2 per input level, 3 per output level, 2 in the middle block) by its
+    # LDM name, its convolutions as kohya's sd-scripts name them (in_layers_2, out_layers_3, skip_connection).
+    if resnets:
+        assert {m.removesuffix("_in_layers_2") for m in resnets if m.endswith("_in_layers_2")} == {
+            *(f"lora_unet_input_blocks_{i}_0" for i in (1, 2, 4, 5, 7, 8)), "lora_unet_middle_block_0",
+            "lora_unet_middle_block_2", *(f"lora_unet_output_blocks_{i}_0" for i in range(9))}
+    assert all(re.fullmatch(r"lora_unet_(input_blocks_\d_0|middle_block_[02]|output_blocks_\d_0)_(in_layers_2|"
+                            r"out_layers_3|skip_connection)", m) for m in resnets)
+    assert {alphas[m] for m in resnets} <= {4.0}
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_v2"] == "False"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
@@ -154,13 +167,14 @@ def test_stock_diffusers_draws_the_same_sdxl_images_from_either_file(sdxl_lora):
 
 
 def test_an_sdxl_kohya_file_is_refused_for_adapters_it_cannot_name(tiny_sdxl_folder, tmp_path):
-    """Adapters outside the attention blocks (here the ResNets' time projections) have no name in the SDXL kohya
-    file yet: `both` is refused before training, `auto` writes the diffusers file alone."""
+    """Adapters outside the attention blocks and ResNets (here the timestep embedding) have no name in the SDXL
+    kohya file yet: `both` is refused before training, `auto` writes the diffusers file alone."""
     components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_folder)))
-    with pytest.raises(UserError, match="lora.save_format: both: .*time_emb_proj"):
-        lora.attach(components, LoraConfig(enabled=True, save_format="both", target_modules=["to_q", "time_emb_proj"]))
+    target = "time_embedding.linear_1"
+    with pytest.raises(UserError, match="lora.save_format: both: .*time_embedding"):
+        lora.attach(components, LoraConfig(enabled=True, save_format="both", target_modules=["to_q", target]))
     components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_folder)))
-    config = LoraConfig(enabled=True, target_modules=["to_q", "time_emb_proj"])
+    config = LoraConfig(enabled=True, target_modules=["to_q", target])
     lora.attach(components, config)
     lora.save_run(tmp_path, components, config)
     assert (tmp_path / lora.WEIGHT_NAME).is_file() and not (tmp_path / lora.KOHYA_WEIGHT_NAME).exists()

@@ -4,6 +4,9 @@ resume is exact, and the LoRA file is the ordinary one that loads on the full-pr
 
 import builtins
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -115,9 +118,20 @@ def test_a_run_on_an_nf4_base_resumes_exactly(tiny_sd_folder, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_quantizing_a_base_needs_a_lora_run():
+def test_quantizing_a_base_needs_a_lora_run_and_nf4_a_plain_lora():
     with pytest.raises(ConfigError, match="model.base_quantization: int8 quantizes a frozen base"):
         load_config(None, ["model.pretrained_model_name_or_path=base", "model.base_quantization=int8"])
+    with pytest.raises(ConfigError, match="model.base_quantization: nf4 cannot carry lora.type: loha"):
+        load_config(None, ["model.pretrained_model_name_or_path=base", "model.base_quantization=nf4",
+                           "model.train_text_encoder=false", "lora.enabled=true", "lora.type=loha"])
+
+
+def test_cpu_offload_refuses_what_it_would_skip():
+    """torchao's offloaded optimizer copies the gradients to the CPU during the backward pass: clipping (on by
+    default) and fp16's unscaling would never reach what it steps with."""
+    with pytest.raises(ConfigError, match="train.optimizer_cpu_offload: .*set train.max_grad_norm: 0"):
+        load_config(None, ["train.optimizer_cpu_offload=true"])
+    load_config(None, ["train.optimizer_cpu_offload=true", "train.max_grad_norm=0"])
 
 
 def test_a_missing_package_names_the_extra(monkeypatch, tiny_sd_folder):
@@ -132,3 +146,15 @@ def test_a_missing_package_names_the_extra(monkeypatch, tiny_sd_folder):
     monkeypatch.setattr(quantization.importlib, "import_module", lambda name: no_torchao(name))
     with pytest.raises(UserError, match=r"int8 needs the torchao package: pip install 'finetune-ddpm\[quantization\]'"):
         quantization.quantize(torch.nn.Linear(2, 2), "int8", torch.float32, torch.device("cpu"))
+
+
+def test_importing_the_project_never_reaches_the_hub():
+    """bitsandbytes >= 0.50 on a CPU with AVX512-BF16 asks the Hub for a CPU kernel when it is imported (which
+    diffusers does whenever it is installed); the project's import runs it offline, online settings or not, and
+    with none of its import-time chatter. (On a CPU without AVX512-BF16 bitsandbytes asks nothing.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))}
+    script = "import logging; logging.basicConfig(level=logging.DEBUG); import finetune.train"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "connect_tcp" not in result.stderr and "huggingface.co" not in result.stderr
+    assert "Failed to load" not in result.stderr

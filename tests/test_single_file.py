@@ -39,7 +39,7 @@ from .conftest import ROOT, build_sd15_shaped, build_tiny_sdxl_pipeline
 from .fake_hub import FakeHub
 from .test_finetune import SD, _regrid
 from .test_hub import _grid_tiles
-from .test_train import _train
+from .test_train import _train, _two_process_launcher
 
 SHIPPED = ROOT / "finetune" / "base_configs"
 
@@ -190,6 +190,8 @@ def test_config_refusals_name_the_key():
         load_config(None, ["train.export_single_file=true"])
     with pytest.raises(ConfigError, match="model.single_file_config: set, but"):
         load_config(None, ["model.pretrained_model_name_or_path=base", "model.single_file_config=configs"])
+    with pytest.raises(ConfigError, match="model.variant / model.revision: a single-file base is one file"):
+        load_config(None, ["model.pretrained_model_name_or_path=b.safetensors", "model.variant=fp16"])
 
 
 def test_a_pixel_space_base_cannot_export_a_single_file(tiny_components):
@@ -210,6 +212,10 @@ def test_a_single_file_base_fine_tunes_and_exports_one_file(tiny_sd_folder, tmp_
     dry = _train(tmp_path, *run, f"train.output_dir={tmp_path / 'dry'}", "--dry-run")
     assert f"base: {base}: a single-file checkpoint ({len(load_file(base))} tensors; configs from" in dry.stdout
     assert "not converted yet" in dry.stdout and not (tmp_path / "cache" / "single-file").exists()
+    missing = _train(tmp_path, *run, f"train.output_dir={tmp_path / 'dry'}", "--dry-run",
+                     f"model.single_file_config={tmp_path / 'nowhere'}", check=False)
+    assert missing.returncode == 2 and "model.single_file_config=" in missing.stderr and "no model_index.json" in \
+        missing.stderr
     _train(tmp_path, *run, f"train.output_dir={out}")
     conversions = list((tmp_path / "cache" / "single-file").iterdir())
     assert len(conversions) == 1 and (conversions[0] / "model_index.json").is_file()
@@ -245,9 +251,10 @@ np.save("hub.npy", np.stack([np.asarray(image) for image in scope["images"]]))
 @pytest.mark.slow
 def test_a_lora_on_a_single_file_base_samples_like_the_run(tiny_sd_folder, tmp_path):
     """A LoRA on a single-file base: the tools that load a run's output (sample, evaluate) load the base from the
-    file and draw the run's final grid again exactly; so does the model card's snippet (`from_single_file`, then the
-    adapters), run where this project is not installed, against a fake Hub serving the base's configs under the id
-    diffusers looks them up by (`stable-diffusion-v1-5/stable-diffusion-v1-5`) and the pushed adapters."""
+    file and draw the run's final grid again exactly; so does the model card's snippet (`from_single_file`, then
+    the adapters), run where this project is not installed, against a fake Hub serving the base's configs under
+    the id diffusers looks them up by (`stable-diffusion-v1-5/stable-diffusion-v1-5`) and the pushed adapters. Two
+    processes with a fresh cache convert the file once between them, completely, and train."""
     base = single_file.save(load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder))),
                             tmp_path / "base.safetensors", "fp32")
     out = tmp_path / "lora"
@@ -256,6 +263,14 @@ def test_a_lora_on_a_single_file_base_samples_like_the_run(tiny_sd_folder, tmp_p
            f"train.output_dir={out}", "validation.num_images_per_prompt=2")
     grid = np.asarray(Image.open(out / "samples" / "step-2.png"))
     assert np.array_equal(_regrid(load_result(str(out)), out), grid)
+    # Two processes, a fresh cache: one converts (transformers writes text encoders on rank 0 only), both train.
+    _train(tmp_path, *SD, f"model.pretrained_model_name_or_path={base}", f"model.single_file_config={tiny_sd_folder}",
+           "lora.enabled=true", "train.max_train_steps=2", "validation.validation_steps=0", "data.num_samples=2000",
+           "train.checkpointing_steps=0", f"train.output_dir={tmp_path / 'two'}", launcher=_two_process_launcher(),
+           env={"ACCELERATE_USE_CPU": "1", "FINETUNE_CACHE": str(tmp_path / "cache-2")})
+    [conversion] = (tmp_path / "cache-2" / "single-file").iterdir()
+    assert (conversion / single_file.COMPLETE).is_file()
+    assert (conversion / "text_encoder" / "model.safetensors").is_file()
 
     card = model_card(out, "alice/lora-on-a-file")
     assert ("from diffusers import StableDiffusionPipeline\n\n"
