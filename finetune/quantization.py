@@ -15,6 +15,7 @@ an unquantized run writes and loads on the full-precision base.
 
 import functools
 import importlib
+import re
 
 import torch
 
@@ -36,7 +37,10 @@ def quantize(model: torch.nn.Module, mode: str, dtype: torch.dtype, device: torc
     """Quantize the linear layers of `model` in place (`mode`: int8, fp8, nf4), computing in `dtype`, and move it to
     `device`. The model is cast where it was loaded (the CPU) and each layer is quantized as it moves, so the
     full-precision weights never reach the GPU all at once: its peak is the quantized model and one layer."""
-    _library(mode)
+    library = _library(mode)
+    if mode == "nf4" and device.type == "cpu" and _version(library.__version__) < (0, 46):
+        raise UserError(f"model.base_quantization: nf4 on the CPU needs bitsandbytes >= 0.46 (its CPU 4-bit "
+                        f"kernels; this is {library.__version__}): pip install -U bitsandbytes, or use int8 or fp8")
     model.to(dtype)
     if mode == "nf4":
         _swap_in_nf4(model, dtype, device)
@@ -63,6 +67,10 @@ def _library(mode: str):
     except ImportError as error:
         raise UserError(f"model.base_quantization: {mode} needs the {name} package: pip install "
                         f"'finetune-ddpm[quantization]' (or pip install {name}), or set it to none") from error
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
 def _swap_in_nf4(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:

@@ -158,3 +158,11 @@ def test_importing_the_project_never_reaches_the_hub():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "connect_tcp" not in result.stderr and "huggingface.co" not in result.stderr
     assert "Failed to load" not in result.stderr
+
+
+def test_nf4_on_the_cpu_needs_bitsandbytes_with_cpu_kernels(monkeypatch):
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.45.5")
+    with pytest.raises(UserError, match=r"nf4 on the CPU needs bitsandbytes >= 0.46 .*this is 0.45.5"):
+        quantization.quantize(torch.nn.Linear(64, 64), "nf4", torch.float32, torch.device("cpu"))
