@@ -203,12 +203,13 @@ def test_a_pixel_space_base_cannot_export_a_single_file(tiny_components):
 def test_a_single_file_base_fine_tunes_and_exports_one_file(tiny_sd_folder, tmp_path):
     """Through the trainer, offline: the base is a single file (converted once into the cache and reused), the
     full fine-tune writes its pipeline folder and `<name>.safetensors`, which stock `from_single_file` loads with
-    the weights of the folder."""
+    the weights of the folder; `python -m finetune.export` of its checkpoint writes one too (the same keys)."""
     base = single_file.save(load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder))),
                             tmp_path / "base.safetensors", "fp32")
     out = tmp_path / "tuned"
     run = [*SD, f"model.pretrained_model_name_or_path={base}", f"model.single_file_config={tiny_sd_folder}",
-           "train.max_train_steps=2", "train.export_single_file=true", "train.single_file_precision=fp32"]
+           "train.max_train_steps=2", "train.checkpointing_steps=2", "train.export_single_file=true",
+           "train.single_file_precision=fp32"]
     dry = _train(tmp_path, *run, f"train.output_dir={tmp_path / 'dry'}", "--dry-run")
     assert f"base: {base}: a single-file checkpoint ({len(load_file(base))} tensors; configs from" in dry.stdout
     assert "not converted yet" in dry.stdout and not (tmp_path / "cache" / "single-file").exists()
@@ -218,7 +219,7 @@ def test_a_single_file_base_fine_tunes_and_exports_one_file(tiny_sd_folder, tmp_
         missing.stderr
     _train(tmp_path, *run, f"train.output_dir={out}")
     conversions = list((tmp_path / "cache" / "single-file").iterdir())
-    assert len(conversions) == 1 and (conversions[0] / "model_index.json").is_file()
+    assert len(conversions) == 1 and (conversions[0] / single_file.COMPLETE).is_file()
     stamp = (conversions[0] / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
 
     tuned = StableDiffusionPipeline.from_single_file(str(out / "tuned.safetensors"), config=str(tiny_sd_folder),
@@ -231,6 +232,10 @@ def test_a_single_file_base_fine_tunes_and_exports_one_file(tiny_sd_folder, tmp_
         assert all(torch.equal(want[key], got[key]) for key in want), name
     original = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
     assert not torch.equal(folder["unet"].conv_in.weight, original.unet.conv_in.weight)  # it trained
+    subprocess.run([sys.executable, "-m", "finetune.export", str(out / "checkpoint-2")], cwd=tmp_path, check=True,
+                   capture_output=True, env={**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")})
+    exported = load_file(out / "checkpoint-2" / "pipeline" / "tuned-checkpoint-2.safetensors")
+    assert exported.keys() == load_file(out / "tuned.safetensors").keys()
 
     _train(tmp_path, *run, f"train.output_dir={tmp_path / 'again'}", "train.export_single_file=false")
     assert (conversions[0] / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
