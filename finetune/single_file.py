@@ -117,12 +117,11 @@ def diffusers_folder(path: str, config_folder: str | None) -> Path:
 
     file, keys, dtype = read_keys(path)
     check_config_folder(config_folder)
-    if not config_folder:
-        family(keys, path)  # SD-1.x or SDXL, or the error that asks for the config folder
+    shipped = None if config_folder else family(keys, path)  # (or the error that asks for the config folder)
     out = conversion(path, config_folder)
     with PartialState().local_main_process_first():
         if not (out / COMPLETE).is_file():
-            _convert(file, family(keys, path) if not config_folder else None, config_folder, dtype, out)
+            _convert(file, shipped, config_folder, dtype, out)
             logger.info(f"{KEY}={path}: converted to a diffusers folder, {out} (kept for later runs; delete it to "
                         "free the space)")
     return out
