@@ -330,6 +330,7 @@ def validate_readme(content: str) -> list[str]:
 _MODEL_ROUTE = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<action>revision|tree|preupload|commit|branch|refs)"
                           r"(?:/(?P<rev>[^/]+)(?P<path>/.*)?)?)?")
 _RESOLVE_ROUTE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+_ORGANIZATION_ROUTE = re.compile(r"/api/organizations/[^/]+/overview")
 _LFS_BATCH_ROUTE = re.compile(r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch")
 _LFS_UPLOAD_ROUTE = re.compile(r"/lfs-upload/(?P<oid>[0-9a-f]{64})")
 
@@ -388,6 +389,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             auth, method = self.headers.get("Authorization"), self.command
             if method == "GET" and path == "/api/whoami-v2":
                 return 200, hub.token(auth, required=True).whoami(), {}
+            if method == "GET" and _ORGANIZATION_ROUTE.fullmatch(path):
+                # bitsandbytes >= 0.50 asks, when imported on an AVX512-BF16 CPU (diffusers imports it wherever it
+                # is installed), whether the publisher of its CPU kernel is trusted (`kernels`): no organisation
+                # here, so it keeps its own CPU code, as it does when the real Hub's answer does not verify it.
+                return 404, {"error": "Organization not found"}, {}
             if method == "POST" and path == "/api/validate-yaml":
                 errors = validate_readme(json.loads(body)["content"])
                 return (400 if errors else 200), {"errors": [{"message": e} for e in errors], "warnings": []}, {}
