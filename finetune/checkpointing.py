@@ -23,6 +23,7 @@ from accelerate.logging import get_logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import sharding
 from .cli import UserError
 from .config import TrainConfig
 
@@ -75,10 +76,10 @@ def read_data_state(path: str | os.PathLike, rank: int) -> dict:
         return json.load(f)
 
 
-def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dict:
+def read_manifest(path: str | os.PathLike, world_size: int | None = None, sharded: bool | None = None) -> dict:
     """The checkpoint's manifest, after checking that every file it lists is there with the size it was written
     with and, when `world_size` is given, that it was written by as many processes (each has its own RNG
-    state)."""
+    state), and when `sharded` is given, by the same engine (FSDP's shards, or whole weights)."""
     path = Path(path)
     with open(path / MANIFEST) as f:
         manifest = json.load(f)
@@ -96,6 +97,10 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
         if (path / name).stat().st_size != size:
             raise UserError(f"checkpoint {path} is damaged: {name} is {(path / name).stat().st_size} bytes but was "
                              f"written with {size}; resume from another checkpoint")
+    if sharded is not None and manifest.get("sharded", False) != sharded:
+        raise UserError(f"checkpoint {path} was written {'sharded (FSDP)' if manifest.get('sharded') else 'unsharded'} "
+                        f"but this run is {'sharded' if sharded else 'not'}; resume it with the engine that wrote it "
+                        "(the accelerate config's distributed_type)")
     if world_size is not None and manifest["world_size"] != world_size:
         raise UserError(f"checkpoint {path} was written by {manifest['world_size']} processes but this run has "
                          f"{world_size}; resume with --num_processes {manifest['world_size']} for an exact "
@@ -103,14 +108,15 @@ def read_manifest(path: str | os.PathLike, world_size: int | None = None) -> dic
     return manifest
 
 
-def resume_target(train: TrainConfig, world_size: int) -> tuple[Path | None, dict | None]:
+def resume_target(train: TrainConfig, world_size: int, sharded: bool) -> tuple[Path | None, dict | None]:
     """The checkpoint `train.resume_from_checkpoint` names and its manifest, checked whole before anything is built
     (None, None: no resume, or `latest` with no checkpoint yet)."""
     path = resolve_checkpoint(train.resume_from_checkpoint, train.output_dir) if train.resume_from_checkpoint else None
-    return (path, read_manifest(path, world_size)) if path else (None, None)
+    return (path, read_manifest(path, world_size, sharded)) if path else (None, None)
 
 
-def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tuple[int, int, int, Path | None]:
+def resume(accelerator: Accelerator, train: TrainConfig, config_text: str,
+           emas: list) -> tuple[int, int, int, Path | None]:
     """Restore the state of `train.resume_from_checkpoint`, if any: (step, epoch, batches seen in that epoch,
     the checkpoint folder). Settings changed since the checkpoint are named: the continuation is exact only
     when none that shape training changed."""
@@ -120,8 +126,11 @@ def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tu
     if path is None:
         logger.info("train.resume_from_checkpoint=latest: no checkpoint yet, starting fresh", main_process_only=True)
         return 0, 0, 0, None
-    manifest = read_manifest(path, accelerator.num_processes)
-    accelerator.load_state(str(path))
+    manifest = read_manifest(path, accelerator.num_processes, sharding.is_sharded(accelerator))
+    if sharding.is_sharded(accelerator):
+        sharding.load_state(accelerator, path, emas)
+    else:
+        accelerator.load_state(str(path))
     load_rng_state(path / RNG.format(accelerator.process_index))
     data = read_data_state(path, accelerator.process_index)
     logger.info(f"resumed from {path} at step {manifest['step']}", main_process_only=True)
@@ -135,18 +144,24 @@ def resume(accelerator: Accelerator, train: TrainConfig, config_text: str) -> tu
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, data_state: dict,
-                    total_limit: int | None = None, keep: Path | None = None, config_text: str = "") -> Path:
+                    total_limit: int | None = None, keep: Path | None = None, config_text: str = "",
+                    emas: list = ()) -> Path:
     """Save the full training state as `checkpoint-<step>` atomically, then rotate old checkpoints, never
     removing `keep` (the one this run resumed from). Every process must call it, with its own `data_state`
     (where its part of the data stream is), which goes to `data_state_<rank>.json`. `config_text`, the run's
-    resolved config, is kept beside the state and its SHA-256 in the manifest."""
+    resolved config, is kept beside the state and its SHA-256 in the manifest. Under FSDP each process writes its
+    shards (`sharding.save_state`, the EMAs `emas` included) instead of accelerate's state."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if sharding.is_sharded(accelerator):
+        tmp.mkdir(parents=True, exist_ok=True)
+        sharding.save_state(accelerator, tmp, emas)
+    else:
+        accelerator.save_state(str(tmp))
     save_rng_state(tmp / RNG.format(accelerator.process_index))
     (tmp / ACCELERATE_RNG.format(accelerator.process_index)).unlink(missing_ok=True)
     with open(tmp / f"data_state_{accelerator.process_index}.json", "w") as f:
@@ -154,7 +169,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / CONFIG).write_text(config_text)
-        manifest = {"step": step, "world_size": accelerator.num_processes,
+        manifest = {"step": step, "world_size": accelerator.num_processes, "sharded": sharding.is_sharded(accelerator),
                     "mixed_precision": accelerator.mixed_precision,  # what `auto` resolved to
                     "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
                     "files": sorted(p.name for p in tmp.iterdir()),
@@ -252,9 +267,18 @@ def is_checkpoint(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
+def trained_model_count(path: str | os.PathLike) -> int:
+    """How many trained models the checkpoint holds weights of (whole, or as FSDP shards)."""
+    path = Path(path)
+    return len(list(path.glob("model*.safetensors")) or list(path.glob(sharding.SHARD.format(rank=0, part="model_*"))))
+
+
 def model_weights(path: str | os.PathLike, index: int) -> dict[str, torch.Tensor]:
     """The weights accelerate saved for the `index`-th trained model (`model.safetensors`, `model_1.safetensors`, ...),
-    named as the model itself names them (a multi-process run saves them with DDP's `module.` in front)."""
+    named as the model itself names them (a multi-process run saves them with DDP's `module.` in front); of a
+    sharded run, its shards stitched whole."""
+    if sharding.is_sharded_checkpoint(Path(path)):
+        return sharding.stitch(Path(path), f"model_{index}")
     with safe_open(str(Path(path) / f"model{f'_{index}' if index else ''}.safetensors"), framework="pt") as f:
         return {key.removeprefix("module."): f.get_tensor(key) for key in f.keys()}
 
@@ -262,6 +286,11 @@ def model_weights(path: str | os.PathLike, index: int) -> dict[str, torch.Tensor
 def ema_weights(path: str | os.PathLike, index: int) -> list[torch.Tensor] | None:
     """The averaged weights of EMA `index` as `EmaCheckpoints` saved them (in the order of its model's trainable
     weights), or None when the checkpoint has none."""
+    if sharding.is_sharded_checkpoint(Path(path)):
+        if not (Path(path) / sharding.SHARD.format(rank=0, part=f"ema_{index}")).is_file():
+            return None
+        shadows = sharding.stitch(Path(path), f"ema_{index}")
+        return [shadows[f"shadow.{j}"] for j in range(len(shadows))]
     file = Path(path) / EMA.format(index)
     if not file.is_file():
         return None

@@ -1,12 +1,50 @@
-"""Checks and endings that every process of a multi-process run takes part in."""
+"""The run's processes: the Accelerator that sets them up (DDP, or FSDP through `sharding`), and the checks and
+endings that every process of a multi-process run takes part in."""
 
 import hashlib
+import os
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration
+
+from . import performance, sharding
+from .cli import UserError
+from .config import Config
+from .progress import tracker_names
 
 logger = get_logger("finetune")
+
+
+def make_accelerator(run: Config) -> Accelerator:
+    """An Accelerator for this run; on CPU, also the thread count and a refusal of fp16; under FSDP, a refusal of
+    what the sharded path does not do."""
+    config = run.train
+    accelerator = Accelerator(
+        mixed_precision=performance.resolve_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=tracker_names(config.report_to),
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if launched > accelerator.num_processes:  # each process would train alone, all into one output folder
+        raise UserError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set this one up as "
+                        f"{accelerator.num_processes} ({accelerator.distributed_type.value}): check the accelerate "
+                        "config's distributed_type (on CPU, several processes need MULTI_CPU: ACCELERATE_USE_CPU=1 "
+                        "accelerate launch --multi_gpu --num_processes N)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("accelerate is set up for DeepSpeed, which this trainer does not support yet; shard with FSDP "
+                        "(distributed_type: FSDP, fsdp_version: 2), or use DDP (--multi_gpu) or a single process")
+    sharding.check(accelerator, config, run.model, run.lora.enabled and run.lora.train_text_encoder)
+    performance.configure_backends(config, accelerator.device)
+    if accelerator.device.type == "cpu":
+        if config.mixed_precision == "fp16":
+            raise UserError("train.mixed_precision=fp16 needs a GPU; on CPU use no (fp32), or bf16 where the CPU has "
+                            "AMX (without it bf16 is slower than fp32), or auto to choose")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(config.cpu_threads or max(1, cores // accelerator.state.num_processes))
+    return accelerator
 
 
 def weight_digests(models: list[torch.nn.Module]) -> tuple[list[str], torch.Tensor]:
@@ -28,6 +66,9 @@ def check_in_sync(accelerator: Accelerator, models: list[torch.nn.Module]) -> No
     did not really train together. The processes compare the digest of each trained tensor of `models`; the first
     tensor that differs is named."""
     if accelerator.num_processes == 1:
+        return
+    if accelerator.distributed_type == DistributedType.FSDP:  # each process holds its own shard of each weight
+        logger.info("weights sharded (FSDP): each process holds its own shard", main_process_only=True)
         return
     names, digests = weight_digests([accelerator.unwrap_model(model, keep_torch_compile=False) for model in models])
     gathered = accelerator.gather(digests.to(accelerator.device)).cpu().reshape(accelerator.num_processes,

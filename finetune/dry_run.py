@@ -9,7 +9,7 @@ from pathlib import Path
 import braceexpand
 from accelerate import Accelerator
 
-from . import single_file
+from . import sharding, single_file
 from .bases import locate_base
 from .checkpointing import changed_settings, list_checkpoints, resume_target
 from .cli import UserError
@@ -20,7 +20,8 @@ from .output_lock import held_by, in_use
 def check_ahead(config: Config, accelerator: Accelerator) -> bool:
     """Check the output folder, the resume target and the base, printing a line for each (main process); False
     when the base would be downloaded (or a single-file base converted), so the dry run stops before it is."""
-    lines = [check_output(config.train.output_dir), check_resume(config, accelerator.num_processes)]
+    lines = [check_output(config.train.output_dir),
+             check_resume(config, accelerator.num_processes, sharding.is_sharded(accelerator))]
     base, converted = config.model.pretrained_model_name_or_path, True
     if single_file.is_single_file(base):
         line, converted = check_single_file(base, config.model.single_file_config)
@@ -81,11 +82,11 @@ def check_output(output_dir: str) -> str:
            "not in use"
 
 
-def check_resume(config: Config, num_processes: int) -> str | None:
+def check_resume(config: Config, num_processes: int, sharded: bool = False) -> str | None:
     """The checkpoint a run would resume from, checked whole; the settings changed since."""
     if not config.train.resume_from_checkpoint:
         return None
-    path, manifest = resume_target(config.train, num_processes)
+    path, manifest = resume_target(config.train, num_processes, sharded)
     if path is None:
         return "resume: latest: no checkpoint yet, a run starts fresh"
     changed = changed_settings(path, config_yaml(config))

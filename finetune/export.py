@@ -30,7 +30,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, lora, single_file
+from . import checkpointing, lora, sharding, single_file
 from .cli import ToolParser, UserError, run
 from .config import Config, DataConfig, TrainConfig, load_config
 from .data import build_source, caption_texts
@@ -59,7 +59,8 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
     """The pipeline to sample and save: unwrapped models in eval mode (no adapter dropout) with the EMA weights,
     when EMA is on, or a schedule-free optimizer's average, in place of the trained ones; the training weights and
     mode come back afterwards. A compiled UNet samples eagerly: compiling the sampling shapes would take longer than
-    the few samples it speeds up."""
+    the few samples it speeds up. Every process enters: under FSDP each swaps its shards and they gather whole
+    models onto the main process (the others get None for them); only the main process may use what it yields."""
     models = [accelerator.unwrap_model(model) for model in (components.unet, *components.text_encoders)]
     modes = [model.training for model in models]
     for ema, model in zip(emas, models):
@@ -67,11 +68,14 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
         ema.copy_to(trainable(model))
     for model in models:
         model.eval()
+    whole = []
     try:
         with accelerator.autocast(), torch.compiler.set_stance("force_eager"), averaged_weights(optimizer):
-            yield dataclasses.replace(components, unet=models[0], text_encoder=models[1],
-                                      text_encoder_2=models[2] if len(models) > 2 else None)
+            whole = sharding.whole(accelerator, models)
+            yield dataclasses.replace(components, unet=whole[0], text_encoder=whole[1],
+                                      text_encoder_2=whole[2] if len(whole) > 2 else None)
     finally:
+        sharding.release(accelerator, whole)
         for ema, model in zip(emas, models):
             ema.restore(trainable(model))
         for model, mode in zip(models, modes):
@@ -80,11 +84,11 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
 
 def validate(accelerator, config: Config, components: Components, emas: list[EMAModel], step: int,
              optimizer=None) -> None:
-    if accelerator.is_main_process:
-        with exported(accelerator, components, emas, optimizer) as models:
+    with exported(accelerator, components, emas, optimizer) as models:
+        if accelerator.is_main_process:
             path = log_validation(models.pipeline(), config.validation, step, config.train.output_dir,
                                   accelerator.trackers)
-        logger.info(f"step {step}: samples in {path}")
+            logger.info(f"step {step}: samples in {path}")
     accelerator.wait_for_everyone()
 
 
@@ -94,10 +98,10 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
     adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
     final sample grid, whose path it returns on the main process."""
     check_in_sync(accelerator, [components.unet, *components.text_encoders])  # every trained tensor
-    if not accelerator.is_main_process:
-        return None
     out = config.train.output_dir
     with exported(accelerator, components, emas, optimizer) as models:
+        if not accelerator.is_main_process:
+            return None
         if config.lora.enabled:
             lora.save_run(out, models, config.lora)
         else:
@@ -177,9 +181,9 @@ def data_location(data: DataConfig) -> str:
 def load_trained_weights(checkpoint: Path, trained: list[torch.nn.Module], adapters_only: bool) -> None:
     """Put the weights of `checkpoint` into the models that trained: whole models, or for LoRA the adapters (the base
     comes from the base, as `lora.AdapterCheckpoints` loads them)."""
-    found = sorted(p.name for p in checkpoint.glob("model*.safetensors"))
-    if len(found) != len(trained):
-        raise UserError(f"checkpoint {checkpoint} holds {len(found)} trained models ({', '.join(found)}) but its "
+    found = checkpointing.trained_model_count(checkpoint)
+    if found != len(trained):
+        raise UserError(f"checkpoint {checkpoint} holds {found} trained models but its "
                         f"config.yaml trains {len(trained)}; was config.yaml edited?")
     for i, model in enumerate(trained):
         state = checkpointing.model_weights(checkpoint, i)

@@ -7,7 +7,6 @@
 import itertools
 import logging
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -20,16 +19,16 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/tr
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, conditioning, dry_run, hub, lora, performance
+from . import checkpointing, conditioning, dry_run, hub, lora, performance, sharding
 from .arguments import parse_args
 from .cli import UserError, run
 from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
-from .distributed import finish
+from .distributed import finish, make_accelerator
 from .encoding import BatchEncoder
 from .export import export, validate
 from .families import check_size, text_conditioning
@@ -57,38 +56,10 @@ from .objective import (
 )
 from .output_lock import OutputLock
 from .preemption import StopOnSignal
-from .progress import StepLogger, print_summary, run_summary, tracker_names, tracker_settings
+from .progress import StepLogger, print_summary, run_summary, tracker_settings
 from .quantization import quantize_base
 
 logger = get_logger("finetune")
-
-
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """An Accelerator for this run; on CPU, also the thread count and a refusal of fp16."""
-    accelerator = Accelerator(
-        mixed_precision=performance.resolve_precision(config.mixed_precision),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=tracker_names(config.report_to),
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
-    )
-    launched = int(os.environ.get("WORLD_SIZE", 1))
-    if launched > accelerator.num_processes:  # each process would train alone, all into one output folder
-        raise UserError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set this one up as "
-                        f"{accelerator.num_processes} ({accelerator.distributed_type.value}): check the accelerate "
-                        "config's distributed_type (on CPU, several processes need MULTI_CPU: ACCELERATE_USE_CPU=1 "
-                        "accelerate launch --multi_gpu --num_processes N)")
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(f"accelerate is set up for {accelerator.distributed_type.value}, which this trainer does not "
-                         "support yet (EMA and validation need whole weights on the main process); use DDP "
-                         "(--multi_gpu) or a single process")
-    performance.configure_backends(config, accelerator.device)
-    if accelerator.device.type == "cpu":
-        if config.mixed_precision == "fp16":
-            raise UserError("train.mixed_precision=fp16 needs a GPU; on CPU use no (fp32), or bf16 where the CPU has "
-                            "AMX (without it bf16 is slower than fp32), or auto to choose")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(config.cpu_threads or max(1, cores // accelerator.state.num_processes))
-    return accelerator
 
 
 def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Components, list[torch.nn.Module]]:
@@ -132,24 +103,33 @@ def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: to
     return diffusion_loss(model_pred, training_target(scheduler, samples, noise, timesteps), weights, pixel_weights)
 
 
-def build_optimization(config: Config, params: list, trained: list, accelerator: Accelerator):
-    """AdamW over `params`, the LR schedule, and one EMA of the trainable weights of each trained model
-    (registered for checkpoints; with LoRA, checkpoints hold the adapters, not the frozen base), with the list
-    of weights each EMA follows (listed once: walking the modules at every step took 0.45 ms)."""
+def build_optimization(config: Config, params: list, accelerator: Accelerator):
+    """The optimizer over `params` and the LR schedule."""
     train = config.train
     optimizer = performance.make_optimizer(params, train, accelerator.device)
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
     lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
                                  num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=train.max_train_steps * accelerator.num_processes)
-    ema_weights = [trainable(model) for model in trained] if train.use_ema else []
-    emas = [EMAModel(weights, decay=train.ema_max_decay, use_ema_warmup=True, foreach=True) for weights in ema_weights]
+    return optimizer, lr_scheduler
+
+
+def build_ema(config: Config, trained: list, accelerator: Accelerator):
+    """After accelerate's wrapping (FSDP puts its shards in place of the weights): the trained weights, and one EMA
+    of those of each trained model (registered for checkpoints; with LoRA, checkpoints hold the adapters, not the
+    frozen base), with the list of weights each EMA follows (listed once: walking the modules at every step took
+    0.45 ms)."""
+    models = [accelerator.unwrap_model(model) for model in trained]
+    ema_weights = [trainable(model) for model in models] if config.train.use_ema else []
+    emas = [EMAModel(weights, decay=config.train.ema_max_decay, use_ema_warmup=True,
+                     foreach=not sharding.is_sharded(accelerator))  # (sharded tensors lack _foreach_copy_)
+            for weights in ema_weights]
     for ema in emas:
         ema.to(accelerator.device)
     checkpointing.EmaCheckpoints(accelerator, emas)  # safetensors, not accelerate's pickle
     if config.lora.enabled:
         lora.AdapterCheckpoints(accelerator)
-    return optimizer, lr_scheduler, emas, ema_weights
+    return [p for model in models for p in trainable(model)], emas, ema_weights
 
 
 def build_data(config: Config, tokenizers: list, source, accelerator: Accelerator):
@@ -178,6 +158,7 @@ def prepare(accelerator: Accelerator, config: Config, components: Components, tr
             lr_scheduler):
     """accelerate's wrapping of the trained models, optimizer and LR schedule (the components then hold the wrapped
     models); the training step's copy of the noise schedule, its tables on the device; the batch encoder."""
+    sharding.keep_skeletons(accelerator, trained)  # FSDP: what validation and export gather the shards into
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     for name, model in zip(("unet", "text_encoder", "text_encoder_2"), trained):  # the order build_model made
         setattr(components, name, model)
@@ -191,7 +172,7 @@ def start_output(accelerator: Accelerator, config: Config) -> OutputLock | None:
     """Create output_dir, take its lock (one run per folder) and write the resolved config in it; with
     hub.push_to_hub, check the credentials now rather than after the training. The resume target is checked
     first, by every process: a missing one is reported before anything is built."""
-    checkpointing.resume_target(config.train, accelerator.num_processes)
+    checkpointing.resume_target(config.train, accelerator.num_processes, sharding.is_sharded(accelerator))
     if not accelerator.is_main_process:
         return None
     Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
@@ -202,11 +183,12 @@ def start_output(accelerator: Accelerator, config: Config) -> OutputLock | None:
     return lock
 
 
-def save_checkpoint(accelerator: Accelerator, config: Config, step: int, data_state: dict, resumed_from) -> None:
+def save_checkpoint(accelerator: Accelerator, config: Config, step: int, data_state: dict, resumed_from,
+                    emas: list) -> None:
     """A resumable checkpoint of this step, also uploaded with hub.push_checkpoints (the training waits for the
     upload; a failed one is a warning, the checkpoint stays on disk)."""
     checkpointing.save_checkpoint(accelerator, config.train.output_dir, step, data_state,
-                                  config.train.checkpoints_total_limit, resumed_from, config_yaml(config))
+                                  config.train.checkpoints_total_limit, resumed_from, config_yaml(config), emas)
     if config.hub.push_checkpoints and accelerator.is_main_process:
         try:
             hub.push_checkpoint(config.train.output_dir, step, config.hub)
@@ -248,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # Set up the accelerator and logging; seed; record the resolved config.
-    accelerator = make_accelerator(train)
+    accelerator = make_accelerator(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(train.seed)
     if not args.dry_run:
@@ -265,15 +247,16 @@ def main(argv: list[str] | None = None) -> None:
 
     # Build the optimizer, LR schedule and EMA over the trainable weights; frozen models are not wrapped.
     params = [p for model in trained for p in trainable(model)]
-    optimizer, lr_scheduler, emas, ema_weights = build_optimization(config, params, trained, accelerator)
+    optimizer, lr_scheduler = build_optimization(config, params, accelerator)
     print_summary(config, components, params, source, accelerator)
     if args.dry_run:
         return dry_run.read_one(dataset, accelerator)
     trained, optimizer, lr_scheduler, schedule, encoder = prepare(accelerator, config, components, trained, optimizer,
                                                                   lr_scheduler)
+    params, emas, ema_weights = build_ema(config, trained, accelerator)
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
-    step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config))
+    step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config), emas)
     for ema in emas:  # accelerate loads custom states onto the CPU
         ema.to(accelerator.device)
 
@@ -315,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             step_logger.step(step, step == train.max_train_steps, lr_scheduler.get_last_lr()[0], grad_norm)
             if save:
                 save_checkpoint(accelerator, config, step, {"epoch": epoch, "batches_in_epoch": batches_in_epoch},
-                                resumed_from)
+                                resumed_from, emas)
             if sample:
                 validate(accelerator, config, components, emas, step, optimizer)
             if stopping:
