@@ -2,17 +2,24 @@
 hashed, the first that differs named; with a stand-in for a second process, and once through `accelerate launch`."""
 
 import copy
+import json
 import logging
+import os
+import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 
-from finetune import lora
+from finetune import checkpointing, lora
 from finetune.config import LoraConfig
 from finetune.distributed import check_in_sync, weight_digests
 
+from .conftest import TINY_RUN
 from .test_train import ROOT, _env, _two_process_launcher
 
 
@@ -20,7 +27,7 @@ class TwoProcesses:
     """An accelerator of 2 processes whose process 1 holds `others` (the same models, maybe changed): `gather` puts
     the digests process 1 would send after this process's own."""
 
-    num_processes, device = 2, torch.device("cpu")
+    num_processes, device, distributed_type = 2, torch.device("cpu"), DistributedType.MULTI_CPU
 
     def __init__(self, others: list[torch.nn.Module]):
         self.others = others
@@ -98,3 +105,73 @@ def test_two_real_processes(tmp_path):
     for rank in (0, 1):
         assert f"process {rank}: the 2 processes ended with different weights: Sequential.1.weight on process(es) " \
                "[1] differs" in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _machine(rank: int, port: int) -> list[str]:
+    """`accelerate launch` as machine `rank` of two, one process each, the main one at 127.0.0.1."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+            str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.mark.slow
+def test_two_machines_read_disjoint_data(tmp_path):
+    """Two launches with --num_machines 2 and machine ranks 0 and 1 on 127.0.0.1 (gloo) make one run of two
+    processes whose epochs split the built-in set's shards: together they read every sample once."""
+    port, out = _free_port(), tmp_path / "keys"
+    overrides = ["data.num_samples=2000", "data.resolution=8", "train.train_batch_size=50", "data.caption_dropout=0"]
+    machines = [subprocess.Popen([*_machine(rank, port), str(ROOT / "tests" / "epoch_keys.py"), str(out), *overrides],
+                                 cwd=tmp_path, env=_env(tmp_path, {"ACCELERATE_USE_CPU": "1"}),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for machine in machines:
+        _, err = machine.communicate(timeout=300)
+        assert machine.returncode == 0, err[-3000:]
+    seen = [json.loads((out / f"keys_{rank}.json").read_text()) for rank in (0, 1)]
+    assert {s["distributed_type"] for s in seen} == {"MULTI_CPU"}
+    assert seen[0]["keys"] and seen[1]["keys"] and not set(seen[0]["keys"]) & set(seen[1]["keys"])
+    assert len(seen[0]["keys"]) + len(seen[1]["keys"]) == 2000
+
+
+SRUN = """#!/bin/bash
+# srun's stand-in: the command once per node of the job, here, each with its own SLURM_NODEID
+shift  # --kill-on-bad-exit=1
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+@pytest.mark.slow
+def test_the_slurm_script_trains_on_two_nodes_and_a_requeue_resumes(tmp_path):
+    """scripts/slurm/train.sbatch as SLURM would run it on 2 nodes of 1 "GPU" (srun and scontrol stood in for, both
+    nodes here, gloo on the CPU): one run of 2 processes that end with identical weights; run again with more
+    steps, as a requeued job is, it resumes from its latest checkpoint."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "srun").write_text(SRUN)
+    (stubs / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = _env(tmp_path, {"ACCELERATE_USE_CPU": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]",
+                          "GPUS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(_free_port()),
+                          "PATH": f"{stubs}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    out = tmp_path / "run"
+    for steps in (4, 6):
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), "--config",
+                                 str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, "data.num_samples=2000",
+                                 f"train.max_train_steps={steps}", "train.checkpointing_steps=2",
+                                 f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        assert "(MULTI_CPU)" in result.stdout and "2 processes" in result.stdout
+        assert "weights identical on all 2 processes" in result.stderr
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in result.stderr
+    assert checkpointing.read_manifest(out / "checkpoint-6", world_size=2)["step"] == 6
