@@ -33,9 +33,14 @@ def make_accelerator(run: Config) -> Accelerator:
                         f"{accelerator.num_processes} ({accelerator.distributed_type.value}): check the accelerate "
                         "config's distributed_type (on CPU, several processes need MULTI_CPU: ACCELERATE_USE_CPU=1 "
                         "accelerate launch --multi_gpu --num_processes N)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise UserError("accelerate is set up for DeepSpeed, which this trainer does not support yet; shard with FSDP "
-                        "(distributed_type: FSDP, fsdp_version: 2), or use DDP (--multi_gpu) or a single process")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or _asked_for("DEEPSPEED"):
+        raise UserError("the accelerate config asks for DeepSpeed, which this trainer does not run: its checkpoints "
+                        "are pickles that DeepSpeed loads unrestricted; shard with FSDP2 (distributed_type: FSDP, "
+                        "fsdp_version: 2: configs/accelerate/fsdp.yaml), or use DDP (--multi_gpu)")
+    if _asked_for("FSDP") and accelerator.num_processes > 1 and not sharding.is_sharded(accelerator):
+        raise UserError(f"the accelerate config asks for FSDP but accelerate set this run up as "
+                        f"{accelerator.distributed_type.value}, unsharded (accelerate runs FSDP on GPUs only); on CPU "
+                        "use DDP: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N")
     sharding.check(accelerator, config, run.model, run.lora.enabled and run.lora.train_text_encoder)
     performance.configure_backends(config, accelerator.device)
     if accelerator.device.type == "cpu":
@@ -45,6 +50,12 @@ def make_accelerator(run: Config) -> Accelerator:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(config.cpu_threads or max(1, cores // accelerator.state.num_processes))
     return accelerator
+
+
+def _asked_for(engine: str) -> bool:
+    """Whether `accelerate launch` was told to use `engine` (it says so in ACCELERATE_USE_<ENGINE>), though on a CPU
+    it sets the run up without it."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
 
 
 def weight_digests(models: list[torch.nn.Module]) -> tuple[list[str], torch.Tensor]:

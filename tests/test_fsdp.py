@@ -171,3 +171,27 @@ def test_stitch_rebuilds_torch_chunk_shards(tmp_path):
     (tmp_path / sharding.SHARD.format(rank=1, part="model_0")).unlink()
     with pytest.raises(UserError, match="incomplete \\(ranks \\[0, 2\\]\\)"):
         sharding.stitch(tmp_path, "model_0")
+
+
+@pytest.mark.slow
+def test_fsdp_that_accelerate_leaves_unsharded_is_refused(tmp_path):
+    """`--use_fsdp` on a CPU without tests/fsdp_on_cpu.py: accelerate sets the processes up as plain DDP (MULTI_CPU),
+    which would train unsharded while the config says FSDP; the trainer refuses, saying what to use."""
+    launcher = [arg for arg in _launcher(True) if arg != SHIM]
+    result = _train(tmp_path, *COMMON, "--dry-run", f"train.output_dir={tmp_path / 'o'}", launcher=launcher,
+                    env={"ACCELERATE_USE_CPU": "1"}, check=False)
+    assert result.returncode != 0
+    assert "error: the accelerate config asks for FSDP but accelerate set this run up as MULTI_CPU, unsharded" \
+        in result.stderr
+
+
+def test_deepspeed_is_refused(monkeypatch):
+    """DeepSpeed (its checkpoints are pickles it loads unrestricted) is refused with the way to shard instead."""
+    from finetune import distributed
+    from finetune.config import Config
+
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2)
+    monkeypatch.setattr(distributed, "Accelerator", lambda **kwargs: deepspeed)
+    with pytest.raises(UserError, match="asks for DeepSpeed, which this trainer does not run: its checkpoints are "
+                                        "pickles.*configs/accelerate/fsdp.yaml"):
+        distributed.make_accelerator(Config())
