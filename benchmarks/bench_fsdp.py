@@ -7,7 +7,8 @@ fp32, EMA on, each engine run `--repeats` times alternately:
   process; each FSDP process writes only its shards), read from the last checkpoint;
 - peak memory: the largest resident set of any of the launch's processes (getrusage of the children), which
   includes the ~0.5 GB that Python, torch and the libraries take in every process.
-FSDP on the CPU runs through tests/fsdp_on_cpu.py (accelerate enables FSDP for accelerator devices only).
+FSDP on the CPU runs with tests/faults/sitecustomize.py's FINETUNE_TEST_FSDP_ON_CPU (accelerate enables FSDP for
+accelerator devices only).
 
     python benchmarks/bench_fsdp.py [--steps 30] [--repeats 2] [--json benchmarks/results/fsdp-cpu-2core-DATE.json]
 """
@@ -33,15 +34,15 @@ def launch(engine: str, out: Path, steps: int, batch: int) -> dict:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     flags = ["--use_fsdp", "--fsdp_version", "2"] if engine == "fsdp" else ["--multi_gpu"]
-    shim = [str(ROOT / "tests" / "fsdp_on_cpu.py")] if engine == "fsdp" else []
     command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *shim,
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
                str(ROOT / "finetune" / "train.py"), "--config", str(ROOT / "configs" / "shapes.yaml"),
                f"train.output_dir={out}", f"train.max_train_steps={steps}", f"train.checkpointing_steps={steps}",
                f"train.train_batch_size={batch}", "train.use_ema=true", "model.train_text_encoder=false",
                "validation.validation_steps=0", "train.logging_steps=1", "data.num_samples=2000"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "FINETUNE_CACHE": str(out.parent / "cache")}
+           "FINETUNE_CACHE": str(out.parent / "cache"), "FINETUNE_TEST_FSDP_ON_CPU": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")]))}
     rss = out.parent / f"{out.name}.maxrss"  # written by a fresh Python whose only children are this launch's
     wrapper = [sys.executable, "-c", "import resource, subprocess, sys; "
                "code = subprocess.run(sys.argv[2:]).returncode; "

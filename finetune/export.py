@@ -59,8 +59,12 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
     """The pipeline to sample and save: unwrapped models in eval mode (no adapter dropout) with the EMA weights,
     when EMA is on, or a schedule-free optimizer's average, in place of the trained ones; the training weights and
     mode come back afterwards. A compiled UNet samples eagerly: compiling the sampling shapes would take longer than
-    the few samples it speeds up. Every process enters: under FSDP each swaps its shards and they gather whole
-    models onto the main process (the others get None for them); only the main process may use what it yields."""
+    the few samples it speeds up. Every process enters; only the main process may use what it yields: under FSDP
+    every process swaps its shards and they gather whole models onto the main process (the others get None for
+    them); otherwise the other processes do nothing."""
+    if not accelerator.is_main_process and not sharding.is_sharded(accelerator):
+        yield components  # unsharded, only the main process samples and saves: the others swap nothing
+        return
     models = [accelerator.unwrap_model(model) for model in (components.unet, *components.text_encoders)]
     modes = [model.training for model in models]
     for ema, model in zip(emas, models):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, DynamoBackend
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -50,14 +50,22 @@ def check(accelerator: Accelerator, train: TrainConfig, model: ModelConfig, lora
     if model.train_text_encoder or lora_text_encoder:  # accelerate's FSDP2 prepares one model
         problems.append(f"{'model' if model.train_text_encoder else 'lora'}.train_text_encoder=true (accelerate "
                         "shards one trained model with FSDP2: the UNet; set it to false)")
-    if train.optimizer not in OPTIMIZERS:
+    if train.use_8bit_adam:
+        problems.append("train.use_8bit_adam=true (its quantized state is not shaped like the weights it shards)")
+    elif train.optimizer not in OPTIMIZERS:
         problems.append(f"train.optimizer={train.optimizer} (sharded checkpoints hold {' or '.join(OPTIMIZERS)} state)")
     if train.optimizer_cpu_offload:
         problems.append("train.optimizer_cpu_offload=true (use the accelerate config's fsdp_offload_params instead)")
     if accelerator.mixed_precision == "fp16":
-        problems.append("train.mixed_precision=fp16 (use bf16)")
+        problems.append(f"train.mixed_precision={train.mixed_precision}, which is fp16 here (use bf16, or no)")
     if model.base_quantization != "none":
         problems.append(f"model.base_quantization={model.base_quantization} (quantized weights are not sharded)")
+    if train.compile or accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
+        problems.append("train.compile or the accelerate config's dynamo_backend (compiling a sharded UNet is not "
+                        "tested here yet; set dynamo_backend: 'no' and train.compile: false)")
+    if plugin.activation_checkpointing:
+        problems.append("the accelerate config's fsdp_activation_checkpointing (its wrappers rename every weight; use "
+                        "train.gradient_checkpointing instead)")
     if problems:
         raise UserError(f"under FSDP this trainer does not support {'; '.join(problems)}; change these, or train with "
                         "DDP (distributed_type: MULTI_GPU)")
@@ -187,6 +195,9 @@ def load_state(accelerator: Accelerator, folder: Path, emas: list) -> None:
         for name, param in trained.items():
             _fill(param, tensors[name], f"checkpoint {folder}, model {i}, {name}")
     for i, ema in enumerate(emas):
+        if not (folder / SHARD.format(rank=rank, part=f"ema_{i}")).is_file():
+            raise UserError(f"checkpoint {folder} holds no EMA (its run had train.use_ema: false); resume with "
+                            "train.use_ema: false, or start afresh")
         tensors, metadata = _read(folder, rank, f"ema_{i}")
         for j, shadow in enumerate(ema.shadow_params):
             _fill(shadow, tensors[f"shadow.{j}"], f"checkpoint {folder}, EMA {i}, weight {j}")

@@ -124,8 +124,8 @@ def build_ema(config: Config, trained: list, accelerator: Accelerator):
     emas = [EMAModel(weights, decay=config.train.ema_max_decay, use_ema_warmup=True,
                      foreach=not sharding.is_sharded(accelerator))  # (sharded tensors lack _foreach_copy_)
             for weights in ema_weights]
-    for ema in emas:
-        ema.to(accelerator.device)
+    for ema, weights in zip(emas, ema_weights):
+        ema.to(weights[0].device)  # (FSDP's fsdp_offload_params keeps them on the CPU)
     checkpointing.EmaCheckpoints(accelerator, emas)  # safetensors, not accelerate's pickle
     if config.lora.enabled:
         lora.AdapterCheckpoints(accelerator)
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
     step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config), emas)
-    for ema in emas:  # accelerate loads custom states onto the CPU
-        ema.to(accelerator.device)
+    for ema, weights in zip(emas, ema_weights):  # accelerate loads custom states onto the CPU
+        ema.to(weights[0].device)
 
     # Train.
     accelerator.init_trackers("finetune", config=tracker_settings(config))

@@ -150,10 +150,12 @@ exit $status
 
 
 @pytest.mark.slow
-def test_the_slurm_script_trains_on_two_nodes_and_a_requeue_resumes(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_the_slurm_script_trains_on_two_nodes_and_a_requeue_resumes(tmp_path, engine):
     """scripts/slurm/train.sbatch as SLURM would run it on 2 nodes of 1 "GPU" (srun and scontrol stood in for, both
-    nodes here, gloo on the CPU): one run of 2 processes that end with identical weights; run again with more
-    steps, as a requeued job is, it resumes from its latest checkpoint."""
+    nodes here, gloo on the CPU): one run of 2 processes, DDP (identical weights at the end) or, with
+    ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml, FSDP2 (FINETUNE_TEST_FSDP_ON_CPU lets accelerate shard on the
+    CPU); run again with more steps, as a requeued job is, it resumes from its latest checkpoint."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "srun").write_text(SRUN)
@@ -162,16 +164,22 @@ def test_the_slurm_script_trains_on_two_nodes_and_a_requeue_resumes(tmp_path):
         stub.chmod(0o755)
     env = _env(tmp_path, {"ACCELERATE_USE_CPU": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]",
                           "GPUS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(_free_port()),
-                          "PATH": f"{stubs}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+                          "PATH": f"{stubs}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                          **({"ACCELERATE_CONFIG": str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+                              "FINETUNE_TEST_FSDP_ON_CPU": "1"} if engine == "fsdp" else {})})
     out = tmp_path / "run"
     for steps in (4, 6):
         result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), "--config",
                                  str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, "data.num_samples=2000",
-                                 f"train.max_train_steps={steps}", "train.checkpointing_steps=2",
-                                 f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=300)
+                                 "model.train_text_encoder=false", f"train.max_train_steps={steps}",
+                                 "train.checkpointing_steps=2", f"train.output_dir={out}"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        assert "(MULTI_CPU)" in result.stdout and "2 processes" in result.stdout
-        assert "weights identical on all 2 processes" in result.stderr
+        assert "2 processes" in result.stdout
+        if engine == "fsdp":
+            assert "(FSDP)" in result.stdout and "weights sharded (FSDP)" in result.stderr
+        else:
+            assert "(MULTI_CPU)" in result.stdout and "weights identical on all 2 processes" in result.stderr
     assert f"resumed from {out / 'checkpoint-4'} at step 4" in result.stderr
-    assert checkpointing.read_manifest(out / "checkpoint-6", world_size=2)["step"] == 6
+    manifest = checkpointing.read_manifest(out / "checkpoint-6", world_size=2, sharded=engine == "fsdp")
+    assert manifest["step"] == 6

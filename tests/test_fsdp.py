@@ -1,8 +1,8 @@
 """Sharded training with accelerate's FSDP2, for real on the CPU: two gloo processes under `accelerate launch
---config_file configs/accelerate/fsdp.yaml --num_processes 2` (the shipped config) through tests/fsdp_on_cpu.py
-(accelerate keeps FSDP for accelerator devices; that script lifts that one check, and accelerate's own FSDP2 code
-then runs). Against the DDP run of the same config, a killed and resumed sharded run, the exports loaded
-downstream; and the refusals."""
+--config_file configs/accelerate/fsdp.yaml --num_processes 2` (the shipped config), with FINETUNE_TEST_FSDP_ON_CPU
+(tests/faults/sitecustomize.py: accelerate keeps FSDP for accelerator devices; that lifts that one check, and
+accelerate's own FSDP2 code then runs). Against the DDP run of the same config, a killed and resumed sharded run,
+the exports loaded downstream; and the refusals."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, DynamoBackend
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -28,7 +28,7 @@ from pipelines import TextToImageDDPMPipeline
 from .test_finetune import SD, _grid, _regrid
 from .test_train import ROOT, _command, _env, _train
 
-SHIM = str(ROOT / "tests" / "fsdp_on_cpu.py")
+FSDP_ON_CPU = {"ACCELERATE_USE_CPU": "1", "FINETUNE_TEST_FSDP_ON_CPU": "1"}
 # Enough samples for 2 processes' shards; the text encoder frozen: accelerate's FSDP2 shards one trained model.
 COMMON = ["data.num_samples=2000", "model.train_text_encoder=false", "train.use_ema=true"]
 
@@ -39,8 +39,7 @@ def _launcher(fsdp: bool) -> tuple:
         port = sock.getsockname()[1]
     engine = ("--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")) if fsdp else ("--multi_gpu",)
     return (sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--num_machines",
-            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            *((SHIM,) if fsdp else ()))
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port))
 
 
 def _losses(folder):
@@ -59,7 +58,7 @@ def test_a_sharded_full_fine_tune_matches_ddp_resumes_exactly_and_loads(tmp_path
     steps = ["train.max_train_steps=24", "train.checkpointing_steps=8", "validation.validation_steps=8"]
     env = {"ACCELERATE_USE_CPU": "1"}
     fsdp, ddp, killed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "killed"
-    result = _train(tmp_path, *COMMON, *steps, f"train.output_dir={fsdp}", launcher=_launcher(True), env=env)
+    result = _train(tmp_path, *COMMON, *steps, f"train.output_dir={fsdp}", launcher=_launcher(True), env=FSDP_ON_CPU)
     assert "on cpu:0 (FSDP)" in result.stdout and "weights sharded (FSDP)" in result.stderr
     _train(tmp_path, *COMMON, *steps, f"train.output_dir={ddp}", launcher=_launcher(False), env=env)
 
@@ -80,7 +79,7 @@ def test_a_sharded_full_fine_tune_matches_ddp_resumes_exactly_and_loads(tmp_path
 
     # Killed between checkpoints (the whole process group, as a node loss would), then resumed from `latest`.
     process = subprocess.Popen(_command(_launcher(True), [*COMMON, *steps, f"train.output_dir={killed}"]),
-                               cwd=tmp_path, env=_env(tmp_path, env), stdout=subprocess.DEVNULL,
+                               cwd=tmp_path, env=_env(tmp_path, FSDP_ON_CPU), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     while not (killed / "checkpoint-8").is_dir() and process.poll() is None:
         time.sleep(0.01)
@@ -88,7 +87,7 @@ def test_a_sharded_full_fine_tune_matches_ddp_resumes_exactly_and_loads(tmp_path
     process.wait(timeout=60)
     assert not (killed / "model_index.json").exists()
     result = _train(tmp_path, *COMMON, *steps, f"train.output_dir={killed}", "train.resume_from_checkpoint=latest",
-                    launcher=_launcher(True), env=env)
+                    launcher=_launcher(True), env=FSDP_ON_CPU)
     assert "resumed from" in result.stderr and "settings changed" not in result.stderr
     for name in ("checkpoint-24/shard-0.model_0.safetensors", "checkpoint-24/shard-1.model_0.safetensors",
                  "checkpoint-24/shard-1.optimizer.safetensors", "checkpoint-24/shard-0.ema_0.safetensors",
@@ -113,13 +112,14 @@ def test_a_sharded_lora_run_writes_the_same_file_and_loads_in_stock_diffusers(ti
     """LoRA on an SD-1.5-shaped base under FSDP2 (frozen base and adapters in the same shards) with gradient
     checkpointing: the LoRA file has exactly the keys of a one-process run's and stock `load_lora_weights` loads
     it; in fp32 the stock pipeline draws the sharded run's final grid exactly (gathered whole on the main process;
-    under bf16 the run samples in autocast, the stock pipeline in fp32)."""
+    under bf16 the run samples in autocast, the stock pipeline in fp32); its sharded checkpoint exported offline is
+    the same LoRA file."""
     common = [*SD, "validation.guidance_scale=2.0", f"model.pretrained_model_name_or_path={tiny_sd_folder}",
               "lora.enabled=true", "lora.alpha=8", "data.num_samples=64", "data.resampled=true",
               "train.max_train_steps=4", "train.gradient_checkpointing=true", f"train.mixed_precision={precision}",
-              "train.cpu_threads=1"]  # on any machine: CPU kernels split their sums by thread
+              "train.cpu_threads=1", "train.checkpointing_steps=4"]  # threads: CPU kernels split sums by thread
     sharded, single = tmp_path / "sharded", tmp_path / "single"
-    _train(tmp_path, *common, f"train.output_dir={sharded}", launcher=_launcher(True), env={"ACCELERATE_USE_CPU": "1"})
+    _train(tmp_path, *common, f"train.output_dir={sharded}", launcher=_launcher(True), env=FSDP_ON_CPU)
     _train(tmp_path, *common, f"train.output_dir={single}")
     keys = load_file(sharded / "pytorch_lora_weights.safetensors").keys()
     assert keys == load_file(single / "pytorch_lora_weights.safetensors").keys() and keys
@@ -137,10 +137,19 @@ def test_a_sharded_lora_run_writes_the_same_file_and_loads_in_stock_diffusers(ti
     if precision == "no":
         assert np.array_equal(after, _grid(sharded, 4))
 
+    # The sharded adapters' checkpoint, stitched offline, is the run's own LoRA file.
+    export = subprocess.run([sys.executable, "-m", "finetune.export", str(sharded / "checkpoint-4")], cwd=ROOT,
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    offline = load_file(sharded / "checkpoint-4" / "pipeline" / "pytorch_lora_weights.safetensors")
+    final = load_file(sharded / "pytorch_lora_weights.safetensors")
+    assert offline.keys() == final.keys() and all(torch.equal(offline[k], final[k]) for k in final)
 
-def _fsdp(version=2, mixed_precision="no"):
+
+def _fsdp(version=2, mixed_precision="no", dynamo=DynamoBackend.NO, activation_checkpointing=False):
+    plugin = SimpleNamespace(fsdp_version=version, activation_checkpointing=activation_checkpointing)
     return SimpleNamespace(distributed_type=DistributedType.FSDP, mixed_precision=mixed_precision,
-                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+                           state=SimpleNamespace(fsdp_plugin=plugin, dynamo_plugin=SimpleNamespace(backend=dynamo)))
 
 
 @pytest.mark.parametrize(("train", "model", "lora_text_encoder", "accelerator", "message"), [
@@ -148,7 +157,12 @@ def _fsdp(version=2, mixed_precision="no"):
     ({}, {"train_text_encoder": True}, False, _fsdp(), "model.train_text_encoder=true \\(accelerate shards one"),
     ({}, {"train_text_encoder": False}, True, _fsdp(), "lora.train_text_encoder=true"),
     ({"optimizer": "prodigy"}, {}, False, _fsdp(), "train.optimizer=prodigy \\(sharded checkpoints hold adamw or sgd"),
-    ({}, {}, False, _fsdp(mixed_precision="fp16"), "train.mixed_precision=fp16 \\(use bf16\\)"),
+    ({"mixed_precision": "auto"}, {}, False, _fsdp(mixed_precision="fp16"),
+     "train.mixed_precision=auto, which is fp16 here \\(use bf16, or no\\)"),
+    ({"use_8bit_adam": True}, {}, False, _fsdp(), "train.use_8bit_adam=true"),
+    ({"compile": True}, {}, False, _fsdp(), "train.compile or the accelerate config's dynamo_backend"),
+    ({}, {}, False, _fsdp(dynamo=DynamoBackend.INDUCTOR), "dynamo_backend \\(compiling a sharded UNet"),
+    ({}, {}, False, _fsdp(activation_checkpointing=True), "fsdp_activation_checkpointing \\(its wrappers rename"),
     ({"optimizer_cpu_offload": True, "max_grad_norm": 0}, {}, False, _fsdp(), "fsdp_offload_params instead"),
 ])
 def test_what_the_sharded_path_does_not_do_is_refused(train, model, lora_text_encoder, accelerator, message):
@@ -175,10 +189,9 @@ def test_stitch_rebuilds_torch_chunk_shards(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_that_accelerate_leaves_unsharded_is_refused(tmp_path):
-    """`--use_fsdp` on a CPU without tests/fsdp_on_cpu.py: accelerate sets the processes up as plain DDP (MULTI_CPU),
-    which would train unsharded while the config says FSDP; the trainer refuses, saying what to use."""
-    launcher = [arg for arg in _launcher(True) if arg != SHIM]
-    result = _train(tmp_path, *COMMON, "--dry-run", f"train.output_dir={tmp_path / 'o'}", launcher=launcher,
+    """The FSDP config on a CPU as accelerate has it: it sets the processes up as plain DDP (MULTI_CPU), which would
+    train unsharded while the config says FSDP; the trainer refuses, saying what to use."""
+    result = _train(tmp_path, *COMMON, "--dry-run", f"train.output_dir={tmp_path / 'o'}", launcher=_launcher(True),
                     env={"ACCELERATE_USE_CPU": "1"}, check=False)
     assert result.returncode != 0
     assert "error: the accelerate config asks for FSDP but accelerate set this run up as MULTI_CPU, unsharded" \
