@@ -601,11 +601,34 @@ class TrainConfig:
 
 
 @dataclass
+class ValidationPrompt:
+    """A validation prompt with sampling settings of its own; a setting left out (null) is the section's."""
+
+    prompt: str = ""
+    """The prompt."""
+    negative_prompt: str | None = None
+    """What guidance steers away from (with guidance_scale > 1), in place of the empty prompt."""
+    seed: int | None = None
+    """The seed of this prompt's row."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance weight of this prompt's row."""
+
+    def __post_init__(self):
+        problems = []  # (an empty prompt: ValidationConfig names it)
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            problems.append(f"validation.prompts: {self.prompt!r} has guidance_scale {self.guidance_scale}; must be "
+                            ">= 0")
+        _check(problems)
+
+
+@dataclass
 class ValidationConfig:
     """Sample grids drawn during training, saved under output_dir/samples/ and logged to tensorboard."""
 
-    prompts: list[str] = field(default_factory=lambda: ["a red circle", "a green square", "a blue triangle"])
-    """Prompts to sample, one grid row each."""
+    prompts: list[str | ValidationPrompt] = field(
+        default_factory=lambda: ["a red circle", "a green square", "a blue triangle"])
+    """Prompts to sample, one grid row each: a text, or `{prompt: ..., negative_prompt: ..., seed: ...,
+    guidance_scale: ...}` for a row with settings of its own (those left out are this section's)."""
     validation_steps: int = 300
     """Sample every this many steps (0: only after the last step)."""
     num_images_per_prompt: int = 4
@@ -622,8 +645,9 @@ class ValidationConfig:
 
     def __post_init__(self):
         problems = []
-        if not self.prompts or not all(p.strip() for p in self.prompts):
-            problems.append(f"validation.prompts: got {self.prompts!r}; give at least one non-empty prompt")
+        if not self.prompts or not all(text.strip() for text in self.texts):
+            problems.append(f"validation.prompts: got {self.texts!r}; give at least one non-empty prompt (a row with "
+                            "settings of its own: `{prompt: <text>, seed: ...}`)")
         if self.validation_steps < 0:
             problems.append(f"validation.validation_steps: got {self.validation_steps}; must be >= 0")
         if self.num_images_per_prompt < 1 or self.num_inference_steps < 1:
@@ -631,6 +655,22 @@ class ValidationConfig:
         if self.guidance_scale < 0:
             problems.append(f"validation.guidance_scale: got {self.guidance_scale}; must be >= 0")
         _check(problems)
+
+    @property
+    def texts(self) -> list[str]:
+        """The prompts' texts, one per grid row."""
+        return [p if isinstance(p, str) else p.prompt for p in self.prompts]
+
+    @property
+    def per_prompt(self) -> bool:
+        """Whether any row has settings of its own (each row is then sampled on its own)."""
+        return any(isinstance(p, ValidationPrompt) for p in self.prompts)
+
+    def rows(self) -> list[ValidationPrompt]:
+        """Every row with its settings resolved: its own, else this section's."""
+        rows = [p if isinstance(p, ValidationPrompt) else ValidationPrompt(p) for p in self.prompts]
+        return [ValidationPrompt(r.prompt, r.negative_prompt, self.seed if r.seed is None else r.seed,
+                                 self.guidance_scale if r.guidance_scale is None else r.guidance_scale) for r in rows]
 
 
 @dataclass
@@ -723,6 +763,9 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        structured = [a for a in inner if dataclasses.is_dataclass(a)]
+        if structured and isinstance(value, dict):  # e.g. a validation prompt with settings of its own
+            return _build(structured[0], value, key, problems)
         return _convert(value, inner[0], key, problems)
     if origin is Literal:
         if value not in args:

@@ -142,9 +142,14 @@ def final_grid(folder: Path) -> tuple[int, str] | None:
 
 
 def samples_section(grid: tuple[int, str] | None, validation: ValidationConfig) -> str:
-    prompts = "\n".join(f"{i}. {prompt}" for i, prompt in enumerate(validation.prompts, 1))
-    settings = (f"{validation.num_images_per_prompt} images per prompt, seed {validation.seed}, "
-                f"{validation.num_inference_steps} reverse steps, guidance {validation.guidance_scale}")
+    prompts = "\n".join(f"{i}. {row.prompt}" + (f" (seed {row.seed}, guidance {row.guidance_scale}"
+                                                 + (f", negative prompt: {row.negative_prompt}" if row.negative_prompt
+                                                    else "") + ")" if validation.per_prompt else "")
+                         for i, row in enumerate(validation.rows(), 1))
+    settings = (f"{validation.num_images_per_prompt} images per prompt, "
+                + ("each prompt with its seed and guidance" if validation.per_prompt else
+                   f"seed {validation.seed}") + f", {validation.num_inference_steps} reverse steps"
+                + ("" if validation.per_prompt else f", guidance {validation.guidance_scale}"))
     if grid is None:
         return f"## Samples\n\nThe output folder had no sample grid. Validation prompts ({settings}):\n\n{prompts}"
     step, path = grid
@@ -246,14 +251,28 @@ def usage_section(repo_id: str, revision: str | None, model: ModelConfig, lora: 
     return (
         f"## Use it\n\nWith {needs} (this project is not needed):\n\n```python\n"
         f"import torch\nfrom diffusers import {pipeline_class}\n\n"
-        f"{load}\nimages = pipe(\n    {_py(list(validation.prompts))},\n"
-        f"    num_images_per_prompt={validation.num_images_per_prompt},\n"
-        f"    num_inference_steps={validation.num_inference_steps},\n"
-        f"    guidance_scale={validation.guidance_scale},\n"
-        f"    generator=torch.Generator().manual_seed({validation.seed}),\n).images\n```\n\n"
+        f"{load}\n{sampling_code(validation)}```\n\n"
         f"With the run's settings, this draws the grid above {exact}."
         + "".join(f"\n\n{note}" for note in notes if note)
     )
+
+
+def sampling_code(validation: ValidationConfig) -> str:
+    """The call that draws the validation grid's images into `images`, as `validation.sample_grid` does: all prompts
+    in one call, or a call per prompt with its own settings."""
+    counts = (f"num_images_per_prompt={validation.num_images_per_prompt},\n",
+              f"num_inference_steps={validation.num_inference_steps},\n")
+    if not validation.per_prompt:
+        return (f"images = pipe(\n    {_py(validation.texts)},\n" + "".join(f"    {c}" for c in counts)
+                + f"    guidance_scale={validation.guidance_scale},\n"
+                f"    generator=torch.Generator().manual_seed({validation.seed}),\n).images\n")
+    rows = "".join(f"    ({_py(r.prompt)}, {_py(r.negative_prompt) if r.negative_prompt else None}, "
+                   f"{r.guidance_scale}, {r.seed}),\n" for r in validation.rows())
+    return (f"images = []\nfor prompt, negative_prompt, guidance_scale, seed in [\n{rows}]:\n"
+            "    images += pipe(\n        prompt,\n        negative_prompt=negative_prompt,\n"
+            + "".join(f"        {c}" for c in counts)
+            + "        guidance_scale=guidance_scale,\n        generator=torch.Generator().manual_seed(seed),\n"
+            "    ).images\n")
 
 
 def _py(value) -> str:

@@ -215,7 +215,7 @@ def publish(config: Config, grid: Path, trained: str, num_processes: int, lock: 
             pushed = hub.push(out, config.hub, num_processes=num_processes).commit_url
         except hub.HubPushError as error:
             failure = f"{error}\nThe output is intact; push it later with: python -m finetune.hub {out}"
-    print(run_summary(trained, out, grid, config.lora.enabled, pushed, config.validation.prompts[0]))
+    print(run_summary(trained, out, grid, config.lora.enabled, pushed, config.validation.texts[0]))
     if failure:
         logger.error(failure)
         sys.exit(1)

@@ -28,23 +28,27 @@ def make_grid(images: list[Image.Image], columns: int, pad: int = 2) -> Image.Im
 
 
 def sample_grid(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, gaps: dict | None = None) -> Image.Image:
-    """Draw `num_images_per_prompt` images for every prompt with a fixed seed and tile them; given `gaps`, fill it
-    with how far the prompts move the predictions along the way (`conditioning.prompt_gaps`; this project's pipeline
-    only, not the stock SDXL one)."""
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    """Draw `num_images_per_prompt` images for every prompt with a fixed seed and tile them: all prompts in one call,
+    or, when a prompt has settings of its own (`validation.prompts` entries with a seed, guidance or negative
+    prompt), one call per prompt with its settings. Given `gaps`, fill it with how far the prompts move the
+    predictions along the way (`conditioning.prompt_gaps`; this project's pipeline only, not the stock SD ones)."""
     ours = isinstance(pipeline, TextToImageDDPMPipeline)
-    output = pipeline(
-        config.prompts,
+    calls = [row.__dict__ for row in config.rows()] if config.per_prompt else [
+        {"prompt": config.texts, "negative_prompt": None, "seed": config.seed, "guidance_scale": config.guidance_scale}]
+    outputs = [pipeline(
+        call["prompt"],
+        **({"negative_prompt": call["negative_prompt"]} if call["negative_prompt"] else {}),
         num_images_per_prompt=config.num_images_per_prompt,
         num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        generator=generator,
+        guidance_scale=call["guidance_scale"],
+        generator=torch.Generator(device="cpu").manual_seed(call["seed"]),
         output_type="pil",
         **({"return_trajectory": gaps is not None} if ours else {}),
-    )
-    if gaps is not None and ours:
-        gaps.update(conditioning.prompt_gaps(pipeline, config.prompts, output.trajectory, output.timesteps))
-    return make_grid(output.images, columns=config.num_images_per_prompt)
+    ) for call in calls]
+    if gaps is not None and ours:  # the rows' trajectories side by side, as one call over all prompts gives them
+        trajectory = [torch.cat(steps) for steps in zip(*(output.trajectory for output in outputs))]
+        gaps.update(conditioning.prompt_gaps(pipeline, config.texts, trajectory, outputs[0].timesteps))
+    return make_grid([image for output in outputs for image in output.images], columns=config.num_images_per_prompt)
 
 
 def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, step: int, output_dir: str,
@@ -77,8 +81,9 @@ def log_process(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, ste
     predicted x_0 at 6 steps), and the forward process on the run's first training image (`forward.png`; it
     does not change as the model trains, so it is drawn once)."""
     folder.mkdir(parents=True, exist_ok=True)
-    reverse, _ = visualize.reverse_strip(pipeline, config.prompts[0], config.num_inference_steps,
-                                         config.guidance_scale, config.seed, num_gif_frames=2)
+    first = config.rows()[0]
+    reverse, _ = visualize.reverse_strip(pipeline, first.prompt, config.num_inference_steps, first.guidance_scale,
+                                         first.seed, num_gif_frames=2, negative_prompt=first.negative_prompt)
     reverse.save(folder / f"reverse-step-{step}.png")
     log_image(trackers, "process/reverse", reverse, step)
     if not (folder / "forward.png").is_file():

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not 1 <= args.num_inference_steps <= T:
         parser.error(f"--num-inference-steps must be between 1 and {T}, got {args.num_inference_steps}")
     config_path = Path(args.folder) / "config.yaml"
-    prompts = load_config(config_path).validation.prompts if config_path.is_file() else ValidationConfig().prompts
+    prompts = load_config(config_path).validation.texts if config_path.is_file() else ValidationConfig().texts
     prompt = args.prompt or prompts[0]
     guidance = run_guidance_scale(args.folder) if args.guidance_scale is None else args.guidance_scale
     if args.image:

@@ -257,7 +257,8 @@ def settings(folder: Path) -> dict:
         train, validation = raw.get("train") or {}, raw.get("validation") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return {}
-    return {"max_train_steps": train.get("max_train_steps"), "prompts": validation.get("prompts") or [],
+    prompts = [p.get("prompt") if isinstance(p, dict) else p for p in validation.get("prompts") or []]
+    return {"max_train_steps": train.get("max_train_steps"), "prompts": prompts,
             "guidance_scale": validation.get("guidance_scale"),
             "num_inference_steps": validation.get("num_inference_steps")}
 

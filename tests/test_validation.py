@@ -1,0 +1,109 @@
+"""Validation prompts with settings of their own (`validation.prompts` entries with a seed, guidance or negative
+prompt): the config, the grid (each such row drawn by its own call with its settings; plain prompts still in one
+call), and the model card's snippet, which must draw the same images."""
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.config import ConfigError, ValidationConfig, ValidationPrompt, load_config
+from finetune.hub import sampling_code
+from finetune.validation import log_validation, sample_grid
+
+ROWS = ['validation.prompts=[{prompt: "a red circle", seed: 5, guidance_scale: 2.0, '
+        'negative_prompt: "a blue triangle"}, "a green square"]',
+        "validation.num_images_per_prompt=2", "validation.num_inference_steps=3", "validation.seed=7",
+        "validation.guidance_scale=1.5"]
+PLAIN = ["validation.num_images_per_prompt=2", "validation.num_inference_steps=3"]
+
+
+def _tiles(grid, count: int, size: int, pad: int = 2) -> list[np.ndarray]:
+    """The images of a `make_grid` grid of `count` columns."""
+    array = np.asarray(grid)
+    rows = (array.shape[0] - pad) // (size + pad)
+    return [array[pad + r * (size + pad): pad + r * (size + pad) + size, pad + c * (size + pad): pad + c * (size + pad)
+                  + size] for r in range(rows) for c in range(count)]
+
+
+def test_a_prompt_with_settings_of_its_own_is_read_and_resolved(tmp_path):
+    from finetune.config import config_yaml
+
+    config = load_config(None, ROWS).validation
+    assert config.prompts == [ValidationPrompt("a red circle", "a blue triangle", 5, 2.0), "a green square"]
+    assert config.per_prompt and config.texts == ["a red circle", "a green square"]
+    assert config.rows() == [ValidationPrompt("a red circle", "a blue triangle", 5, 2.0),
+                             ValidationPrompt("a green square", None, 7, 1.5)]  # the section's seed and guidance
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_yaml(load_config(None, ROWS)))
+    assert load_config(saved).validation == config
+    assert not ValidationConfig().per_prompt
+
+
+@pytest.mark.parametrize(("prompts", "message"), [
+    ('[{prompt: "a", sed: 3}]', "validation.prompts\\[0\\].sed: unknown key; did you mean "
+                                "validation.prompts\\[0\\].seed"),
+    ("[{seed: 3}]", "validation.prompts: got \\[''\\]; give at least one non-empty prompt \\(a row with settings"),
+    ("[{prompt: a, guidance_scale: -1}]", "validation.prompts: 'a' has guidance_scale -1.0; must be >= 0"),
+    ("[3]", "validation.prompts\\[0\\]: got 3 \\(int\\); expected str"),
+])
+def test_bad_prompt_entries_are_named(prompts, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"validation.prompts={prompts}"])
+
+
+def test_each_row_is_drawn_with_its_own_settings(tiny_pipeline):
+    """The first row: its own seed, guidance and negative prompt; the second: the section's seed and guidance; both
+    as a call for that prompt alone draws them. The prompts' conditioning gaps are still measured."""
+    config = load_config(None, ROWS).validation
+    gaps = {}
+    tiles = _tiles(sample_grid(tiny_pipeline, config, gaps), 2, 8)
+
+    def alone(prompt, seed, guidance, **kwargs):
+        return [np.asarray(image) for image in tiny_pipeline(
+            prompt, num_images_per_prompt=2, num_inference_steps=3, guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images]
+
+    expected = alone("a red circle", 5, 2.0, negative_prompt="a blue triangle") + alone("a green square", 7, 1.5)
+    assert len(tiles) == 4 and all(np.array_equal(a, b) for a, b in zip(tiles, expected))
+    assert not np.array_equal(tiles[:2], alone("a red circle", 5, 2.0))  # the negative prompt was used
+    assert {"conditioning/prompt_vs_empty_start", "conditioning/between_prompts_start"} <= gaps.keys()
+
+
+def test_plain_prompts_are_still_one_call(tiny_pipeline):
+    config = load_config(None, PLAIN).validation
+    images = tiny_pipeline(config.texts, num_images_per_prompt=2, num_inference_steps=3, guidance_scale=1.0,
+                           generator=torch.Generator().manual_seed(0), output_type="pil").images
+    tiles = _tiles(sample_grid(tiny_pipeline, config), 2, 8)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(tiles, images, strict=True))
+
+
+@pytest.mark.parametrize("overrides", [ROWS, PLAIN])
+def test_the_model_cards_code_draws_the_grid(tiny_pipeline, overrides):
+    """`hub.sampling_code`, the model card's sampling lines, run as written: the grid's images, row by row."""
+    config = load_config(None, overrides).validation
+    scope = {"torch": torch, "pipe": tiny_pipeline}
+    exec(sampling_code(config), scope)
+    tiles = _tiles(sample_grid(tiny_pipeline, config), 2, 8)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(tiles, scope["images"], strict=True))
+
+
+def test_validation_with_rows_of_their_own_writes_its_pictures(tiny_pipeline, tmp_path):
+    """A validation of a run: the grid and the reverse-process strip (of the first row, with its settings)."""
+    config = load_config(None, ROWS).validation
+    path = log_validation(tiny_pipeline, config, 3, str(tmp_path), [])
+    assert path == tmp_path / "samples" / "step-3.png" and path.is_file()
+    assert (tmp_path / "samples" / "process" / "reverse-step-3.png").is_file()
+
+
+def test_the_readmes_example_loads(tmp_path):
+    """README, "Validation prompts": its YAML is a valid config whose second row has its own settings."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Validation prompts"):]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "run.yaml").write_text(example)
+    rows = load_config(tmp_path / "run.yaml").validation.rows()
+    assert rows == [ValidationPrompt("a red circle", None, 0, 3.0),
+                    ValidationPrompt("a sks dog on a beach", "blurry, low quality", 42, 7.5)]
