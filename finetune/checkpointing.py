@@ -256,10 +256,12 @@ class EmaCheckpoints:
 
     def load(self, models: list, input_dir: str) -> None:
         for i, ema in enumerate(self.emas):
+            device = ema.shadow_params[0].device  # where its weights are; the file loads onto the CPU
             with safe_open(str(Path(input_dir) / EMA.format(i)), framework="pt") as f:
                 state = json.loads(f.metadata()["state"])
                 state["shadow_params"] = [f.get_tensor(f"shadow.{j}") for j in range(len(f.keys()))]
             ema.load_state_dict(state)
+            ema.to(device)
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:

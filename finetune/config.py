@@ -639,6 +639,9 @@ class ValidationConfig:
     """Classifier-free guidance weight (1 disables guidance)."""
     seed: int = 0
     """Seed of the sampling noise, the same at every validation so grids are comparable."""
+    compare_with_base: bool = True
+    """A fine-tune of a base draws the base's own grid once, before the first step (samples/base.png), and logs
+    every later grid beside it (validation/vs_base)."""
     process_strips: bool = True
     """Also draw the diffusion process at each validation: the reverse process for the first prompt (x_t and the
     predicted x_0 at 6 steps) and, once, the forward process on a training image (samples/process/)."""

@@ -46,7 +46,7 @@ from .models import (
 )
 from .performance import averaged_weights
 from .results import hide_library_progress
-from .validation import log_validation
+from .validation import BASE_GRID, log_validation, sample_grid
 
 logger = get_logger("finetune")
 
@@ -93,6 +93,23 @@ def validate(accelerator, config: Config, components: Components, emas: list[EMA
             path = log_validation(models.pipeline(), config.validation, step, config.train.output_dir,
                                   accelerator.trackers)
             logger.info(f"step {step}: samples in {path}")
+    accelerator.wait_for_everyone()
+
+
+def draw_base(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int) -> None:
+    """Before the first step of a fine-tune (a base in model.pretrained_model_name_or_path; not when resuming): the
+    validation grid of the base itself, `samples/base.png`, to set beside every later grid. Before any step the model
+    is the base: LoRA adapters start as no change, a full fine-tune from the base's weights."""
+    if step or not config.model.pretrained_model_name_or_path or not config.validation.compare_with_base:
+        return
+    with exported(accelerator, components, emas) as models:
+        if accelerator.is_main_process:
+            pipeline = models.pipeline()
+            pipeline.set_progress_bar_config(disable=True)
+            path = Path(config.train.output_dir) / "samples" / BASE_GRID
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sample_grid(pipeline, config.validation).save(path)
+            logger.info(f"the base's own grid, to compare with: {path}")
     accelerator.wait_for_everyone()
 
 

@@ -30,7 +30,7 @@ from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
 from .distributed import finish, make_accelerator
 from .encoding import BatchEncoder
-from .export import export, validate
+from .export import draw_base, export, validate
 from .families import check_size, text_conditioning
 from .models import (
     Components,
@@ -257,8 +257,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Resume: restore weights, optimizer, schedule, EMA and RNG, and skip the batches already seen.
     step, epoch, skip_batches, resumed_from = checkpointing.resume(accelerator, train, config_yaml(config), emas)
-    for ema, weights in zip(emas, ema_weights):  # accelerate loads custom states onto the CPU
-        ema.to(weights[0].device)
+    draw_base(accelerator, config, components, emas, step)  # a fine-tune's first start: the base's own grid
 
     # Train.
     accelerator.init_trackers("finetune", config=tracker_settings(config))

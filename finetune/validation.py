@@ -16,6 +16,8 @@ from .config import ValidationConfig
 
 logger = logging.getLogger(__name__)
 
+BASE_GRID = "base.png"  # a fine-tune's base, drawn with the validation settings before the first step
+
 
 def make_grid(images: list[Image.Image], columns: int, pad: int = 2) -> Image.Image:
     """Tile equally sized images into rows of `columns`, on a white background."""
@@ -53,7 +55,8 @@ def sample_grid(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, gap
 
 def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, step: int, output_dir: str,
                    trackers: list) -> Path:
-    """Sample a grid, save it to `output_dir/samples/step-<step>.png` and hand it to the trackers; with
+    """Sample a grid, save it to `output_dir/samples/step-<step>.png` and hand it to the trackers (beside the base's
+    grid, `samples/base.png`, when the run drew one: `validation/vs_base`); with
     `validation.process_strips`, the same for the reverse process (and, once, the forward process) under
     `output_dir/samples/process/`. Returns the grid's path."""
     pipeline.set_progress_bar_config(disable=True)
@@ -63,6 +66,11 @@ def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, 
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     log_image(trackers, "validation", grid, step)
+    base = path.parent / BASE_GRID
+    if base.is_file():  # the base's grid on the left, this step's on the right (the same settings: the same size)
+        with Image.open(base) as image:
+            if image.size == grid.size:
+                log_image(trackers, "validation/vs_base", make_grid([image.convert("RGB"), grid], 2, pad=8), step)
     log_scalars(trackers, gaps, step)
     if gaps:
         logger.info("step %d: %s", step, conditioning.describe(gaps))

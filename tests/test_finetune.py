@@ -77,7 +77,8 @@ def test_lora_on_our_pixel_base_reloads_in_our_pipeline(pixel_base, tmp_path):
 
 @pytest.mark.slow
 def test_full_finetune_of_a_stable_diffusion_base(tiny_sd_folder, tmp_path):
-    """Every UNet weight trains; the frozen VAE and text encoder come out unchanged; the result is a pipeline."""
+    """Every UNet weight trains; the frozen VAE and text encoder come out unchanged; the result is a pipeline, which,
+    loaded afresh, draws the run's final grid exactly."""
     out = tmp_path / "run"
     _train(tmp_path, *SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "train.max_train_steps=3",
            "train.use_ema=false", f"train.output_dir={out}")
@@ -92,6 +93,7 @@ def test_full_finetune_of_a_stable_diffusion_base(tiny_sd_folder, tmp_path):
     assert all(torch.equal(base_text[k], tuned_text[k]) for k in base_text)
     pipe = TextToImageDDPMPipeline.from_pretrained(out)
     assert pipe.vae is not None and pipe.unet.config.in_channels == 4
+    assert np.array_equal(_regrid(pipe, out), _grid(out, 3))  # the exported files draw the run's final grid
 
 
 @pytest.mark.slow

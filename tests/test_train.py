@@ -69,6 +69,7 @@ def test_five_steps_through_accelerate_launch(tmp_path):
     assert "step 5: the prompt moves the first reverse step's prediction by " in result.stderr
     assert {"validation", "process/reverse", "process/forward"} <= images, images
     assert (out / "samples" / "process" / "forward.png").is_file()
+    assert not (out / "samples" / "base.png").exists()  # from scratch: no base to compare with
     assert (out / "samples" / "process" / "reverse-step-5.png").is_file()
     assert "trained 5 steps in " in result.stdout and "images/s" in result.stdout
     assert f"python -m finetune.sample {out}" in result.stdout and f"python -m finetune.hub {out}" in result.stdout

@@ -107,3 +107,37 @@ def test_the_readmes_example_loads(tmp_path):
     rows = load_config(tmp_path / "run.yaml").validation.rows()
     assert rows == [ValidationPrompt("a red circle", None, 0, 3.0),
                     ValidationPrompt("a sks dog on a beach", "blurry, low quality", 42, 7.5)]
+
+
+@pytest.mark.slow
+def test_a_fine_tune_draws_its_bases_grid_once_and_logs_each_grid_beside_it(tiny_pipeline, tmp_path):
+    """A LoRA run on a base: before the first step it draws the base's own grid (samples/base.png), the very images
+    the stock base pipeline draws with the validation settings; each later grid is logged beside it
+    (validation/vs_base). Resumed, it draws none again."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipelines import TextToImageDDPMPipeline
+
+    from .test_finetune import _regrid
+    from .test_train import _train
+
+    base = tmp_path / "base"
+    tiny_pipeline.save_pretrained(base)
+    out = tmp_path / "run"
+    common = [f"model.pretrained_model_name_or_path={base}", "model.train_text_encoder=false", "lora.enabled=true",
+              "train.checkpointing_steps=2", "validation.validation_steps=2", f"train.output_dir={out}"]
+    result = _train(tmp_path, *common, "train.max_train_steps=2")
+    assert "the base's own grid, to compare with" in result.stderr
+    drawn = np.asarray(Image.open(out / "samples" / "base.png"))
+    assert np.array_equal(drawn, _regrid(TextToImageDDPMPipeline.from_pretrained(base), out))
+    assert not np.array_equal(drawn, np.asarray(Image.open(out / "samples" / "step-2.png")))
+    tags = set()
+    for events in (out / "logs").rglob("events.out.tfevents.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["images"])
+    assert "validation/vs_base" in tags
+
+    written = (out / "samples" / "base.png").stat().st_mtime_ns
+    result = _train(tmp_path, *common, "train.max_train_steps=4", "train.resume_from_checkpoint=latest")
+    assert "the base's own grid" not in result.stderr
+    assert (out / "samples" / "base.png").stat().st_mtime_ns == written
