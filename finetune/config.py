@@ -639,6 +639,14 @@ class ValidationConfig:
     """Classifier-free guidance weight (1 disables guidance)."""
     seed: int = 0
     """Seed of the sampling noise, the same at every validation so grids are comparable."""
+    loss_samples: int = 0
+    """Held-out image-text pairs to measure the validation loss on at each validation and at the end (0: none): the
+    objective at 10 fixed timesteps with fixed noise, as `python -m finetune.evaluate` measures it (logged as
+    validation_loss and validation_loss_t<t>). The built-in set's held-out pairs are new renderings; other data
+    name theirs in loss_data."""
+    loss_data: dict[str, Any] = field(default_factory=dict)
+    """The held-out data, as data-section keys in place of the run's (e.g. {path: "val/{000000..000001}.tar"});
+    read in order, centre-cropped, unflipped."""
     compare_with_base: bool = True
     """A fine-tune of a base draws the base's own grid once, before the first step (samples/base.png), and logs
     every later grid beside it (validation/vs_base)."""
@@ -657,6 +665,8 @@ class ValidationConfig:
             problems.append("validation.num_images_per_prompt and validation.num_inference_steps must be >= 1")
         if self.guidance_scale < 0:
             problems.append(f"validation.guidance_scale: got {self.guidance_scale}; must be >= 0")
+        if self.loss_samples < 0:
+            problems.append(f"validation.loss_samples: got {self.loss_samples}; must be >= 0 (0: no validation loss)")
         _check(problems)
 
     @property
@@ -740,6 +750,14 @@ class Config:
         if self.model.base_quantization == "nf4" and self.lora.type in ("loha", "lokr"):
             problems.append(f"model.base_quantization: nf4 cannot carry lora.type: {self.lora.type} (peft sizes its "
                             "factors from the packed 4-bit weights); use int8 or fp8, or lora.type: lora")
+        unknown = sorted(set(self.validation.loss_data) - {f.name for f in dataclasses.fields(DataConfig)})
+        if unknown:
+            problems.append(f"validation.loss_data: {', '.join(unknown)} are not data-section keys; name the held-out "
+                            "data with data keys, e.g. {path: val/{000000..000001}.tar}")
+        if self.validation.loss_samples and self.data.source != "builtin" and not self.validation.loss_data:
+            problems.append("validation.loss_samples: with your own data, name the held-out pairs in "
+                            "validation.loss_data (e.g. {path: val/{000000..000001}.tar}); the run's own data would "
+                            "not be held out")
         if self.train.export_single_file and (self.lora.enabled or not self.model.pretrained_model_name_or_path):
             problems.append("train.export_single_file: only a full fine-tune of an SD-1.x or SDXL base has a "
                             "single-file form (a LoRA run writes lora_kohya.safetensors, which those tools load); "

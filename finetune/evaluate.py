@@ -162,11 +162,16 @@ def held_out_data(folder: str, overrides: list[str], resolution: int) -> tuple[D
     path = Path(folder) / "config.yaml"
     config, defaults = (path, []) if path.is_file() else (None, [f"data.resolution={resolution}"])
     run, held_out = load_config(config, defaults).data, load_config(config, defaults + overrides).data
-    held_out = dataclasses.replace(held_out, center_crop=True, random_flip=False, caption_dropout=0.0,
-                                   shuffle_buffer=0, cache=False, num_workers=0, persistent_workers=False,
-                                   resampled=False,  # one pass: each held-out pair once
-                                   num_samples=held_out.num_samples if held_out.source == "builtin" else None)
-    return run, held_out
+    return run, read_in_order(held_out)
+
+
+def read_in_order(held_out: DataConfig) -> DataConfig:
+    """`held_out` read deterministically: centre crop, no flip, no caption dropout, no shuffle buffer, no cache, no
+    workers, one pass even where the run resampled its shards."""
+    return dataclasses.replace(held_out, center_crop=True, random_flip=False, caption_dropout=0.0,
+                               shuffle_buffer=0, cache=False, num_workers=0, persistent_workers=False,
+                               resampled=False,  # one pass: each held-out pair once
+                               num_samples=held_out.num_samples if held_out.source == "builtin" else None)
 
 
 def is_training_data(run: DataConfig, held_out: DataConfig) -> bool:

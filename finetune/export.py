@@ -46,7 +46,7 @@ from .models import (
 )
 from .performance import averaged_weights
 from .results import hide_library_progress
-from .validation import BASE_GRID, log_validation, sample_grid
+from .validation import BASE_GRID, log_held_out_loss, log_validation, sample_grid
 
 logger = get_logger("finetune")
 
@@ -90,8 +90,9 @@ def validate(accelerator, config: Config, components: Components, emas: list[EMA
              optimizer=None) -> None:
     with exported(accelerator, components, emas, optimizer) as models:
         if accelerator.is_main_process:
-            path = log_validation(models.pipeline(), config.validation, step, config.train.output_dir,
-                                  accelerator.trackers)
+            pipeline = models.pipeline()
+            path = log_validation(pipeline, config.validation, step, config.train.output_dir, accelerator.trackers)
+            log_held_out_loss(pipeline, config.data, config.validation, step, accelerator.trackers)
             logger.info(f"step {step}: samples in {path}")
     accelerator.wait_for_everyone()
 
@@ -127,6 +128,7 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
             lora.save_run(out, models, config.lora)
         else:
             save_pipeline(models, out, config.train, Path(out).name)
+        log_held_out_loss(models.pipeline(), config.data, config.validation, step, accelerator.trackers)
         return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
 
 

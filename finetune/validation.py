@@ -2,6 +2,8 @@
 (the forward process on a training image, the reverse process for the first prompt), saved as PNG under
 output_dir/samples/ and logged to the trackers."""
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from PIL import Image
 from pipelines import TextToImageDDPMPipeline
 
 from . import conditioning, visualize
-from .config import ValidationConfig
+from .config import DataConfig, ValidationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,32 @@ def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, 
             logger.warning("step %d: the diffusion-process strips were not drawn (%s: %s)", step,
                            type(error).__name__, error)
     return path
+
+
+_held_out: dict[str, list[dict]] = {}  # the pairs of each held-out data, read once per run
+
+
+def log_held_out_loss(pipeline: TextToImageDDPMPipeline, data: DataConfig, config: ValidationConfig, step: int,
+                      trackers: list) -> float | None:
+    """With `validation.loss_samples`, the validation loss on that many held-out pairs (the built-in set's new
+    renderings, or `validation.loss_data` over the run's data section), at 10 fixed timesteps with fixed noise, as
+    `python -m finetune.evaluate` measures it: logged as `validation_loss` and `validation_loss_t<t>`, and
+    returned. This project's pipeline only (SDXL's: not yet)."""
+    if not config.loss_samples or not isinstance(pipeline, TextToImageDDPMPipeline):
+        return None
+    from . import evaluate, metrics  # (the evaluator's imports are needed only here)
+
+    held_out = evaluate.read_in_order(dataclasses.replace(data, **config.loss_data))
+    key = json.dumps([dataclasses.asdict(held_out), config.loss_samples], sort_keys=True, default=str)
+    if key not in _held_out:
+        source = evaluate.held_out_source(held_out, config.loss_samples)
+        _held_out[key] = evaluate.held_out_pairs(source, held_out, config.loss_samples)[0]
+    timesteps = metrics.loss_timesteps(pipeline.scheduler.config.num_train_timesteps)
+    report = evaluate.validation_loss(pipeline, _held_out[key], timesteps)
+    log_scalars(trackers, {"validation_loss": report["mean"],
+                           **{f"validation_loss_t{t}": v for t, v in report["per_timestep"].items()}}, step)
+    logger.info("step %d: validation loss %.5f over %d held-out pairs", step, report["mean"], report["num_samples"])
+    return report["mean"]
 
 
 def log_process(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, step: int, folder: Path,

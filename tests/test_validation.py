@@ -1,6 +1,6 @@
-"""Validation prompts with settings of their own (`validation.prompts` entries with a seed, guidance or negative
-prompt): the config, the grid (each such row drawn by its own call with its settings; plain prompts still in one
-call), and the model card's snippet, which must draw the same images."""
+"""What validation shows during a run: prompts with settings of their own (`validation.prompts` entries with a seed,
+guidance or negative prompt: each such row drawn by its own call, plain prompts still in one; the model card's
+snippet draws the same images), the base's own grid beside each grid, and the validation loss on held-out pairs."""
 
 import numpy as np
 import pytest
@@ -96,12 +96,13 @@ def test_validation_with_rows_of_their_own_writes_its_pictures(tiny_pipeline, tm
 
 
 def test_the_readmes_example_loads(tmp_path):
-    """README, "Validation prompts": its YAML is a valid config whose second row has its own settings."""
+    """README, "Validation prompts, the base beside, the held-out loss": its YAML is a valid config whose second row
+    has its own settings."""
     import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Validation prompts"):]
+    section = readme[readme.index("### Validation prompts, the base beside"):]
     example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     (tmp_path / "run.yaml").write_text(example)
     rows = load_config(tmp_path / "run.yaml").validation.rows()
@@ -141,3 +142,46 @@ def test_a_fine_tune_draws_its_bases_grid_once_and_logs_each_grid_beside_it(tiny
     result = _train(tmp_path, *common, "train.max_train_steps=4", "train.resume_from_checkpoint=latest")
     assert "the base's own grid" not in result.stderr
     assert (out / "samples" / "base.png").stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["validation.loss_data={pth: val.tar}"], "validation.loss_data: pth are not data-section keys"),
+    (["data.source=webdataset", "data.path=x.tar", "validation.loss_samples=8"],
+     "validation.loss_samples: with your own data, name the held-out pairs in validation.loss_data"),
+    (["validation.loss_samples=-1"], "validation.loss_samples: got -1; must be >= 0"),
+])
+def test_bad_held_out_settings_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.slow
+def test_the_validation_loss_is_logged_over_the_run_as_the_evaluator_measures_it(tmp_path):
+    """validation.loss_samples: at each validation and at the end, the loss on the built-in set's held-out
+    renderings, logged to the trackers; the last value is what the evaluator's own function gives for the exported
+    pipeline on the same pairs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune import evaluate, metrics
+    from pipelines import TextToImageDDPMPipeline
+
+    from .test_train import _train
+
+    out = tmp_path / "run"
+    result = _train(tmp_path, "validation.loss_samples=8", "validation.validation_steps=2", "train.max_train_steps=4",
+                    f"train.output_dir={out}")
+    assert "step 2: validation loss " in result.stderr and "over 8 held-out pairs" in result.stderr
+    logged = {}
+    for events in (out / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events)).Reload()
+        if "validation_loss" in accumulator.Tags()["scalars"]:
+            logged.update({e.step: e.value for e in accumulator.Scalars("validation_loss")})
+            assert "validation_loss_t50" in accumulator.Tags()["scalars"]
+    assert set(logged) == {2, 4}
+
+    config = load_config(out / "config.yaml")
+    held_out = evaluate.read_in_order(config.data)
+    pairs = evaluate.held_out_pairs(evaluate.held_out_source(held_out, 8), held_out, 8)[0]
+    pipe = TextToImageDDPMPipeline.from_pretrained(out)
+    report = evaluate.validation_loss(pipe, pairs, metrics.loss_timesteps(pipe.scheduler.config.num_train_timesteps))
+    assert logged[4] == pytest.approx(report["mean"], rel=1e-5)
