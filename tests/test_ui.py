@@ -157,6 +157,12 @@ def test_a_launch_that_died_before_training_shows_its_error(tmp_path):
     assert "no such folder /nowhere" in status["log"]
 
 
+def test_a_fine_tunes_base_grid_is_sent_beside_the_newest_grid(tmp_path):
+    folder = _run(tmp_path, "run", **{"samples/base.png": "x", "samples/step-2.png": "x"})
+    pictures = dict(ui_runs.RunWatcher(tmp_path, folder).poll())["pictures"]
+    assert pictures["base"]["path"] == "run/samples/base.png" and pictures["grid"]["path"] == "run/samples/step-2.png"
+
+
 def test_the_event_stream_sends_what_the_folder_holds(tmp_path):
     lines = [{"event": "start", "step": 0, "max_steps": 4}, {"step": 2, "max_steps": 4, "loss": 0.5, "lr": 1e-3},
              {"step": 2, "data": {"used": 8, "skipped: corrupt image": 1}}]
@@ -168,7 +174,7 @@ def test_the_event_stream_sends_what_the_folder_holds(tmp_path):
     assert events["metrics"] == {"reset": True, "records": lines}
     assert events["pictures"]["grid"]["path"] == "run/samples/step-10.png"  # the newest by step, not by name
     assert events["pictures"]["forward"]["path"] == "run/samples/process/forward.png"
-    assert events["pictures"]["reverse"] is None
+    assert events["pictures"]["reverse"] is None and events["pictures"]["base"] is None  # from scratch: no base
     assert events["settings"]["max_train_steps"] == 10 and events["status"]["state"] == "stopped"
     assert watcher.poll() == []  # nothing changed
     with open(folder / "metrics.jsonl", "a") as file:

@@ -180,11 +180,12 @@ def _newest(folder: Path, prefix: str) -> Path | None:
 
 
 def pictures(root: Path, folder: Path) -> dict:
-    """The newest sample grid and reverse-process strip and the forward-process strip, each as
-    `{"path": relative to root, "version": mtime}` (the version tells the page that a file changed), or None."""
+    """The newest sample grid, a fine-tune's base grid (drawn before the first step, to compare with), the newest
+    reverse-process strip and the forward-process strip, each as `{"path": relative to root, "version": mtime}` (the
+    version tells the page that a file changed), or None."""
     samples = folder / "samples"
-    found = {"grid": _newest(samples, "step-"), "reverse": _newest(samples / "process", "reverse-step-"),
-             "forward": samples / "process" / "forward.png"}
+    found = {"grid": _newest(samples, "step-"), "base": samples / "base.png",
+             "reverse": _newest(samples / "process", "reverse-step-"), "forward": samples / "process" / "forward.png"}
     result = {}
     for name, path in found.items():
         mtime = _mtime(path) if path else 0.0

@@ -115,7 +115,7 @@ function openRun(name) {
   $("run-detail").hidden = false;
   $("run-name").textContent = name;
   $("action-message").textContent = "";
-  for (const id of ["grid", "reverse", "forward"]) $(id).hidden = true;
+  for (const id of ["grid", "base", "reverse", "forward"]) $(id).hidden = true;
   history.replaceState(null, "", `#runs/${encodeURIComponent(name)}`);
 
   const source = new EventSource(`/api/events?run=${encodeURIComponent(name)}`);
@@ -213,7 +213,8 @@ function cell(text) {
 }
 
 function showPictures(pictures) {
-  const captions = { grid: "sample grid", reverse: "reverse process", forward: "forward process" };
+  const captions = { grid: "sample grid", base: "the base, before training (same prompts and seeds)",
+                     reverse: "reverse process", forward: "forward process" };
   for (const [name, picture] of Object.entries(pictures)) {
     const image = $(name);
     if (!picture) { image.hidden = true; continue; }
