@@ -447,7 +447,7 @@ class SamplingBench:
         self.pipe.set_progress_bar_config(disable=True)  # as validation runs it
         self.pipe.unet.eval()
         self.pipe.text_encoder.eval()
-        self.prompts = config.validation.prompts[:SAMPLING_PROMPTS]
+        self.prompts = config.validation.texts[:SAMPLING_PROMPTS]
         self.images = len(self.prompts) * SAMPLING_PER_PROMPT
         size = config.data.resolution
         self.noise = torch.randn(self.images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)

@@ -750,10 +750,15 @@ class Config:
         if self.model.base_quantization == "nf4" and self.lora.type in ("loha", "lokr"):
             problems.append(f"model.base_quantization: nf4 cannot carry lora.type: {self.lora.type} (peft sizes its "
                             "factors from the packed 4-bit weights); use int8 or fp8, or lora.type: lora")
-        unknown = sorted(set(self.validation.loss_data) - {f.name for f in dataclasses.fields(DataConfig)})
-        if unknown:
-            problems.append(f"validation.loss_data: {', '.join(unknown)} are not data-section keys; name the held-out "
-                            "data with data keys, e.g. {path: val/{000000..000001}.tar}")
+        if self.validation.loss_data:
+            try:
+                held_out = held_out_section(self.data, self.validation.loss_data)
+                if self.data.source != "builtin" and all(getattr(held_out, f) == getattr(self.data, f)
+                                                         for f in ("source", "path", "split")):
+                    problems.append("validation.loss_data: it names the training data itself (the same source, path "
+                                    "and split); name held-out pairs, e.g. {path: val/{000000..000001}.tar}")
+            except ConfigError as error:
+                problems.extend(error.problems)
         if self.validation.loss_samples and self.data.source != "builtin" and not self.validation.loss_data:
             problems.append("validation.loss_samples: with your own data, name the held-out pairs in "
                             "validation.loss_data (e.g. {path: val/{000000..000001}.tar}); the run's own data would "
@@ -764,6 +769,18 @@ class Config:
                             "set it to false" + ("" if self.lora.enabled else
                                                  ", or fine-tune a base (model.pretrained_model_name_or_path)"))
         _check(problems)
+
+
+def held_out_section(data: DataConfig, loss_data: dict) -> DataConfig:
+    """The held-out data of `validation.loss_data`: the run's data section with those keys in place (checked as the
+    data section is; a ConfigError names `validation.loss_data.<key>`), read once over, never resampled."""
+    merged = {**dataclasses.asdict(data), **loss_data}
+    if merged.get("source") != "builtin":
+        merged.update(resampled=False, num_samples=None)
+    problems: list[str] = []
+    held_out = _build(DataConfig, merged, "validation.loss_data", problems)
+    _check(problems)
+    return held_out
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -92,7 +92,8 @@ def validate(accelerator, config: Config, components: Components, emas: list[EMA
         if accelerator.is_main_process:
             pipeline = models.pipeline()
             path = log_validation(pipeline, config.validation, step, config.train.output_dir, accelerator.trackers)
-            log_held_out_loss(pipeline, config.data, config.validation, step, accelerator.trackers)
+            log_held_out_loss(pipeline, config.data, config.validation, step, accelerator.trackers,
+                              config.train.train_batch_size)
             logger.info(f"step {step}: samples in {path}")
     accelerator.wait_for_everyone()
 
@@ -128,8 +129,10 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
             lora.save_run(out, models, config.lora)
         else:
             save_pipeline(models, out, config.train, Path(out).name)
-        log_held_out_loss(models.pipeline(), config.data, config.validation, step, accelerator.trackers)
-        return log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
+        grid = log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
+        log_held_out_loss(models.pipeline(), config.data, config.validation, step, accelerator.trackers,
+                          config.train.train_batch_size)
+        return grid
 
 
 def save_pipeline(components: Components, out: str | Path, train: TrainConfig, name: str) -> None:

@@ -52,7 +52,8 @@ def tracker_settings(config: Config) -> dict:
     `public_location` (a Hub id or a remote URL stays, without its credentials)."""
     paths = {"train.output_dir": False, "train.resume_from_checkpoint": False, "data.path": config.data.source == "hf",
              "model.pretrained_model_name_or_path": True,
-             "model.pretrained_vae_model_name_or_path": True}  # the fields that hold paths; true: or a Hub id
+             "model.pretrained_vae_model_name_or_path": True,  # the fields that hold paths; true: or a Hub id
+             "validation.loss_data.path": config.validation.loss_data.get("source", config.data.source) == "hf"}
     flat = {}
     for section, values in dataclasses.asdict(config).items():
         for key, value in values.items():

@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines import TextToImageDDPMPipeline
 
 from . import conditioning, visualize
-from .config import DataConfig, ValidationConfig
+from .config import DataConfig, ValidationConfig, held_out_section
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +89,33 @@ _held_out: dict[str, list[dict]] = {}  # the pairs of each held-out data, read o
 
 
 def log_held_out_loss(pipeline: TextToImageDDPMPipeline, data: DataConfig, config: ValidationConfig, step: int,
-                      trackers: list) -> float | None:
+                      trackers: list, batch_size: int = 32) -> float | None:
     """With `validation.loss_samples`, the validation loss on that many held-out pairs (the built-in set's new
     renderings, or `validation.loss_data` over the run's data section), at 10 fixed timesteps with fixed noise, as
-    `python -m finetune.evaluate` measures it: logged as `validation_loss` and `validation_loss_t<t>`, and
-    returned. This project's pipeline only (SDXL's: not yet)."""
-    if not config.loss_samples or not isinstance(pipeline, TextToImageDDPMPipeline):
+    `python -m finetune.evaluate` measures it, `batch_size` pairs at a time: logged as `validation_loss` and
+    `validation_loss_t<t>`, and returned. This project's pipeline only (SDXL's: not yet, said once). A failure is a
+    warning: it must not end the run."""
+    if not config.loss_samples:
+        return None
+    if not isinstance(pipeline, TextToImageDDPMPipeline):
+        if not _held_out.setdefault("warned", []):
+            logger.warning("validation.loss_samples: the validation loss is not measured for %s yet",
+                           type(pipeline).__name__)
+            _held_out["warned"].append(True)
         return None
     from . import evaluate, metrics  # (the evaluator's imports are needed only here)
 
-    held_out = evaluate.read_in_order(dataclasses.replace(data, **config.loss_data))
-    key = json.dumps([dataclasses.asdict(held_out), config.loss_samples], sort_keys=True, default=str)
-    if key not in _held_out:
-        source = evaluate.held_out_source(held_out, config.loss_samples)
-        _held_out[key] = evaluate.held_out_pairs(source, held_out, config.loss_samples)[0]
-    timesteps = metrics.loss_timesteps(pipeline.scheduler.config.num_train_timesteps)
-    report = evaluate.validation_loss(pipeline, _held_out[key], timesteps)
+    try:
+        held_out = evaluate.read_in_order(held_out_section(data, config.loss_data))
+        key = json.dumps([dataclasses.asdict(held_out), config.loss_samples], sort_keys=True, default=str)
+        if key not in _held_out:
+            source = evaluate.held_out_source(held_out, config.loss_samples)
+            _held_out[key] = evaluate.held_out_pairs(source, held_out, config.loss_samples)[0]
+        timesteps = metrics.loss_timesteps(pipeline.scheduler.config.num_train_timesteps)
+        report = evaluate.validation_loss(pipeline, _held_out[key], timesteps, batch_size=batch_size)
+    except Exception as error:  # noqa: BLE001 - a measurement for people: it must not end the run
+        logger.warning("step %d: the validation loss was not measured (%s: %s)", step, type(error).__name__, error)
+        return None
     log_scalars(trackers, {"validation_loss": report["mean"],
                            **{f"validation_loss_t{t}": v for t, v in report["per_timestep"].items()}}, step)
     logger.info("step %d: validation loss %.5f over %d held-out pairs", step, report["mean"], report["num_samples"])

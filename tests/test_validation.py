@@ -145,14 +145,36 @@ def test_a_fine_tune_draws_its_bases_grid_once_and_logs_each_grid_beside_it(tiny
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["validation.loss_data={pth: val.tar}"], "validation.loss_data: pth are not data-section keys"),
+    (["validation.loss_data={pth: val.tar}"], "validation.loss_data.pth: unknown key; did you mean "
+                                              "validation.loss_data.path"),
     (["data.source=webdataset", "data.path=x.tar", "validation.loss_samples=8"],
      "validation.loss_samples: with your own data, name the held-out pairs in validation.loss_data"),
     (["validation.loss_samples=-1"], "validation.loss_samples: got -1; must be >= 0"),
+    (["validation.loss_data={resolution: '64'}"], "validation.loss_data.resolution: got '64' \\(str\\); expected int"),
+    (["data.source=webdataset", "data.path=x.tar", "validation.loss_data={caption_column: text}"],
+     "validation.loss_data: it names the training data itself"),
 ])
 def test_bad_held_out_settings_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_held_out_data_of_another_kind_than_the_runs_is_read_once_over():
+    """Resampled training shards, held-out pairs in an image folder: accepted, read in order, never resampled."""
+    from finetune.config import held_out_section
+
+    config = load_config(None, ["data.source=webdataset", "data.path=x.tar", "data.resampled=true",
+                                "data.num_samples=100", "validation.loss_data={source: imagefolder, path: val}"])
+    held_out = held_out_section(config.data, config.validation.loss_data)
+    assert (held_out.source, held_out.path, held_out.resampled, held_out.num_samples) == ("imagefolder", "val",
+                                                                                       False, None)
+
+
+def test_a_credential_in_the_held_out_path_stays_off_the_trackers():
+    from finetune.progress import tracker_settings
+
+    config = load_config(None, ["validation.loss_data={source: webdataset, path: 'https://u:tok@host/val.tar'}"])
+    assert tracker_settings(config)["validation.loss_data.path"] == "https://host/val.tar"
 
 
 @pytest.mark.slow

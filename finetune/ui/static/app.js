@@ -217,7 +217,11 @@ function showPictures(pictures) {
                      reverse: "reverse process", forward: "forward process" };
   for (const [name, picture] of Object.entries(pictures)) {
     const image = $(name);
-    if (!picture) { image.hidden = true; continue; }
+    if (!picture) {
+      image.hidden = true;
+      if (name === "base") $("base-caption").textContent = "";  // another run's caption must not stay
+      continue;
+    }
     const url = fileUrl(picture);
     if (image.dataset.url !== url) {
       image.dataset.url = url;
