@@ -163,12 +163,13 @@ def test_the_slurm_script_trains_on_two_nodes_and_a_requeue_resumes(tmp_path, en
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     env = _env(tmp_path, {"ACCELERATE_USE_CPU": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]",
-                          "GPUS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(_free_port()),
+                          "GPUS_PER_NODE": "1",
                           "PATH": f"{stubs}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                           **({"ACCELERATE_CONFIG": str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
                               "FINETUNE_TEST_FSDP_ON_CPU": "1"} if engine == "fsdp" else {})})
     out = tmp_path / "run"
     for steps in (4, 6):
+        env["MAIN_PROCESS_PORT"] = str(_free_port())  # a new job's port: the last one may still be in TIME_WAIT
         result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), "--config",
                                  str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN, "data.num_samples=2000",
                                  "model.train_text_encoder=false", f"train.max_train_steps={steps}",

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from finetune import performance
 from finetune.config import TrainConfig, load_config
@@ -59,7 +60,8 @@ def test_a_compiled_unet_samples_eagerly(tiny_components):
 
     unet = tiny_components.unet
     unet.compile(backend=backend)
-    accelerator = SimpleNamespace(unwrap_model=lambda model: model, autocast=contextlib.nullcontext)
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model, autocast=contextlib.nullcontext,
+                                  is_main_process=True, distributed_type=DistributedType.NO)
     with exported(accelerator, tiny_components, []) as models:
         pipe = models.pipeline()
         pipe.set_progress_bar_config(disable=True)
