@@ -49,13 +49,14 @@ def _losses(folder):
 
 @pytest.mark.slow
 def test_a_sharded_full_fine_tune_matches_ddp_resumes_exactly_and_loads(tmp_path):
-    """The from-scratch model's UNet sharded over 2 processes, 24 steps with EMA, a checkpoint and a validation grid
-    (gathered whole on the main process, then emptied) every 8: its loss
+    """The from-scratch model's UNet sharded over 2 processes, 24 steps of 2 accumulated micro-batches with EMA, a
+    checkpoint and a validation grid (gathered whole on the main process, then emptied) every 8: its loss
     curve is the DDP run's (same data, same noise: FSDP reduce-scatters the same 2-term gradient mean, and only the
     clipping norm is summed in another order), its weights within 1e-4; SIGKILL after a checkpoint and `latest`
     end with the same bytes; the checkpoints are shards in safetensors (no pickle), exported offline to the same
     weights as the run's own export, which loads downstream."""
-    steps = ["train.max_train_steps=24", "train.checkpointing_steps=8", "validation.validation_steps=8"]
+    steps = ["train.max_train_steps=24", "train.checkpointing_steps=8", "validation.validation_steps=8",
+             "train.gradient_accumulation_steps=2"]
     env = {"ACCELERATE_USE_CPU": "1"}
     fsdp, ddp, killed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "killed"
     result = _train(tmp_path, *COMMON, *steps, f"train.output_dir={fsdp}", launcher=_launcher(True), env=FSDP_ON_CPU)
