@@ -387,6 +387,10 @@ def test_a_missing_starlette_is_one_line(tmp_path):
     ({"config": "shapes.yaml", "overrides": ["train.seed=1\nmodel.x=2"]}, "expected section.key=value"),
     ({"config": "shapes.yaml", "overrides": "train.seed=1"}, "a list of"),
     ({"config": "shapes.yaml", "overrides": ["data.allow_pipe_urls=true"]}, "not from the page"),
+    ({"config": "shapes.yaml", "overrides": ["data.num_samples=null", "data.sources=[{source: webdataset, path: "
+                                             "'pipe:touch x', allow_pipe_urls: true}]"]}, "not from the page"),
+    ({"config": "shapes.yaml", "overrides": ["validation.loss_data={source: webdataset, path: 'pipe:touch x', "
+                                             "allow_pipe_urls: true}"]}, "not from the page"),
     ({"config": "../pyproject.toml"}, "is not one of the configs"),
     ({"config": "/etc/passwd"}, "is not one of the configs"),
     ({"config": "shapes.yaml", "overrides": ["train.output_dir=/tmp/elsewhere"]}, "not inside the output root"),

@@ -59,11 +59,23 @@ def check_overrides(overrides: list) -> list[str]:
     return overrides
 
 
+def pipe_urls_allowed(config) -> bool:
+    """Whether any of the config's data (the data section, a data.sources entry, the held-out data) may open
+    `pipe:` URLs."""
+    data = config.data
+    return bool(data.allow_pipe_urls or any(entry.get("allow_pipe_urls") for entry in data.sources)
+                or config.validation.loss_data.get("allow_pipe_urls"))
+
+
 def output_folder(config_path: Path, overrides: list[str], root: Path) -> Path:
     """Validate the config with the trainer's loader (a ConfigError names the key) and return its output folder,
     which must lie under `root`."""
     try:
         config = load_config(config_path, overrides)
+        if pipe_urls_allowed(config) and not pipe_urls_allowed(load_config(config_path)):
+            raise Refused(f"overrides: they would allow `pipe:` shard URLs ({NOT_FROM_THE_PAGE['data.allow_pipe_urls']}"
+                          "), in a data.sources entry or validation.loss_data; not from the page: set it in the "
+                          "config file instead")
     except ConfigError as error:
         raise Refused(str(error)) from error
     output_dir = config.train.output_dir
