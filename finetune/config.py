@@ -257,6 +257,21 @@ class DataConfig:
     caption_dropout: float = 0.1
     """Share of captions replaced by the empty caption, so the model also learns the unconditional
     prediction that classifier-free guidance needs."""
+    caption_prefix: str = ""
+    """Put before every caption, with a space: an instance token ("sks dog"), a trigger word or a style tag."""
+    caption_suffix: str = ""
+    """Put after every caption, with a space."""
+    shuffle_caption: bool = False
+    """Shuffle a caption's comma-separated tags each time it is read (tag-style captions, as kohya's
+    shuffle_caption), keeping the first `keep_tokens` tags (the prefix counts as the first) in place."""
+    keep_tokens: int = 0
+    """With shuffle_caption: how many leading comma-separated tags stay first."""
+    default_caption: str | None = None
+    """The caption of an image that has none (kohya's class_tokens: "sks dog" for a folder of one subject);
+    null: such an image is skipped and counted as bad data."""
+    caption_extension: str = ".txt"
+    """imagefolder without a metadata file: the extension of the caption file beside each image (kohya's
+    DreamBooth folders use `.caption`)."""
     caption_column: str = "text"
     """imagefolder / hf / parquet: the column holding the caption (a string or a list of them); webdataset: the
     json field used when a sample has no `.txt`."""
@@ -292,10 +307,20 @@ class DataConfig:
     max_bad_fraction: float = 0.1
     """Stop with an error when more than this share of the samples read (after the first 100) is unreadable:
     a few bad samples are skipped, a broken dataset is not trained on."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Several datasets in one run, each a mapping of data-section keys of its own (`source` required; `path`,
+    captions, filters, masks, crops; the others are inherited from this section) and how it takes part: `name`,
+    `repeats` (passes an epoch) or `samples_per_epoch`, `loss_weight`, `is_regularisation`. Run-wide keys
+    (resolution, buckets, cache, workers, shuffle buffer) stay in this section. The start-up summary gives each
+    dataset's samples per epoch and the epoch's data counts give what each gave (`dataset <name>`)."""
+    kohya_toml: str | None = None
+    """A kohya sd-scripts dataset config (`[[datasets]]` / `[[datasets.subsets]]`) to read data.sources (and the
+    resolution, buckets and batch size) from; the resolved config.yaml holds the result. Keys it cannot carry over
+    are refused by name."""
 
     def __post_init__(self):
         problems = []
-        if self.source != "builtin" and not self.path:
+        if self.source != "builtin" and not self.path and not self.sources:
             problems.append(f"data.path: required when data.source={self.source!r}; give the shards, folder, files "
                             "or dataset name")
         if self.resolution < 8 or self.resolution % 8:
@@ -351,6 +376,19 @@ class DataConfig:
                             "data.bucket_sizes")
         if (self.bucket_sizes is not None) and not self.buckets:
             problems.append("data.bucket_sizes: set data.buckets: true to use them, or remove them")
+        if self.caption_extension != ".txt" and self.source != "imagefolder":
+            problems.append(f"data.caption_extension: only imagefolder data without a metadata file reads caption "
+                            f"files (got data.source={self.source!r}); remove it")
+        if self.keep_tokens < 0 or not self.caption_extension.startswith("."):
+            problems.append(f"data.keep_tokens (got {self.keep_tokens}) must be >= 0 and data.caption_extension (got "
+                            f"{self.caption_extension!r}) start with a dot")
+        if self.sources:
+            from .data.mixing import entries  # here, not at the top: the data package imports this module
+
+            try:
+                entries(self)
+            except ConfigError as error:
+                problems.extend(error.problems)
         if self.cache and not self.center_crop:
             problems.append("data.cache: the cache stores one encoding per image (and orientation), so random crops "
                             "would be frozen; set data.center_crop: true, or data.cache: false")
@@ -753,13 +791,20 @@ class Config:
         if self.validation.loss_data:
             try:
                 held_out = held_out_section(self.data, self.validation.loss_data)
-                if self.data.source != "builtin" and all(getattr(held_out, f) == getattr(self.data, f)
-                                                         for f in ("source", "path", "split")):
+                if self.data.sources:
+                    from .data.mixing import entries  # (the data package imports this module)
+
+                    sections = [section for section, _ in entries(self.data)]
+                else:
+                    sections = [self.data]
+                if any(s.source != "builtin" and all(getattr(held_out, f) == getattr(s, f)
+                                                     for f in ("source", "path", "split")) for s in sections):
                     problems.append("validation.loss_data: it names the training data itself (the same source, path "
                                     "and split); name held-out pairs, e.g. {path: val/{000000..000001}.tar}")
             except ConfigError as error:
                 problems.extend(error.problems)
-        if self.validation.loss_samples and self.data.source != "builtin" and not self.validation.loss_data:
+        if self.validation.loss_samples and (self.data.source != "builtin" or self.data.sources) \
+                and not self.validation.loss_data:
             problems.append("validation.loss_samples: with your own data, name the held-out pairs in "
                             "validation.loss_data (e.g. {path: val/{000000..000001}.tar}); the run's own data would "
                             "not be held out")
@@ -774,7 +819,10 @@ class Config:
 def held_out_section(data: DataConfig, loss_data: dict) -> DataConfig:
     """The held-out data of `validation.loss_data`: the run's data section with those keys in place (checked as the
     data section is; a ConfigError names `validation.loss_data.<key>`), read once over, never resampled."""
-    merged = {**dataclasses.asdict(data), **loss_data}
+    if data.sources and "source" not in loss_data:
+        raise ConfigError(["validation.loss_data.source: with data.sources the held-out data names its own source "
+                           "(and path), e.g. {source: imagefolder, path: val}"])
+    merged = {**dataclasses.asdict(data), "sources": [], "kohya_toml": None, **loss_data}
     if merged.get("source") != "builtin":
         merged.update(resampled=False, num_samples=None)
     problems: list[str] = []
@@ -911,6 +959,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     raw = apply_overrides(raw, list(overrides))
+    if isinstance(raw.get("data"), dict) and raw["data"].get("kohya_toml"):
+        from .data.kohya_toml import expand  # (the data package imports this module)
+
+        raw = expand(raw)
     problems: list[str] = []
     config = _build(Config, raw, "", problems)
     _check(problems)

@@ -14,6 +14,7 @@ from .bases import locate_base
 from .checkpointing import changed_settings, list_checkpoints, resume_target
 from .cli import UserError
 from .config import Config, config_yaml
+from .data.mixing import entries
 from .output_lock import held_by, in_use
 
 
@@ -32,7 +33,8 @@ def check_ahead(config: Config, accelerator: Accelerator) -> bool:
         lines.append(f"base: {base}: " + {"local": "a local pipeline folder", "cache": "in the local Hugging Face "
                                           "cache", "hub": "on the Hub, not in the local cache: a run downloads it "
                                           "first; the dry run stops here rather than download it"}[where])
-    lines.append(check_shards(config.data.path) if config.data.source == "webdataset" else None)
+    sections = [section for section, _ in entries(config.data)] if config.data.sources else [config.data]
+    lines += [check_shards(section.path) for section in sections if section.source == "webdataset"]
     if accelerator.is_main_process:
         print("\n".join(line for line in lines if line))
     return where != "hub" and converted

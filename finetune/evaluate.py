@@ -47,7 +47,7 @@ from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 from . import class_adherence, cli, metrics
 from .cli import ToolParser, UserError
 from .config import DataConfig, load_config
-from .data import build_source, failed_filter, pick_caption
+from .data import build_source, entries, failed_filter, pick_caption
 from .data.shapes import DEFAULT_COLORS, HUES, SHAPES, render_sample
 from .data.tables import RawSample
 from .data.transforms import decode_rgb, to_tensor, unreadable_reason
@@ -161,7 +161,10 @@ def held_out_data(folder: str, overrides: list[str], resolution: int) -> tuple[D
         raise ValueError(f"--data {' '.join(bad)}: only data-section overrides (data.key=value) name held-out data")
     path = Path(folder) / "config.yaml"
     config, defaults = (path, []) if path.is_file() else (None, [f"data.resolution={resolution}"])
-    run, held_out = load_config(config, defaults).data, load_config(config, defaults + overrides).data
+    run = load_config(config, defaults).data
+    if run.sources:  # a mix of datasets: the held-out data is what the overrides name, never the mix
+        defaults += ["data.sources=[]"]
+    held_out = load_config(config, defaults + overrides).data
     return run, read_in_order(held_out)
 
 
@@ -175,9 +178,14 @@ def read_in_order(held_out: DataConfig) -> DataConfig:
 
 
 def is_training_data(run: DataConfig, held_out: DataConfig) -> bool:
-    """Whether `held_out` reads the pairs the run trained on (the built-in set's held-out renderings never do)."""
+    """Whether `held_out` reads the pairs the run trained on (one of its datasets'; the built-in set's held-out
+    renderings never do)."""
     fields = ("source", "path", "split")
-    return run.source != "builtin" and all(getattr(run, f) == getattr(held_out, f) for f in fields)
+    if run.sources and held_out.source == "builtin" and held_out.path is None:
+        return True  # (no --data: only the mix itself)
+    sections = [section for section, _ in entries(run)] if run.sources else [run]
+    return any(section.source != "builtin" and all(getattr(section, f) == getattr(held_out, f) for f in fields)
+               for section in sections)
 
 
 def held_out_source(data: DataConfig, max_samples: int):
@@ -212,6 +220,8 @@ def held_out_pairs(source, data: DataConfig, max_samples: int, seed: int = 0) ->
 
 
 def describe_data(data: DataConfig) -> str:
+    if data.sources:
+        return "a mix of " + ", ".join(f"{section.source}: {section.path}" for section, _ in entries(data))
     if data.source == "builtin":
         return f"builtin held-out renderings (seed {HELDOUT_SEED}; colours {', '.join(data.colors or DEFAULT_COLORS)})"
     return f"{data.source}: {data.path}" + (f" (split {data.split})" if data.source == "hf" else "")
@@ -388,7 +398,7 @@ def choose_metrics(requested: list[str] | None, run: DataConfig, has_held_out: b
     held-out data."""
     if requested:
         return list(dict.fromkeys(requested))
-    return (["adherence"] if run.source == "builtin" else []) + (["loss"] if has_held_out else [])
+    return (["adherence"] if run.source == "builtin" and not run.sources else []) + (["loss"] if has_held_out else [])
 
 
 def report_adherence(pipeline, colors: list[str], num_images_per_prompt: int, num_inference_steps: int,

@@ -177,7 +177,7 @@ def rebuild_model(config: Config, mixed_precision: str) -> tuple[Components, lis
 def training_captions(data: DataConfig, seed: int) -> list[str]:
     """The captions a from-scratch run built its word-level tokenizer from: its training data must be where the
     run read it (the built-in set's vocabulary is its grammar, nothing to read)."""
-    if data.source == "builtin":
+    if data.source == "builtin" and not data.sources:
         return caption_texts(data, None)
     try:
         texts, problem = caption_texts(data, build_source(data, seed)), "no captions found there"
@@ -201,6 +201,8 @@ def check_vocabulary(components: Components, text_encoder: dict[str, torch.Tenso
 
 
 def data_location(data: DataConfig) -> str:
+    if data.sources:
+        return "data.sources=" + ", ".join(f"{entry.get('source')}:{entry.get('path')}" for entry in data.sources)
     return f"data.source={data.source}" + (f" data.path={data.path!r}" if data.path else "")
 
 

@@ -313,7 +313,10 @@ def training_section(train: TrainConfig, data: DataConfig, model: ModelConfig, l
         rows["text encoder"] = "trained" if model.train_text_encoder else "frozen"
     if train.snr_gamma:
         rows["min-SNR gamma"] = train.snr_gamma
-    if data.source == "builtin":
+    if data.sources:
+        rows["data"] = ", ".join(f"{entry.get('source')} `{entry.get('path', 'built-in shapes')}`" for entry in
+                                 data.sources)
+    elif data.source == "builtin":
         rows["data"] = "built-in shapes" + (f" ({data.num_samples} samples)" if data.num_samples else "")
     else:
         rows["data"] = f"{data.source} `{data.path}`"

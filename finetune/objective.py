@@ -88,12 +88,35 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torc
     and per pixel (`mask_weights`)."""
     if weights is None and pixel_weights is None:
         return F.mse_loss(model_pred.float(), target.float())
+    if weights is None:
+        return (F.mse_loss(model_pred.float(), target.float(), reduction="none") * pixel_weights).mean()
+    return (sample_losses(model_pred, target, pixel_weights) * weights).mean()
+
+
+def sample_losses(model_pred: torch.Tensor, target: torch.Tensor,
+                  pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean squared error (float32), weighted per pixel when `pixel_weights` are given."""
     squared = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     if pixel_weights is not None:
         squared = squared * pixel_weights
-    if weights is None:
-        return squared.mean()
-    return (squared.mean(dim=tuple(range(1, target.ndim))) * weights).mean()
+    return squared.mean(dim=tuple(range(1, target.ndim)))
+
+
+def dataset_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                 pixel_weights: torch.Tensor | None, loss_weight: torch.Tensor,
+                 regularisation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """With data.sources: the batch mean of each sample's loss times its dataset's `loss_weight` (and its min-SNR
+    `weights`), as kohya weighs regularisation images by prior_loss_weight; and, detached for the logs, the sums
+    and counts of the instance and the regularisation samples' losses (before the dataset weight):
+    [instance sum, instance count, regularisation sum, regularisation count]."""
+    losses = sample_losses(model_pred, target, pixel_weights)
+    if weights is not None:
+        losses = losses * weights
+    loss = (losses * loss_weight.to(losses.device, losses.dtype)).mean()
+    regularisation = regularisation.to(losses.device, losses.dtype)
+    instance, seen = losses.detach(), 1 - regularisation
+    return loss, torch.stack([(instance * seen).sum(), seen.sum(), (instance * regularisation).sum(),
+                              regularisation.sum()])
 
 
 def mask_weights(mask: torch.Tensor | None, samples: torch.Tensor, unmasked_weight: float,

@@ -57,6 +57,10 @@ def tracker_settings(config: Config) -> dict:
     flat = {}
     for section, values in dataclasses.asdict(config).items():
         for key, value in values.items():
+            if key == "sources" and value:  # data.sources.<i>.<key>, its paths reduced as data.path is
+                value = {f"{i}.{k}": ("::".join(public_location(part, entry.get("source") == "hf")
+                                                 for part in str(v).split("::")) if k == "path" and v else v)
+                         for i, entry in enumerate(value) for k, v in entry.items() if not SECRET_NAME.search(str(k))}
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for sub, item in items:
                 name = f"{section}.{key}" + (f".{sub}" if sub else "")
@@ -96,7 +100,8 @@ class StepLogger:
     The main process also appends what it logs to `<output_dir>/metrics.jsonl`, one JSON object a line, so a
     reader needs no tracker and no server (`finetune.ui` draws its live view from it): `{"event": "start", "step",
     "max_steps"}` when training starts or resumes, `{"step", "max_steps", "loss", "lr", "grad_norm", "step_time",
-    "images_per_s"}` every logging step, `{"step", "data": {...}}` after each epoch (the data counts), and
+    "images_per_s"}` every logging step (with data.sources also `loss_instance` and `loss_regularisation`),
+    `{"step", "data": {...}}` after each epoch (the data counts), and
     `{"event": "end", "step"}` when a run finishes (not when it is stopped); every line has its wall-clock `time`.
     A resumed run appends to the same file, so steps may repeat: the latest line of a step is the one that counts."""
 
@@ -107,14 +112,18 @@ class StepLogger:
         # the images one optimizer step trains on, over all processes
         self.samples_per_step = train.train_batch_size * train.gradient_accumulation_steps * accelerator.num_processes
         self.loss_sum, self.count = torch.zeros((), device=accelerator.device), 0
+        self.group_sums = None  # with data.sources: `objective.dataset_loss`'s sums and counts since the last log
         self.start, self.start_step = time.perf_counter(), step
         self.run_start, self.first_step = self.start, step
         self.metrics = Path(train.output_dir) / METRICS_FILE if accelerator.is_main_process else None
         self.record({"event": "start", "step": step, "max_steps": self.max_steps})
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        """One micro-batch's loss, and with data.sources its instance / regularisation sums and counts."""
         self.loss_sum += loss.detach()
         self.count += 1
+        if groups is not None:
+            self.group_sums = groups if self.group_sums is None else self.group_sums + groups
 
     def step(self, step: int, last: bool, lr: float, grad_norm) -> None:
         self.progress.update(1)
@@ -127,12 +136,23 @@ class StepLogger:
         now = time.perf_counter()
         step_time = (now - self.start) / (step - self.start_step)
         logs = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
-                "images_per_s": self.samples_per_step / step_time}
+                "images_per_s": self.samples_per_step / step_time, **self.group_losses()}
         self.accelerator.log(logs, step=step)
         self.record({"step": step, "max_steps": self.max_steps, **logs})
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{logs['images_per_s']:.1f}")
         self.loss_sum.zero_()
         self.count, self.start, self.start_step = 0, now, step
+
+    def group_losses(self) -> dict:
+        """loss_instance and loss_regularisation since the last log, over all processes (the mean of their
+        samples' losses, before the dataset weights); a group with no sample in the window is left out. With
+        data.sources only; every process takes part (a collective)."""
+        if self.group_sums is None:
+            return {}
+        sums = self.accelerator.reduce(self.group_sums, reduction="sum").tolist()
+        self.group_sums = None
+        return {name: total / count for name, total, count in
+                (("loss_instance", *sums[:2]), ("loss_regularisation", *sums[2:])) if count}
 
     def end_epoch(self, config: Config, dataset, epoch: int, batches: int, step: int) -> None:
         """After an epoch read to the end: its data counts (used, dropped by each filter, skipped by reason; all
@@ -140,7 +160,8 @@ class StepLogger:
         batch is an error."""
         counts = dataset.collect_counts(config.data.num_workers)
         if batches == 0:
-            raise RuntimeError(f"an epoch of {config.data.source} data gave no full batch of "
+            raise RuntimeError(f"an epoch of {'the mixed' if config.data.sources else config.data.source} data gave "
+                               f"no full batch of "
                                f"{config.train.train_batch_size} samples ({dict(counts)}); check data.path and "
                                "data.filters, or lower train.train_batch_size")
         logger.info(f"epoch {epoch + 1} data (all epochs so far): {dict(counts)}", main_process_only=True)
@@ -203,6 +224,14 @@ def bucket_line(data: DataConfig) -> str:
     return f" in {len(sizes)} aspect-ratio buckets ({', '.join(f'{w}x{h}' for w, h in sizes)})"
 
 
+def data_line(data: DataConfig, source, size) -> str:
+    """What the data is: its source and size, or with data.sources each dataset's share of an epoch."""
+    if not data.sources:
+        return f"{data.source} ({size} samples)"
+    return (f"{len(data.sources)} datasets, {size} samples an epoch (before filters):\n{source.describe()}\n "
+            " all")
+
+
 def describe(config: Config, components: Components, params, source, accelerator: Accelerator) -> str:
     text = sum(count_parameters(encoder) for encoder in components.text_encoders)
     total = count_parameters(components.unet) + text
@@ -220,9 +249,8 @@ def describe(config: Config, components: Components, params, source, accelerator
         f"({trainable / total:.1%}; "
         f"UNet {count_parameters(components.unet, trainable_only=True) / count_parameters(components.unet):.1%}), "
         f"{space}\n"
-        f"data: {config.data.source} ({size} samples) at {config.data.resolution}px{bucket_line(config.data)}, "
-        f"vocabulary "
-        f"{len(components.tokenizer)} tokens\n"
+        f"data: {data_line(config.data, source, size)} at {config.data.resolution}px{bucket_line(config.data)}, "
+        f"vocabulary {len(components.tokenizer)} tokens\n"
         f"{config.train.max_train_steps} steps x {batch} samples (per process {config.train.train_batch_size}, "
         f"accumulation {config.train.gradient_accumulation_steps}, {accelerator.num_processes} processes) on "
         f"{accelerator.device} ({accelerator.distributed_type.value}), precision {accelerator.mixed_precision}, "

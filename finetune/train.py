@@ -46,6 +46,7 @@ from .models import (
 )
 from .nonfinite import NonFiniteGuard
 from .objective import (
+    dataset_loss,
     diffusion_loss,
     mask_weights,
     min_snr_weights,
@@ -92,15 +93,19 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
 
 
 def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: torch.device,
-                 train: TrainConfig) -> torch.Tensor:
-    """One forward pass of the objective on a batch: encode images and text, noise, predict, regress."""
+                 train: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward pass of the objective on a batch: encode images and text, noise, predict, regress. With
+    data.sources, each sample weighs as its dataset says, and the instance / regularisation losses come too."""
     samples, conditioning = encoder.samples(batch, device), encoder.conditioning(batch, device)
     noise, timesteps = sample_noise_and_timesteps(samples, scheduler.config.num_train_timesteps, train.noise_offset)
     noisy = scheduler.add_noise(samples, perturb_noise(noise, train.input_perturbation), timesteps)
     model_pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
     weights = min_snr_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
     pixel_weights = mask_weights(batch.get("mask"), samples, train.unmasked_weight, train.normalize_mask_area)
-    return diffusion_loss(model_pred, training_target(scheduler, samples, noise, timesteps), weights, pixel_weights)
+    target = training_target(scheduler, samples, noise, timesteps)
+    if "loss_weight" in batch:
+        return dataset_loss(model_pred, target, weights, pixel_weights, batch["loss_weight"], batch["regularisation"])
+    return diffusion_loss(model_pred, target, weights, pixel_weights), None
 
 
 def build_optimization(config: Config, params: list, accelerator: Accelerator):
@@ -141,9 +146,9 @@ def build_data(config: Config, tokenizers: list, source, accelerator: Accelerato
         conditioning.check_captions(config.data, source, tokenizers[0])
     buckets, batch = config.data.buckets, config.train.train_batch_size
     if buckets and accelerator.num_processes > 1 and not getattr(source, "resampled", False):
-        raise UserError("data.buckets with several processes needs data.resampled: true (webdataset shards): a "
-                        "finite epoch gives each process a different number of full buckets, and a process that "
-                        "runs out first would leave the others waiting")
+        raise UserError("data.buckets with several processes needs data.resampled: true (webdataset shards; not a "
+                        "mix of data.sources): a finite epoch gives each process a different number of full "
+                        "buckets, and a process that runs out first would leave the others waiting")
     dataset = ImageTextStream(source, config.data, tokenizers, config.train.seed, accelerator.process_index,
                               accelerator.num_processes, batch_size=batch if buckets else None)
     workers = config.data.num_workers
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in itertools.islice(loader, skip_batches, None):
             batches_in_epoch += 1
             with accelerator.accumulate(*trained):
-                loss = compute_loss(batch, components.unet, encoder, schedule, accelerator.device, train)
+                loss, groups = compute_loss(batch, components.unet, encoder, schedule, accelerator.device, train)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # clip (max_norm inf: measure only), then refuse NaN/Inf
                     grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.zero_grad(set_to_none=True)
             if skip:
                 continue
-            step_logger.add(loss)
+            step_logger.add(loss, groups)
             if not accelerator.sync_gradients:
                 continue
             step += 1

@@ -288,7 +288,7 @@ def training_image(folder: str | Path, resolution: int) -> tuple[torch.Tensor, s
     caption, centre-cropped and resized to `resolution` by training's own transform (no flip)."""
     path = Path(folder) / "config.yaml"
     data = load_config(path).data if path.is_file() else load_config(None).data
-    if data.source == "builtin":  # sample 0 of the set, rendered directly: nothing to write
+    if data.source == "builtin" and not data.sources:  # sample 0 of the set, rendered directly: nothing to write
         png, caption, _ = builtin_shapes.render_sample(0, 0, tuple(data.colors or builtin_shapes.DEFAULT_COLORS))
     else:
         source = build_source(data, seed=0)

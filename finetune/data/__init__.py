@@ -7,6 +7,7 @@ skipped and counted), transforms, caption dropout and tokenisation.
 """
 
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -26,6 +27,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from ..config import ConfigError, DataConfig, FilterConfig
 from ..families import tokenize
 from . import shapes
+from .mixing import MixedSource, entries
 from .tables import HFDatasetSource, MetadataFolderSource, ParquetSource, RawSample, SidecarFolderSource, deal
 from .transforms import bucket_sizes, crop_to, decode_mask, decode_rgb, nearest_bucket, unreadable_reason
 
@@ -117,7 +119,11 @@ class WebDatasetSource:
 
 
 def build_source(config: DataConfig, seed: int):
-    """The raw-sample source named by `data.source` (the built-in set is generated on first use)."""
+    """The raw-sample source named by `data.source` (the built-in set is generated on first use), or with
+    `data.sources` the mix of theirs."""
+    if config.sources:
+        datasets = entries(config)
+        return MixedSource(datasets, [build_source(section, seed) for section, _ in datasets])
     if config.source == "builtin":
         colors, num_samples = tuple(config.colors or shapes.DEFAULT_COLORS), config.num_samples or 6000
         return WebDatasetSource(shapes.ensure_shards(config.path, num_samples, colors=colors),
@@ -132,21 +138,29 @@ def build_source(config: DataConfig, seed: int):
                                config.streaming)
     if any((Path(config.path) / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
         return MetadataFolderSource(config.path, config.caption_column, config.allow_outside_paths)
-    return SidecarFolderSource(config.path)
+    return SidecarFolderSource(config.path, config.caption_extension)
 
 
 def caption_texts(config: DataConfig, source, limit: int = 100_000) -> list[str]:
     """Captions to build a from-scratch tokenizer's vocabulary: the built-in set's whole grammar (purple
-    included, so a later fine-tune can teach it), or the first `limit` captions of the source."""
+    included, so a later fine-tune can teach it), or the first `limit` captions of the source; with the prefix and
+    suffix they are trained with, and the default caption."""
+    if config.sources:  # every dataset's, each with its own prefix, suffix and default caption
+        source = source or build_source(config, 0)
+        share = max(1, limit // len(source.sources))  # (a sample of every dataset's captions, not the first's only)
+        return [text for section, part in zip(source.configs, source.sources)
+                for text in caption_texts(section, part, share)]
+    around = dataclasses.replace(config, shuffle_caption=False)  # the words of the captions trained on
+    texts = [edit_caption(config.default_caption, around, None)] if config.default_caption else []
     if config.source == "builtin":
-        return shapes.all_captions()
-    texts = []
+        return [edit_caption(c, around, None) for c in shapes.all_captions()] + texts
+    source = source or build_source(config, 0)
     if isinstance(source, WebDatasetSource):  # one pass, even over resampled shards
         source = copy.copy(source)
         source.resampled = False
     for sample in source.samples(random.Random(0), 0, 1, Counter()):
         captions = sample.caption if isinstance(sample.caption, list) else [sample.caption]
-        texts.extend(c for c in captions if isinstance(c, str) and c)
+        texts.extend(edit_caption(c, around, None) for c in captions if isinstance(c, str) and c)
         if len(texts) >= limit:
             break
     return texts
@@ -175,6 +189,18 @@ def failed_filter(metadata: dict, caption: str | None, filters: FilterConfig) ->
         elif not passes(value, limit):
             return name
     return None
+
+
+def edit_caption(caption: str, config: DataConfig, rng: random.Random) -> str:
+    """`data.caption_prefix` and `caption_suffix` put around the caption (with a space, as kohya does), then with
+    `shuffle_caption` its comma-separated tags shuffled after the first `keep_tokens`."""
+    caption = " ".join(text for text in (config.caption_prefix, caption, config.caption_suffix) if text)
+    if config.shuffle_caption:
+        tags = [tag.strip() for tag in caption.split(",")]
+        kept, rest = tags[:config.keep_tokens], tags[config.keep_tokens:]
+        rng.shuffle(rest)
+        caption = ", ".join(kept + rest)
+    return caption
 
 
 def pick_caption(caption, rng: random.Random) -> str | None:
@@ -209,6 +235,10 @@ class ImageTextStream(IterableDataset):
     def __init__(self, source, config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
                  batch_size: int | None = None):
         self.source, self.config, self.batch_size = source, config, batch_size
+        # With data.sources each dataset reads with its own section (captions, filters, crops, masks) and entry.
+        self.configs = source.configs if isinstance(source, MixedSource) else [config]
+        self.entries = source.entries if isinstance(source, MixedSource) else None
+        self.masks = any(section.masks for section in self.configs)
         if config.buckets and not batch_size:
             raise ValueError("data.buckets: the stream makes the batches, so it needs the batch size")
         self.buckets = ([tuple(size) for size in config.bucket_sizes] if config.bucket_sizes
@@ -244,40 +274,55 @@ class ImageTextStream(IterableDataset):
         return {"input_ids": ids[0], **({"input_ids_2": ids[1]} if len(ids) > 1 else {})}
 
     def _example(self, raw: RawSample, rng: random.Random) -> dict | None:
-        """Filter, decode and transform one raw sample; None (counted) when it is dropped or unreadable."""
+        """Filter, decode and transform one raw sample (with its dataset's settings); None (counted) when it is
+        dropped or unreadable."""
         if raw.refused:  # before the filters: a refused path is always reported
             return self._bad(raw.key, "path outside the dataset folder", raw.refused)
-        caption = pick_caption(raw.caption, rng)
-        dropped_by = failed_filter(raw.metadata, caption, self.config.filters)
+        config = self.configs[raw.dataset]
+        caption = pick_caption(raw.caption, rng) or config.default_caption
+        dropped_by = failed_filter(raw.metadata, caption, config.filters)
         if dropped_by:
             self.counts[f"dropped by {dropped_by}"] += 1
             return None
         if raw.image is None or caption is None:
             return self._bad(raw.key, "no image" if raw.image is None else "no caption", "")
         try:
-            image = decode_rgb(raw.image, self.config.max_image_pixels, min_size=self.config.resolution)
+            image = decode_rgb(raw.image, config.max_image_pixels, min_size=self.config.resolution)
             size = (self.config.resolution,) * 2 if self.buckets is None else nearest_bucket(image.size, self.buckets)
             if size is None:  # (a filter's drop, not bad data: small images are common and nothing is wrong with them)
                 self.counts["dropped: smaller than every bucket"] += 1
                 return None
-            mask = (decode_mask(raw.image, raw.mask, image.info["source_size"], self.config.max_image_pixels)
-                    if self.config.masks else None)
+            mask = (decode_mask(raw.image, raw.mask, image.info["source_size"], config.max_image_pixels)
+                    if config.masks else None)
             if mask is not None and mask.size != image.size:  # (a JPEG decoded at a reduced scale)
                 mask = mask.resize(image.size, Image.Resampling.BILINEAR)
-            pixels, crop, flipped, mask = crop_to(image, size, self.config.center_crop, self.config.random_flip, rng,
-                                                  mask)
+            pixels, crop, flipped, mask = crop_to(image, size, config.center_crop, config.random_flip, rng, mask)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return self._bad(raw.key, unreadable_reason(error), error)
-        (width, height), filters = image.info["source_size"], self.config.filters
+        (width, height), filters = image.info["source_size"], config.filters
         if (filters.min_width and width < filters.min_width) or (filters.min_height and height < filters.min_height):
             self.counts["dropped by min_width/min_height (decoded size)"] += 1
             return None
-        caption = "" if rng.random() < self.config.caption_dropout else caption
+        caption = edit_caption(caption, config, rng)
+        caption = "" if rng.random() < config.caption_dropout else caption
         self.counts["used"] += 1
         masked = {"mask": mask if mask is not None else torch.full((1, *pixels.shape[1:]), 255, dtype=torch.uint8)}
         return {"pixel_values": pixels, **self.token_ids(caption), "key": raw.key, "flipped": flipped,
                 "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor(crop),
-                **(masked if self.config.masks else {})}
+                **(masked if self.masks else {}), **self._mixing(raw.dataset)}
+
+    def _mixing(self, dataset: int) -> dict:
+        """With data.sources: the sample's loss weight and whether it is a regularisation image (counted by its
+        dataset's name)."""
+        if self.entries is None:
+            return {}
+        if not hasattr(self, "_fields"):  # made once (tensors shared by the samples; batching copies them)
+            self._fields = [(f"dataset {e.name}", {"loss_weight": torch.tensor(e.loss_weight),
+                                                   "regularisation": torch.tensor(e.is_regularisation)})
+                            for e in self.entries]
+        name, fields = self._fields[dataset]
+        self.counts[name] += 1
+        return fields
 
     def _bad(self, key: str, reason: str, detail) -> None:
         """Count a bad sample, log it (the first few of each reason, then every 100th), and stop the run when

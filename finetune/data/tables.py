@@ -27,6 +27,7 @@ class RawSample:
     metadata: dict = field(default_factory=dict)
     refused: str | None = None  # why the source would not read this sample's image (then `image` is None)
     mask: bytes | None = None  # a mask image beside it (webdataset `<key>.mask.png`), for data.masks
+    dataset: int = 0  # which of data.sources it comes from (`mixing.MixedSource`)
 
 
 def deal(units: Sequence, order_rng: random.Random, part: int, parts: int,
@@ -230,11 +231,11 @@ def _metadata_rows(root: Path, caption_column: str) -> list[dict]:
 
 
 class SidecarFolderSource:
-    """A folder of images, each with a caption in a `.txt` file of the same name (`cat.jpg` + `cat.txt`), the
-    common hand-made layout; subfolders included."""
+    """A folder of images, each with a caption in a `.txt` file of the same name (`cat.jpg` + `cat.txt`; another
+    extension with data.caption_extension), the common hand-made layout; subfolders included."""
 
-    def __init__(self, path: str):
-        root = Path(path)
+    def __init__(self, path: str, caption_extension: str = ".txt"):
+        root, self.caption_extension = Path(path), caption_extension
         self.images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.images:
             raise FileNotFoundError(f"data.path={path!r}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
@@ -243,7 +244,7 @@ class SidecarFolderSource:
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
                 deal_rng: random.Random | None = None) -> Iterator[RawSample]:
         for image in deal(self.images, order_rng, part, parts, deal_rng):
-            text = image.with_suffix(".txt")
+            text = image.with_suffix(self.caption_extension)
             caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
             yield RawSample(str(image.relative_to(self.root)), image.read_bytes(), caption)
 
