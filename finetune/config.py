@@ -755,6 +755,49 @@ class HubConfig:
         _check(problems)
 
 
+@dataclass
+class PriorConfig:
+    """DreamBooth's prior preservation: while a few images teach a subject, keep what the model draws for its class
+    (the names are diffusers' train_dreambooth options)."""
+
+    mode: Literal["none", "class_images", "base_prediction"] = "none"
+    """`class_images`: the base draws num_class_images images of class_prompt before the first step (cached: a
+    rerun draws none) and they train beside the data as regularisation images; `base_prediction`: each batch also
+    trains under class_prompt with the frozen base's own prediction as the target (LoRA runs; no images)."""
+    class_prompt: str = ""
+    """The class the subject belongs to, e.g. "a photo of a dog" (the instance captions then name the subject with
+    a rare token: data.caption_prefix: "sks")."""
+    prior_loss_weight: float = 1.0
+    """How much the class images' (or the base's predictions') loss weighs against the instance images'."""
+    num_class_images: int = 100
+    """class_images: how many the base draws."""
+    class_data_dir: str | None = None
+    """class_images: where they are kept, in a folder named by a hash of the base's weights and the settings that
+    shape them (null: the finetune cache, ~/.cache/finetune/class-images)."""
+    negative_prompt: str = ""
+    """class_images: the negative prompt they are drawn with."""
+    num_inference_steps: int = 25
+    """class_images: the sampler's steps for each."""
+    guidance_scale: float = 7.5
+    """class_images: the guidance they are drawn with."""
+    seed: int = 0
+    """class_images: image i is drawn from a generator seeded seed + i (the same images however many processes)."""
+    sample_batch_size: int = 4
+    """class_images: images drawn at once per process."""
+
+    def __post_init__(self):
+        problems = []
+        if self.mode != "none" and not self.class_prompt.strip():
+            problems.append(f"prior.class_prompt: needed with prior.mode: {self.mode}; name the subject's class, e.g. "
+                            "\"a photo of a dog\"")
+        if not self.prior_loss_weight >= 0:
+            problems.append(f"prior.prior_loss_weight: got {self.prior_loss_weight}; must be >= 0")
+        if min(self.num_class_images, self.num_inference_steps, self.sample_batch_size) < 1 or self.guidance_scale < 0:
+            problems.append("prior.num_class_images, num_inference_steps and sample_batch_size must be >= 1, "
+                            "prior.guidance_scale >= 0")
+        _check(problems)
+
+
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
             "none")
 _REPO_ID = re.compile(r"([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
@@ -770,9 +813,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
     def __post_init__(self):
         problems = []
+        if self.prior.mode != "none" and not self.model.pretrained_model_name_or_path:
+            problems.append(f"prior.mode: {self.prior.mode} keeps what a base draws for the class; fine-tune a base "
+                            "(model.pretrained_model_name_or_path), or set prior.mode: none")
+        if self.prior.mode == "base_prediction" and (not self.lora.enabled or self.lora.train_text_encoder
+                                                     or self.data.masks):
+            problems.append("prior.mode: base_prediction takes the base's prediction with the UNet's adapters off, "
+                            "so it needs lora.enabled: true, a frozen text encoder (lora.train_text_encoder: false) "
+                            "and no data.masks; or use prior.mode: class_images")
         if self.validation.num_inference_steps > self.model.num_train_timesteps:
             problems.append(f"validation.num_inference_steps: got {self.validation.num_inference_steps}, more than "
                             f"model.num_train_timesteps={self.model.num_train_timesteps}; use at most that many")

@@ -31,6 +31,7 @@ class BatchEncoder:
         self.latent_cache: dict | DiskStore = {}
         self.fingerprints: dict[str, tuple[tuple[int, ...], int]] = {}
         self.text_cache: dict | DiskStore = {}
+        self.prior = None  # prior.mode base_prediction: its `prior.BasePrediction`, which the loss goes through
         if self.on_disk:
             if vae is not None:
                 self.latent_cache = DiskStore(Path(cache_dir) / f"vae-{fingerprint(vae, 'latent_dist.parameters')}")

@@ -226,9 +226,9 @@ def bucket_line(data: DataConfig) -> str:
 
 def data_line(data: DataConfig, source, size) -> str:
     """What the data is: its source and size, or with data.sources each dataset's share of an epoch."""
-    if not data.sources:
+    if not hasattr(source, "describe"):  # (a mix of data.sources, or the data with prior's class images)
         return f"{data.source} ({size} samples)"
-    return (f"{len(data.sources)} datasets, {size} samples an epoch (before filters):\n{source.describe()}\n "
+    return (f"{len(source.entries)} datasets, {size} samples an epoch (before filters):\n{source.describe()}\n "
             " all")
 
 

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, conditioning, dry_run, hub, lora, performance, sharding
+from . import checkpointing, conditioning, dry_run, hub, lora, performance, prior, sharding
 from .arguments import parse_args
 from .cli import UserError, run
 from .config import Config, TrainConfig, config_yaml, load_config
@@ -95,14 +95,18 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
 def compute_loss(batch: dict, unet, encoder: BatchEncoder, scheduler, device: torch.device,
                  train: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward pass of the objective on a batch: encode images and text, noise, predict, regress. With
-    data.sources, each sample weighs as its dataset says, and the instance / regularisation losses come too."""
+    data.sources (or a prior), each sample weighs as its dataset says, and the instance / regularisation losses
+    come too."""
     samples, conditioning = encoder.samples(batch, device), encoder.conditioning(batch, device)
     noise, timesteps = sample_noise_and_timesteps(samples, scheduler.config.num_train_timesteps, train.noise_offset)
     noisy = scheduler.add_noise(samples, perturb_noise(noise, train.input_perturbation), timesteps)
+    target = training_target(scheduler, samples, noise, timesteps)
+    if encoder.prior is not None:  # DreamBooth's base_prediction: the batch again under the class prompt
+        return encoder.prior.loss(batch, samples, noisy, timesteps, conditioning, target, unet, encoder, scheduler,
+                                  train, device)
     model_pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
     weights = min_snr_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
     pixel_weights = mask_weights(batch.get("mask"), samples, train.unmasked_weight, train.normalize_mask_area)
-    target = training_target(scheduler, samples, noise, timesteps)
     if "loss_weight" in batch:
         return dataset_loss(model_pred, target, weights, pixel_weights, batch["loss_weight"], batch["regularisation"])
     return diffusion_loss(model_pred, target, weights, pixel_weights), None
@@ -137,19 +141,23 @@ def build_ema(config: Config, trained: list, accelerator: Accelerator):
     return [p for model in models for p in trainable(model)], emas, ema_weights
 
 
-def build_data(config: Config, tokenizers: list, source, accelerator: Accelerator):
+def build_data(config: Config, components: Components, source, accelerator: Accelerator):
     """This process's stream of training examples and its DataLoader. The epoch reaches the workers through
     shared memory, persistent or not; the loader has its own generator, so starting an epoch (or resuming
     mid-epoch) does not draw from the global RNG that the noise comes from. Captions that cannot teach a model to
-    follow prompts are named first."""
+    follow prompts are named first; with prior.mode: class_images the base's class images join the data."""
+    tokenizers, data = components.tokenizers, config.data
     if accelerator.is_main_process:
         conditioning.check_captions(config.data, source, tokenizers[0])
+    if config.prior.mode == "class_images":  # drawn now, while the weights are the base's (or found in the cache)
+        source, data = prior.add_class_images(config.prior, data, components, source, accelerator.process_index,
+                                              accelerator.num_processes, config.train.seed)
     buckets, batch = config.data.buckets, config.train.train_batch_size
     if buckets and accelerator.num_processes > 1 and not getattr(source, "resampled", False):
         raise UserError("data.buckets with several processes needs data.resampled: true (webdataset shards; not a "
                         "mix of data.sources): a finite epoch gives each process a different number of full "
                         "buckets, and a process that runs out first would leave the others waiting")
-    dataset = ImageTextStream(source, config.data, tokenizers, config.train.seed, accelerator.process_index,
+    dataset = ImageTextStream(source, data, tokenizers, config.train.seed, accelerator.process_index,
                               accelerator.num_processes, batch_size=batch if buckets else None)
     workers = config.data.num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=None if buckets else batch, drop_last=not buckets,
@@ -170,6 +178,10 @@ def prepare(accelerator: Accelerator, config: Config, components: Components, tr
     schedule = on_device(components.scheduler, accelerator.device)
     encoder = BatchEncoder(components.vae, text_conditioning(components), len(trained) > 1, config.data.cache,
                            config.data.cache_dir)
+    if config.prior.mode == "base_prediction":  # DreamBooth without class images: the base's own predictions
+        encoder.prior = prior.BasePrediction(config.prior, components.tokenizers,
+                                             accelerator.unwrap_model(components.unet), accelerator.autocast,
+                                             sharding.is_sharded(accelerator))
     return trained, optimizer, lr_scheduler, schedule, encoder
 
 
@@ -247,13 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
         source = build_source(config.data, train.seed)
     components, trained = build_model(config, source, accelerator)
-    dataset, loader = build_data(config, components.tokenizers, source, accelerator)
+    dataset, loader = build_data(config, components, source, accelerator)
     set_seed(train.seed, device_specific=True)  # same initial weights everywhere, different noise per process
 
     # Build the optimizer, LR schedule and EMA over the trainable weights; frozen models are not wrapped.
     params = [p for model in trained for p in trainable(model)]
     optimizer, lr_scheduler = build_optimization(config, params, accelerator)
-    print_summary(config, components, params, source, accelerator)
+    print_summary(config, components, params, dataset.source, accelerator)
     if args.dry_run:
         return dry_run.read_one(dataset, accelerator)
     trained, optimizer, lr_scheduler, schedule, encoder = prepare(accelerator, config, components, trained, optimizer,

@@ -1,0 +1,168 @@
+"""DreamBooth's prior preservation (`prior:`): while a few images teach the model a subject, keep what it draws for
+the subject's class. Two ways:
+
+- `class_images` (Ruiz et al. 2022, as diffusers' train_dreambooth and kohya do): the base draws
+  `num_class_images` images of `class_prompt` once, before the first step; they are cached under a key of the base's
+  weights and every setting that shapes them (a rerun with the same key draws none), and train as a regularisation
+  dataset of `data.sources` (loss weight `prior_loss_weight`, logged as loss_regularisation).
+- `base_prediction` (no images): every batch also trains on its own images under `class_prompt`, with the frozen
+  base's prediction (adapters disabled) as the target, so the adapter learns to leave the class as the base drew
+  it. LoRA runs only: the base is the model with its adapters off.
+
+Each process draws the class images whose index it is dealt (i % processes), writes each file atomically, then waits
+for the others' files by looking at the folder: no collective that a long generation could time out.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .cli import UserError
+from .config import DataConfig, PriorConfig
+from .disk_cache import fingerprint
+from .families import tokenize
+from .objective import min_snr_weights, sample_losses, sample_noise_and_timesteps
+
+logger = logging.getLogger(__name__)
+
+
+def class_folder(prior: PriorConfig, components, resolution: int) -> Path:
+    """Where the class images of these settings are (or will be): `class_data_dir` (default: the finetune cache)
+    / a key of the base's weights, the prompts, size, seed and sampler."""
+    models = [m for m in (components.unet, components.text_encoder, components.text_encoder_2, components.vae) if m]
+    sampler = components.sampler or components.scheduler
+    key = fingerprint(*models, prior.class_prompt, prior.negative_prompt, resolution, prior.seed,
+                      prior.num_inference_steps, prior.guidance_scale, type(sampler).__name__, dict(sampler.config))
+    root = prior.class_data_dir or os.path.join(os.environ.get("FINETUNE_CACHE", "~/.cache/finetune"), "class-images")
+    return Path(root).expanduser() / key
+
+
+def draw_class_images(prior: PriorConfig, components, resolution: int, rank: int, world_size: int) -> tuple[Path, int]:
+    """The class images' folder, with every image in it (`<index>.png` and its caption `<index>.txt`): this process
+    draws the missing ones it is dealt, image i from a generator seeded `seed + i` (so the split over processes
+    changes nothing), then waits for the other processes' files. Returns the folder and how many images this
+    process drew. Call it before the first step, while the weights are the base's (LoRA adapters start as no
+    change)."""
+    folder = class_folder(prior, components, resolution)
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = [i for i in range(rank, prior.num_class_images, world_size) if not (folder / f"{i:05d}.png").is_file()]
+    if mine:
+        pipeline = components.pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        logger.info("drawing %d class images of %r into %s", len(mine), prior.class_prompt, folder)
+        for start in range(0, len(mine), prior.sample_batch_size):
+            batch = mine[start:start + prior.sample_batch_size]
+            with torch.no_grad():
+                images = pipeline([prior.class_prompt] * len(batch),
+                                  negative_prompt=[prior.negative_prompt] * len(batch) if prior.negative_prompt
+                                  else None, height=resolution, width=resolution,
+                                  num_inference_steps=prior.num_inference_steps, guidance_scale=prior.guidance_scale,
+                                  generator=[torch.Generator().manual_seed(prior.seed + i) for i in batch],
+                                  output_type="pil").images
+            for i, image in zip(batch, images):
+                _write(folder / f"{i:05d}.txt", prior.class_prompt.encode())
+                partial = folder / f".{i:05d}.png.{os.getpid()}"
+                image.save(partial, format="PNG")
+                os.replace(partial, folder / f"{i:05d}.png")  # whole or absent: a reader never sees half an image
+    _wait_for(folder, prior.num_class_images)
+    return folder, len(mine)
+
+
+def _write(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _wait_for(folder: Path, count: int, poll: float = 1.0) -> None:
+    """Until the folder holds all `count` images (the other processes draw theirs), saying every minute how far."""
+    said = time.monotonic()
+    while (have := sum((folder / f"{i:05d}.png").is_file() for i in range(count))) < count:
+        if time.monotonic() - said > 60:
+            logger.info("waiting for the other processes' class images: %d of %d in %s", have, count, folder)
+            said = time.monotonic()
+        time.sleep(poll)
+
+
+def add_class_images(prior: PriorConfig, data: DataConfig, components, source, rank: int, world_size: int,
+                     seed: int) -> tuple:
+    """The source and data section of the run's data with the class images added (drawn now when missing)."""
+    from .data import build_source
+
+    folder, drawn = draw_class_images(prior, components, data.resolution, rank, world_size)
+    logger.info("%d class images of %r in %s (%d drawn by this process)", prior.num_class_images, prior.class_prompt,
+                folder, drawn)
+    data = with_class_images(data, folder, prior, source.num_samples)
+    return build_source(data, seed), data
+
+
+def with_class_images(data: DataConfig, folder: Path, prior: PriorConfig, planned: int | None) -> DataConfig:
+    """The data section with the class images as one more dataset (a regularisation one, weighing
+    `prior_loss_weight`, captioned `class_prompt`, none of the section's caption or filter settings): as many samples
+    an epoch as the other datasets give together (diffusers pairs each instance image with a class image), or one
+    pass when that is not known. A run on one dataset becomes a mix of it and the class images."""
+    from .data.mixing import MIX_ONLY, RUN_WIDE
+
+    own = {k: v for k, v in dataclasses.asdict(data).items() if k not in RUN_WIDE}
+    sources = list(data.sources) if data.sources else [{**own, "name": "instance"}]
+    plain = {k: v for k, v in dataclasses.asdict(DataConfig()).items() if k not in RUN_WIDE}
+    entry = {**plain, "source": "imagefolder", "path": str(folder), "name": "class_images", "is_regularisation": True,
+             "loss_weight": prior.prior_loss_weight, "default_caption": prior.class_prompt,
+             **({"samples_per_epoch": planned} if planned else {})}
+    return dataclasses.replace(data, sources=[*sources, entry], **{k: getattr(DataConfig, k) for k in MIX_ONLY})
+
+
+class BasePrediction:
+    """`base_prediction`: the batch again under the class prompt, with fresh noise and timesteps, its target the
+    frozen base's prediction (the adapters off, no gradient, under the run's autocast). The trained model sees both
+    halves in one forward pass (one pass per backward, as DDP wants), and the loss is diffusers' DreamBooth loss:
+    the instance half's loss + prior_loss_weight x the class half's."""
+
+    def __init__(self, prior: PriorConfig, tokenizers: list, unet, autocast, sharded: bool = False):
+        if sharded:  # (turning a sharded model's adapters off and on between passes is not tested)
+            raise UserError("prior.mode: base_prediction is not supported under FSDP; use prior.mode: class_images, "
+                            "or train with DDP (distributed_type: MULTI_GPU)")
+        self.weight, self.unet, self.autocast = prior.prior_loss_weight, unet, autocast
+        self.ids = {name: tokenize(tokenizer, [prior.class_prompt])
+                    for name, tokenizer in zip(("input_ids", "input_ids_2"), tokenizers)}
+
+    def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The base's prediction: the model with its adapters off."""
+        with torch.no_grad(), self.autocast():
+            self.unet.disable_adapters()
+            try:
+                return self.unet(noisy, timesteps, **conditioning, return_dict=False)[0].float()
+            finally:
+                self.unet.enable_adapters()
+
+    def loss(self, batch: dict, samples, noisy, timesteps, conditioning: dict, target, unet, encoder, scheduler,
+             train, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss, and the instance and class halves' sums and counts for the logs (`objective.dataset_loss`)."""
+        size = samples.shape[0]
+        class_batch = {**batch, **{name: ids.expand(size, -1) for name, ids in self.ids.items()}}
+        class_conditioning = encoder.conditioning(class_batch, device)
+        noise, class_timesteps = sample_noise_and_timesteps(samples, scheduler.config.num_train_timesteps)
+        class_noisy = scheduler.add_noise(samples, noise, class_timesteps)
+        base = self.target(class_noisy, class_timesteps, class_conditioning)
+        model_pred = unet(torch.cat([noisy, class_noisy]), torch.cat([timesteps, class_timesteps]),
+                          **_cat(conditioning, class_conditioning), return_dict=False)[0]
+        both = torch.cat([timesteps, class_timesteps])
+        weights = min_snr_weights(scheduler, both, train.snr_gamma) if train.snr_gamma else torch.ones(2 * size,
+                                                                                                         device=device)
+        losses = sample_losses(model_pred, torch.cat([target, base])) * weights
+        instance = losses[:size] * batch["loss_weight"].to(device) if "loss_weight" in batch else losses[:size]
+        loss = instance.mean() + self.weight * losses[size:].mean()
+        sums = losses.detach()
+        return loss, torch.stack([sums[:size].sum(), torch.tensor(float(size), device=device), sums[size:].sum(),
+                                  torch.tensor(float(size), device=device)])
+
+
+def _cat(a, b):
+    """Two UNet keyword-argument mappings (nested for SDXL's added_cond_kwargs) joined along the batch."""
+    if isinstance(a, dict):
+        return {key: _cat(a[key], b[key]) for key in a}
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a

@@ -1,0 +1,161 @@
+"""DreamBooth's prior preservation (prior:): class images drawn by the base once and cached, split over processes;
+the base's own prediction as the target with the adapters off; both through the trainer."""
+
+import json
+import threading
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from finetune.config import ConfigError, ModelConfig, PriorConfig, load_config
+from finetune.encoding import BatchEncoder
+from finetune.families import text_conditioning
+from finetune.models import load_components
+from finetune.objective import on_device
+from finetune.prior import BasePrediction, draw_class_images
+from finetune.train import build_model, compute_loss
+
+from .test_train import _train
+
+CPU = torch.device("cpu")
+SD = ["data.resolution=16", "model.train_text_encoder=false"]  # the tiny SD base: 16 px images, 8 px latents
+
+
+def _prior(tmp_path, **settings):
+    return PriorConfig(**{"mode": "class_images", "class_prompt": "a dog", "num_class_images": 3,
+                          "num_inference_steps": 2, "sample_batch_size": 2, "class_data_dir": str(tmp_path),
+                          **settings})
+
+
+def test_class_images_are_drawn_once_and_the_same_over_processes(tiny_sd_folder, tmp_path):
+    """3 class images at 16 px in 2 steps; a rerun draws none; two processes (threads here) dealt images 0, 2 and 1
+    draw the very same files, each image from its own seed."""
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    folder, drawn = draw_class_images(_prior(tmp_path / "one"), components, 16, 0, 1)
+    assert drawn == 3 and sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.{e}" for i in range(3)
+                                                                       for e in ("png", "txt")]
+    assert (folder / "00001.txt").read_text() == "a dog"
+    assert draw_class_images(_prior(tmp_path / "one"), components, 16, 0, 1) == (folder, 0)
+
+    results, bases = {}, [load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+                          for _ in range(2)]  # (loaded here: transformers' loading is not for threads)
+    threads = [threading.Thread(target=lambda r=rank: results.setdefault(r, draw_class_images(
+        _prior(tmp_path / "two"), bases[r], 16, r, 2))) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [results[r][1] for r in (0, 1)] == [2, 1]
+    again = results[0][0]
+    assert again.name == folder.name  # the same key: the same base and settings
+    for i in range(3):
+        assert (again / f"{i:05d}.png").read_bytes() == (folder / f"{i:05d}.png").read_bytes()
+    other, _ = draw_class_images(_prior(tmp_path / "one", seed=1), components, 16, 0, 1)
+    assert other != folder  # another seed: other images, in a folder of their own
+
+
+def _lora_setup(tiny_sd_folder, weight):
+    config = load_config(None, [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                                "prior.mode=base_prediction", "prior.class_prompt=a dog",
+                                f"prior.prior_loss_weight={weight}"])
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    components, trained = build_model(config, None, accelerator)
+    for name, param in components.unet.named_parameters():
+        if "lora_B" in name:  # adapters that change something
+            param.data.normal_(0, 0.5)
+    encoder = BatchEncoder(components.vae, text_conditioning(components), text_trains=False, cache=False)
+    ids = components.tokenizer(["sks dog", "sks dog"], padding="max_length", return_tensors="pt").input_ids
+    batch = {"key": ["a", "b"], "pixel_values": torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8),
+             "input_ids": ids}
+    return config, components, encoder, batch
+
+
+def test_the_base_prediction_target_is_the_base_with_its_adapters_off(tiny_sd_folder):
+    config, components, encoder, batch = _lora_setup(tiny_sd_folder, 1.0)
+    prior = BasePrediction(config.prior, components.tokenizers, components.unet,
+                           lambda: torch.autocast("cpu", enabled=False))
+    base = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder))).unet
+    noisy, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    conditioning = encoder.conditioning({**batch, "input_ids": prior.ids["input_ids"].expand(2, -1)}, CPU)
+    target = prior.target(noisy, timesteps, conditioning)
+    with torch.no_grad():
+        assert torch.equal(target, base(noisy, timesteps, **conditioning).sample)
+        adapted = components.unet(noisy, timesteps, **conditioning).sample
+    assert not torch.allclose(target, adapted)  # the adapters are back on afterwards, and change the output
+
+
+def test_a_prior_loss_weight_of_0_gives_the_instance_loss(tiny_sd_folder):
+    """prior_loss_weight 0: the loss and the adapters' gradients are those without the prior (the instance half of
+    a forward over both halves against a forward over the instance images alone: equal to float32 rounding, since
+    the kernels may sum a batch of 4 in another order than one of 2)."""
+    results = []
+    for use_prior in (True, False):
+        config, components, encoder, batch = _lora_setup(tiny_sd_folder, 0.0)
+        if use_prior:
+            encoder.prior = BasePrediction(config.prior, components.tokenizers, components.unet,
+                                           lambda: torch.autocast("cpu", enabled=False))
+        torch.manual_seed(1)
+        loss, groups = compute_loss(batch, components.unet, encoder, on_device(components.scheduler, CPU), CPU,
+                                    config.train)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in components.unet.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, groups))
+    (with_prior, grads, groups), (alone, alone_grads, _) = results
+    torch.testing.assert_close(with_prior, alone, rtol=1e-6, atol=0)
+    assert grads.keys() == alone_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], alone_grads[name], rtol=1e-5, atol=1e-8)
+    assert groups[1] == groups[3] == 2 and groups[2] > 0  # the class half was measured, weighing nothing
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prior.mode=class_images"], "prior.class_prompt: needed"),
+    (["prior.mode=base_prediction", "prior.class_prompt=a dog", "model.pretrained_model_name_or_path=x"],
+     "needs lora.enabled: true"),
+    (["prior.mode=class_images", "prior.class_prompt=a dog"], "fine-tune a base"),
+    (["prior.mode=class_images", "prior.class_prompt=a dog", "prior.num_class_images=0"],
+     "prior.num_class_images, num_inference_steps"),
+])
+def test_a_bad_prior_is_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_dreambooth_runs_with_class_images_and_with_base_predictions(tiny_sd_folder, tmp_path):
+    """class_images: the base's 4 class images join the built-in data as a regularisation dataset as large as the
+    data (64 samples an epoch), drawn by the first run, found by the second; base_prediction: no images, each
+    step's loss has its class half. Both log loss_instance and loss_regularisation."""
+    common = [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+              "prior.class_prompt=a shape", "train.max_train_steps=3", "validation.compare_with_base=false"]
+    images = [*common, "prior.mode=class_images", "prior.num_class_images=4", "prior.num_inference_steps=2",
+              f"prior.class_data_dir={tmp_path / 'class'}", "prior.prior_loss_weight=0.5"]
+    first = _train(tmp_path, *images, f"train.output_dir={tmp_path / 'a'}")
+    assert "2 datasets, 128 samples an epoch" in first.stdout
+    assert "class_images: imagefolder" in first.stdout and "regularisation, loss weight 0.5" in first.stdout
+    assert "(4 drawn by this process)" in first.stderr
+    second = _train(tmp_path, *images, f"train.output_dir={tmp_path / 'b'}")
+    assert "(0 drawn by this process)" in second.stderr
+    assert any("loss_regularisation" in line for line in _metrics(tmp_path / "a"))
+
+    _train(tmp_path, *common, "prior.mode=base_prediction", f"train.output_dir={tmp_path / 'c'}")
+    logged = [line for line in _metrics(tmp_path / "c") if "loss" in line]
+    assert len(logged) == 3 and all("loss_regularisation" in line and "loss_instance" in line for line in logged)
+
+
+@pytest.mark.parametrize("heading", ["### Several datasets in one run", "### DreamBooth: prior preservation"])
+def test_the_readmes_examples_load(tmp_path, heading):
+    """The YAML the README shows for several datasets and for prior preservation is a valid config."""
+    from .test_train import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(heading):].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "run.yaml").write_text(block)
+    config = load_config(tmp_path / "run.yaml", ["model.pretrained_model_name_or_path=base"])
+    assert config.data.sources or config.prior.mode == "class_images"
