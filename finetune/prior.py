@@ -14,8 +14,10 @@ for the others' files by looking at the folder: no collective that a long genera
 """
 
 import dataclasses
+import hashlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from .families import tokenize
 from .objective import min_snr_weights, sample_losses, sample_noise_and_timesteps
 
 logger = logging.getLogger(__name__)
+# peft's adapter weights (LoRA, DoRA, LoHa, LoKr, OFT, ...) in a model's state dict
+ADAPTER_WEIGHT = re.compile(r"\.(lora_|hada_|lokr_|oft_|boft_|vera_)[^.]*(\.|$)")
 
 
 def class_folder(prior: PriorConfig, components, resolution: int) -> Path:
@@ -35,10 +39,26 @@ def class_folder(prior: PriorConfig, components, resolution: int) -> Path:
     / a key of the base's weights, the prompts, size, seed and sampler."""
     models = [m for m in (components.unet, components.text_encoder, components.text_encoder_2, components.vae) if m]
     sampler = components.sampler or components.scheduler
-    key = fingerprint(*models, prior.class_prompt, prior.negative_prompt, resolution, prior.seed,
+    key = fingerprint(base_weights(models), prior.class_prompt, prior.negative_prompt, resolution, prior.seed,
                       prior.num_inference_steps, prior.guidance_scale, type(sampler).__name__, dict(sampler.config))
     root = prior.class_data_dir or os.path.join(os.environ.get("FINETUNE_CACHE", "~/.cache/finetune"), "class-images")
     return Path(root).expanduser() / key
+
+
+def base_weights(models: list) -> str:
+    """A hash of the base's weights as the models hold them (dtype included: a base drawn in bf16 draws other
+    images than in fp32), without the adapters a LoRA run has put on them (their initial weights change nothing the
+    base draws) and with the wrapped layers under their own names: a LoRA run and a full fine-tune of the same base
+    find the same class images."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, tensor in model.state_dict().items():
+            if ADAPTER_WEIGHT.search(name):
+                continue
+            name = name.replace(".base_layer.", ".")
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def draw_class_images(prior: PriorConfig, components, resolution: int, rank: int, world_size: int) -> tuple[Path, int]:

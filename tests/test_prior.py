@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from finetune.config import ConfigError, ModelConfig, PriorConfig, load_config
 from finetune.encoding import BatchEncoder
@@ -159,3 +160,46 @@ def test_the_readmes_examples_load(tmp_path, heading):
     (tmp_path / "run.yaml").write_text(block)
     config = load_config(tmp_path / "run.yaml", ["model.pretrained_model_name_or_path=base"])
     assert config.data.sources or config.prior.mode == "class_images"
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_drawing_and_a_prior_run_resumes_exactly(tiny_sd_folder, tmp_path):
+    """Two processes (gloo) of a full fine-tune with class images: they draw 3 and 2 of the 5 images, wait for each
+    other's files (no collective), and train together. A base_prediction LoRA run resumed at step 3 ends bit for bit
+    where the uninterrupted one does (its class half's noise comes from the checkpointed RNG too)."""
+    from .test_train import _two_process_launcher
+
+    result = _train(tmp_path, *SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "train.max_train_steps=2",
+                    "prior.mode=class_images", "prior.class_prompt=a shape", "prior.num_class_images=5",
+                    "prior.num_inference_steps=2", f"prior.class_data_dir={tmp_path / 'class'}",
+                    "validation.compare_with_base=false", f"train.output_dir={tmp_path / 'two'}",
+                    launcher=_two_process_launcher(), env={"ACCELERATE_USE_CPU": "1"})
+    assert "(3 drawn by this process)" in result.stderr and "(2 drawn by this process)" in result.stderr
+    assert "weights identical on all 2 processes" in result.stderr
+    assert len(list(next((tmp_path / "class").iterdir()).glob("*.png"))) == 5
+
+    common = [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+              "prior.mode=base_prediction", "prior.class_prompt=a shape", "train.max_train_steps=6",
+              "train.checkpointing_steps=3", "validation.compare_with_base=false"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _train(tmp_path, *common, f"train.output_dir={full}")
+    resumed.mkdir()
+    (resumed / "checkpoint-3").symlink_to(full / "checkpoint-3")
+    _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest")
+    a = load_file(full / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_class_images_key_is_the_bases_weights_and_sampler_not_its_adapters(tiny_sd_folder, tmp_path):
+    """The key hashes the base's weights without the adapters a LoRA run put on them (nor their names), and the
+    sampler that draws (a LoRA run samples with the base's own, PNDM here)."""
+    from finetune.prior import class_folder
+
+    _, adapted, _, _ = _lora_setup(tiny_sd_folder, 1.0)
+    plain = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    assert class_folder(_prior(tmp_path), adapted, 16) != class_folder(_prior(tmp_path), plain, 16)
+    plain.sampler = adapted.sampler
+    assert class_folder(_prior(tmp_path), adapted, 16) == class_folder(_prior(tmp_path), plain, 16)
+    plain.unet.conv_in.weight.data += 1e-3
+    assert class_folder(_prior(tmp_path), adapted, 16) != class_folder(_prior(tmp_path), plain, 16)
