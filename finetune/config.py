@@ -12,6 +12,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -820,8 +821,16 @@ class Config:
         if self.prior.mode != "none" and not self.model.pretrained_model_name_or_path:
             problems.append(f"prior.mode: {self.prior.mode} keeps what a base draws for the class; fine-tune a base "
                             "(model.pretrained_model_name_or_path), or set prior.mode: none")
+        if self.prior.mode == "class_images" and self.model.pretrained_model_name_or_path:
+            from .prior import with_class_images  # (it imports this module)
+
+            try:  # the data with the class images added is checked now, not after they are drawn
+                with_class_images(self.data, Path("class-images"), self.prior, None)
+            except ConfigError as error:
+                problems.extend(error.problems)
+        masks = self.data.masks or any(entry.get("masks") for entry in self.data.sources)
         if self.prior.mode == "base_prediction" and (not self.lora.enabled or self.lora.train_text_encoder
-                                                     or self.data.masks):
+                                                     or masks):
             problems.append("prior.mode: base_prediction takes the base's prediction with the UNet's adapters off, "
                             "so it needs lora.enabled: true, a frozen text encoder (lora.train_text_encoder: false) "
                             "and no data.masks; or use prior.mode: class_images")

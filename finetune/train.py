@@ -141,7 +141,7 @@ def build_ema(config: Config, trained: list, accelerator: Accelerator):
     return [p for model in models for p in trainable(model)], emas, ema_weights
 
 
-def build_data(config: Config, components: Components, source, accelerator: Accelerator):
+def build_data(config: Config, components: Components, source, accelerator: Accelerator, dry: bool = False):
     """This process's stream of training examples and its DataLoader. The epoch reaches the workers through
     shared memory, persistent or not; the loader has its own generator, so starting an epoch (or resuming
     mid-epoch) does not draw from the global RNG that the noise comes from. Captions that cannot teach a model to
@@ -149,14 +149,16 @@ def build_data(config: Config, components: Components, source, accelerator: Acce
     tokenizers, data = components.tokenizers, config.data
     if accelerator.is_main_process:
         conditioning.check_captions(config.data, source, tokenizers[0])
-    if config.prior.mode == "class_images":  # drawn now, while the weights are the base's (or found in the cache)
-        source, data = prior.add_class_images(config.prior, data, components, source, accelerator.process_index,
-                                              accelerator.num_processes, config.train.seed)
     buckets, batch = config.data.buckets, config.train.train_batch_size
-    if buckets and accelerator.num_processes > 1 and not getattr(source, "resampled", False):
+    if buckets and accelerator.num_processes > 1 and (config.prior.mode == "class_images"
+                                                      or not getattr(source, "resampled", False)):
         raise UserError("data.buckets with several processes needs data.resampled: true (webdataset shards; not a "
-                        "mix of data.sources): a finite epoch gives each process a different number of full "
-                        "buckets, and a process that runs out first would leave the others waiting")
+                        "mix of data.sources, nor prior.mode: class_images): a finite epoch gives each process a "
+                        "different number of full buckets, and a process that runs out first would leave the others "
+                        "waiting")
+    if config.prior.mode == "class_images":  # drawn now, while the weights are the base's (or found in the cache)
+        source, data = prior.add_class_images(config.prior, data, components, source, accelerator,
+                                              config.train.seed, dry)
     dataset = ImageTextStream(source, data, tokenizers, config.train.seed, accelerator.process_index,
                               accelerator.num_processes, batch_size=batch if buckets else None)
     workers = config.data.num_workers
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     with accelerator.main_process_first():  # the built-in set is written once, by the main process
         source = build_source(config.data, train.seed)
     components, trained = build_model(config, source, accelerator)
-    dataset, loader = build_data(config, components, source, accelerator)
+    dataset, loader = build_data(config, components, source, accelerator, args.dry_run)
     set_seed(train.seed, device_specific=True)  # same initial weights everywhere, different noise per process
 
     # Build the optimizer, LR schedule and EMA over the trainable weights; frozen models are not wrapped.

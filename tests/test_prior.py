@@ -1,6 +1,7 @@
 """DreamBooth's prior preservation (prior:): class images drawn by the base once and cached, split over processes;
 the base's own prediction as the target with the adapters off; both through the trainer."""
 
+import contextlib
 import json
 import threading
 
@@ -164,17 +165,19 @@ def test_the_readmes_examples_load(tmp_path, heading):
 
 @pytest.mark.slow
 def test_two_processes_share_the_drawing_and_a_prior_run_resumes_exactly(tiny_sd_folder, tmp_path):
-    """Two processes (gloo) of a full fine-tune with class images: they draw 3 and 2 of the 5 images, wait for each
+    """Two processes (gloo) of a full fine-tune with class images: they draw the groups of 4 and 1 of the 5 images
+    (the same key in both: diffusers' scheduler configs list a set, in another order per process), wait for each
     other's files (no collective), and train together. A base_prediction LoRA run resumed at step 3 ends bit for bit
     where the uninterrupted one does (its class half's noise comes from the checkpointed RNG too)."""
     from .test_train import _two_process_launcher
 
     result = _train(tmp_path, *SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "train.max_train_steps=2",
+                    "data.num_samples=2000",  # (shards for two processes)
                     "prior.mode=class_images", "prior.class_prompt=a shape", "prior.num_class_images=5",
                     "prior.num_inference_steps=2", f"prior.class_data_dir={tmp_path / 'class'}",
                     "validation.compare_with_base=false", f"train.output_dir={tmp_path / 'two'}",
                     launcher=_two_process_launcher(), env={"ACCELERATE_USE_CPU": "1"})
-    assert "(3 drawn by this process)" in result.stderr and "(2 drawn by this process)" in result.stderr
+    assert "(4 drawn by this process)" in result.stderr and "(1 drawn by this process)" in result.stderr
     assert "weights identical on all 2 processes" in result.stderr
     assert len(list(next((tmp_path / "class").iterdir()).glob("*.png"))) == 5
 
@@ -203,3 +206,37 @@ def test_the_class_images_key_is_the_bases_weights_and_sampler_not_its_adapters(
     assert class_folder(_prior(tmp_path), adapted, 16) == class_folder(_prior(tmp_path), plain, 16)
     plain.unet.conv_in.weight.data += 1e-3
     assert class_folder(_prior(tmp_path), adapted, 16) != class_folder(_prior(tmp_path), plain, 16)
+
+
+def test_the_data_with_class_images_keeps_every_datasets_settings(tmp_path):
+    """A kohya-style folder (captions in .caption files) or a mix whose entries inherit the section's caption
+    settings become entries that spell those settings out; the class images train without caption dropout. Checked
+    when the config loads, before anything is drawn."""
+    from finetune.prior import with_class_images
+
+    base = ["model.pretrained_model_name_or_path=base", "prior.mode=class_images", "prior.class_prompt=a dog"]
+    single = load_config(None, [*base, "data.source=imagefolder", "data.path=dogs", "data.caption_extension=.caption",
+                                "data.caption_dropout=0"])
+    data = with_class_images(single.data, tmp_path, single.prior, 40)
+    instance, images = data.sources
+    assert instance["caption_extension"] == ".caption" and instance["caption_dropout"] == 0
+    assert images["caption_dropout"] == 0 and images["samples_per_epoch"] == 40 and images["is_regularisation"]
+    mixed = load_config(None, [*base, "data.caption_dropout=0", "data.sources=[{source: imagefolder, path: a, "
+                                                                "repeats: 2}]"])
+    first, _ = with_class_images(mixed.data, tmp_path, mixed.prior, None).sources
+    assert first["caption_dropout"] == 0 and first["repeats"] == 2
+
+
+def test_a_dry_run_draws_no_class_image(tiny_sd_folder, tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.prior import add_class_images
+
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    config = load_config(None, [f"model.pretrained_model_name_or_path={tiny_sd_folder}", "prior.mode=class_images",
+                                "prior.class_prompt=a dog", f"prior.class_data_dir={tmp_path}"])
+    accelerator = SimpleNamespace(local_process_index=0, num_processes=1, autocast=contextlib.nullcontext)
+    source = SimpleNamespace(num_samples=64)
+    assert add_class_images(config.prior, config.data, components, source, accelerator, 0, dry_run=True) == \
+        (source, config.data)
+    assert list(tmp_path.iterdir()) == []

@@ -165,7 +165,7 @@ def test_every_trainable_weight_gets_a_gradient(tiny_sdxl_folder):
                  "crop_top_left": torch.zeros(2, 2, dtype=torch.long)}
         encoder = BatchEncoder(components.vae, text_conditioning(components), True, False)
         compute_loss(batch, components.unet, encoder, on_device(components.scheduler, accelerator.device),
-                     accelerator.device, config.train).backward()
+                     accelerator.device, config.train)[0].backward()
         missing = [name for model in trained for name, p in model.named_parameters()
                    if p.requires_grad and p.grad is None]
         assert not missing, (overrides, missing[:3])
