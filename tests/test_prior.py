@@ -240,3 +240,14 @@ def test_a_dry_run_draws_no_class_image(tiny_sd_folder, tmp_path):
     assert add_class_images(config.prior, config.data, components, source, accelerator, 0, dry_run=True) == \
         (source, config.data)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bf16_lora_run_draws_its_class_images_under_its_autocast(tiny_sd_folder, tmp_path):
+    """Under mixed precision the adapters skip their input casts (the run's autocast does them): the class images
+    are drawn under that autocast too."""
+    config = load_config(None, [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                                "train.mixed_precision=bf16"])
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    components, _ = build_model(config, None, accelerator)
+    folder, drawn = draw_class_images(_prior(tmp_path), components, 16, 0, 1, accelerator.autocast)
+    assert drawn == 3 and len(list(folder.glob("*.png"))) == 3
