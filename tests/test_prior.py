@@ -251,3 +251,29 @@ def test_a_bf16_lora_run_draws_its_class_images_under_its_autocast(tiny_sd_folde
     components, _ = build_model(config, None, accelerator)
     folder, drawn = draw_class_images(_prior(tmp_path), components, 16, 0, 1, accelerator.autocast)
     assert drawn == 3 and len(list(folder.glob("*.png"))) == 3
+
+
+def test_both_modes_on_an_sdxl_base(tiny_sdxl_folder, tmp_path):
+    """SDXL: the class images are drawn by the stock SDXL pipeline; base_prediction joins the two halves' pooled
+    embeddings and time ids (added_cond_kwargs) and every adapter gets a gradient."""
+    from .test_sdxl import _ids
+
+    config = load_config(None, [f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "data.resolution=16",
+                                "model.train_text_encoder=false", "lora.enabled=true", "prior.mode=base_prediction",
+                                "prior.class_prompt=a dog"])
+    accelerator = Accelerator(cpu=True)
+    components, trained = build_model(config, None, accelerator)
+    folder, drawn = draw_class_images(_prior(tmp_path, num_class_images=2), components, 16, 0, 1)
+    assert drawn == 2 and len(list(folder.glob("*.png"))) == 2
+    encoder = BatchEncoder(components.vae, text_conditioning(components), text_trains=False, cache=False)
+    encoder.prior = BasePrediction(config.prior, components.tokenizers, components.unet,
+                                   lambda: torch.autocast("cpu", enabled=False))
+    ids = _ids(components, ["sks dog", "sks dog"])
+    batch = {"pixel_values": torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), "input_ids": ids[:, :77],
+             "input_ids_2": ids[:, 77:], "original_size": torch.tensor([[16, 16]] * 2),
+             "crop_top_left": torch.zeros(2, 2, dtype=torch.long)}
+    loss, groups = compute_loss(batch, components.unet, encoder, on_device(components.scheduler, CPU), CPU,
+                                config.train)
+    loss.backward()
+    assert groups[1] == groups[3] == 2
+    assert all(p.grad is not None for p in components.unet.parameters() if p.requires_grad)
