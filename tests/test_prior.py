@@ -277,3 +277,27 @@ def test_both_modes_on_an_sdxl_base(tiny_sdxl_folder, tmp_path):
     loss.backward()
     assert groups[1] == groups[3] == 2
     assert all(p.grad is not None for p in components.unet.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_the_dreambooth_recipe_runs_on_a_tiny_base(tiny_sd_folder, tmp_path):
+    """configs/dreambooth-lora.yaml as shipped (bf16, class images, default caption, flips), with only the base,
+    the folder, the counts and the sizes swapped for tiny ones."""
+    from PIL import Image
+
+    from .test_train import ROOT
+
+    photos = tmp_path / "my_dog"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (24, 20), (40 * i, 90, 200)).save(photos / f"{i}.jpg")
+    out = tmp_path / "run"
+    result = _train(tmp_path, "--config", str(ROOT / "configs" / "dreambooth-lora.yaml"),
+                    f"model.pretrained_model_name_or_path={tiny_sd_folder}", f"data.path={photos}",
+                    "data.resolution=16", "data.num_samples=null", "train.train_batch_size=2",
+                    "prior.num_class_images=4", "prior.num_inference_steps=2",
+                    f"prior.class_data_dir={tmp_path / 'class'}", "train.max_train_steps=2",
+                    "validation.num_inference_steps=2", f"train.output_dir={out}")
+    assert "precision bf16" in result.stdout and "2 datasets, 6 samples an epoch" in result.stdout
+    assert "(4 drawn by this process)" in result.stderr
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
