@@ -112,8 +112,8 @@ def dataset_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.
     losses = sample_losses(model_pred, target, pixel_weights)
     if weights is not None:
         losses = losses * weights
-    loss = (losses * loss_weight.to(losses.device, losses.dtype)).mean()
-    regularisation = regularisation.to(losses.device, losses.dtype)
+    loss = (losses * loss_weight.to(losses.device, losses.dtype, non_blocking=True)).mean()  # (pinned on a GPU:
+    regularisation = regularisation.to(losses.device, losses.dtype, non_blocking=True)  # no wait for the queue)
     instance, seen = losses.detach(), 1 - regularisation
     return loss, torch.stack([(instance * seen).sum(), seen.sum(), (instance * regularisation).sum(),
                               regularisation.sum()])

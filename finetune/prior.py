@@ -9,8 +9,9 @@ the subject's class. Two ways:
   base's prediction (adapters disabled) as the target, so the adapter learns to leave the class as the base drew
   it. LoRA runs only: the base is the model with its adapters off.
 
-Each process draws the class images whose index it is dealt (i % processes), writes each file atomically, then waits
-for the others' files by looking at the folder: no collective that a long generation could time out.
+The processes of each machine draw the class images in fixed groups dealt to them (group g by process g % processes),
+write each file atomically, then wait for the others' files by looking at the folder: no collective that a long
+generation could time out.
 """
 
 import contextlib
@@ -225,11 +226,11 @@ class BasePrediction:
         weights = min_snr_weights(scheduler, both, train.snr_gamma) if train.snr_gamma else torch.ones(2 * size,
                                                                                                          device=device)
         losses = sample_losses(model_pred, torch.cat([target, base])) * weights
-        instance = losses[:size] * batch["loss_weight"].to(device) if "loss_weight" in batch else losses[:size]
+        instance = losses[:size] * batch["loss_weight"].to(device, non_blocking=True) if "loss_weight" in batch \
+            else losses[:size]
         loss = instance.mean() + self.weight * losses[size:].mean()
-        sums = losses.detach()
-        return loss, torch.stack([sums[:size].sum(), torch.tensor(float(size), device=device), sums[size:].sum(),
-                                  torch.tensor(float(size), device=device)])
+        sums, count = losses.detach(), torch.full((), float(size), device=device)  # (made there: no host copy)
+        return loss, torch.stack([sums[:size].sum(), count, sums[size:].sum(), count])
 
 
 def _cat(a, b):
