@@ -97,13 +97,14 @@ def card_metadata(model: ModelConfig, data: DataConfig, lora: LoraConfig, licens
     """The Hub metadata: library, task, tags, and the base model and dataset when they are on the Hub (a local
     folder is no valid `base_model` / `datasets` entry)."""
     base = model.pretrained_model_name_or_path
-    hf_dataset = data.source == "hf" and data.path and is_hub_id(data.path)
+    named = [(data.source, data.path), *((entry.get("source"), entry.get("path")) for entry in data.sources)]
+    hub_datasets = [path for source, path in named if source == "hf" and path and is_hub_id(path)]
     return ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
         base_model=base if base and is_hub_id(base) else None,
         license=license,
-        datasets=[data.path] if hf_dataset else None,
+        datasets=hub_datasets or None,  # (each hf dataset of data.sources too)
         tags=["text-to-image", "diffusers", "diffusers-training", *(["lora"] if lora.enabled else []), "ddpm"],
     )
 

@@ -43,7 +43,7 @@ from pipelines import TextToImageDDPMPipeline
 
 from .cli import ToolParser, UserError, run
 from .config import ValidationConfig, load_config
-from .data import build_source
+from .data import build_source, pick_caption
 from .data import shapes as builtin_shapes
 from .data.transforms import decode_rgb, to_tensor, to_unit_range
 from .results import hide_library_progress, load_result, result_folder, run_guidance_scale
@@ -293,7 +293,8 @@ def training_image(folder: str | Path, resolution: int) -> tuple[torch.Tensor, s
     else:
         source = build_source(data, seed=0)
         raw = next(s for s in source.samples(random.Random(0), 0, 1, Counter()) if s.image is not None)
-        png, caption = raw.image, raw.caption if isinstance(raw.caption, str) else str(raw.caption)
+        section = source.configs[raw.dataset] if data.sources else data  # (its dataset's default caption)
+        png, caption = raw.image, pick_caption(raw.caption, random.Random(0)) or section.default_caption or ""
     image = decode_rgb(png, data.max_image_pixels)
     return to_tensor(image, resolution, center_crop=True, random_flip=False, rng=random.Random(0)), caption
 

@@ -288,3 +288,12 @@ def test_evaluate_takes_held_out_data_beside_a_mix(tmp_path):
     assert held_out.path == val and not held_out.sources and not is_training_data(run, held_out)
     assert is_training_data(*held_out_data(str(tmp_path), [], 8))
     assert is_training_data(*held_out_data(str(tmp_path), ["data.source=imagefolder", f"data.path={a}"], 8))
+
+
+def test_the_model_card_names_each_hub_dataset_of_a_mix(tmp_path):
+    from finetune.hub import card_metadata
+
+    config = load_config(None, ["data.sources=[{source: hf, path: someone/dogs}, {source: imagefolder, path: "
+                                f"{tmp_path}}}]"])
+    metadata = card_metadata(config.model, config.data, config.lora, None)
+    assert metadata.datasets == ["someone/dogs"]
