@@ -799,6 +799,37 @@ class PriorConfig:
         _check(problems)
 
 
+@dataclass
+class TextualInversionConfig:
+    """New tokens whose embeddings train (textual inversion, Gal et al. 2022): alone (lora.enabled: false; nothing
+    else trains) or beside a LoRA (pivotal tuning: both throughout). The names are diffusers' textual_inversion
+    options."""
+
+    placeholder_tokens: list[str] = field(default_factory=list)
+    """The new tokens, e.g. ["<sks>"]; write them in the captions (data.caption_prefix: "<sks>") and prompts."""
+    initializer_tokens: list[str] = field(default_factory=list)
+    """One word per placeholder whose embedding (the mean of its tokens') each of its vectors starts from."""
+    num_vectors: int = 1
+    """Vectors per placeholder: `<sks>` becomes the tokens `<sks> <sks>_1 ...`, as diffusers' loader names them."""
+
+    def __post_init__(self):
+        problems = []
+        if len(self.initializer_tokens) != len(self.placeholder_tokens):
+            problems.append(f"textual_inversion.initializer_tokens: got {len(self.initializer_tokens)} for "
+                            f"{len(self.placeholder_tokens)} placeholder_tokens; give one word per placeholder")
+        if any(not t or any(c.isspace() for c in t) for t in self.placeholder_tokens + self.initializer_tokens) \
+                or len(set(self.placeholder_tokens)) < len(self.placeholder_tokens):
+            problems.append("textual_inversion.placeholder_tokens / initializer_tokens: non-empty, without spaces, "
+                            "each placeholder once")
+        if self.num_vectors < 1:
+            problems.append(f"textual_inversion.num_vectors: got {self.num_vectors}; must be >= 1")
+        _check(problems)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.placeholder_tokens)
+
+
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
             "none")
 _REPO_ID = re.compile(r"([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
@@ -815,9 +846,19 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
 
     def __post_init__(self):
         problems = []
+        if self.textual_inversion.enabled and (not self.model.pretrained_model_name_or_path
+                                               or self.model.train_text_encoder):
+            problems.append("textual_inversion.placeholder_tokens: new tokens are learnt for a base's frozen text "
+                            "encoder; set model.pretrained_model_name_or_path and model.train_text_encoder: false")
+        if self.textual_inversion.enabled and self.hub.push_to_hub:
+            problems.append("hub.push_to_hub: the model card does not describe textual-inversion embeddings yet; set "
+                            "it to false and share <token>.safetensors with `hf upload`")
+        if self.textual_inversion.enabled and not self.lora.enabled and self.train.use_ema:
+            problems.append("train.use_ema: textual inversion alone keeps no EMA of its embeddings; set it to false")
         if self.prior.mode != "none" and not self.model.pretrained_model_name_or_path:
             problems.append(f"prior.mode: {self.prior.mode} keeps what a base draws for the class; fine-tune a base "
                             "(model.pretrained_model_name_or_path), or set prior.mode: none")

@@ -42,6 +42,10 @@ def make_accelerator(run: Config) -> Accelerator:
                         f"{accelerator.distributed_type.value}, unsharded (accelerate runs FSDP on GPUs only); on CPU "
                         "use DDP: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N")
     sharding.check(accelerator, config, run.model, run.lora.enabled and run.lora.train_text_encoder)
+    if sharding.is_sharded(accelerator) and run.textual_inversion.enabled:
+        raise UserError("textual_inversion.placeholder_tokens: under FSDP accelerate shards one trained model, the "
+                        "UNet, and textual inversion trains the text encoders' rows; train it with DDP "
+                        "(distributed_type: MULTI_GPU) or on one process")
     performance.configure_backends(config, accelerator.device)
     if accelerator.device.type == "cpu":
         if config.mixed_precision == "fp16":

@@ -30,7 +30,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, lora, sharding, single_file
+from . import checkpointing, embeddings, lora, sharding, single_file
 from .cli import ToolParser, UserError, run
 from .config import Config, DataConfig, TrainConfig, load_config
 from .data import build_source, caption_texts
@@ -118,8 +118,9 @@ def draw_base(accelerator: Accelerator, config: Config, components: Components, 
 def export(accelerator: Accelerator, config: Config, components: Components, emas: list, step: int,
            optimizer=None) -> Path | None:
     """Write the result (EMA weights when enabled) to output_dir: the whole pipeline, or for a LoRA run the
-    adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`); then a
-    final sample grid, whose path it returns on the main process."""
+    adapters alone (`pytorch_lora_weights.safetensors`, loaded onto the base with `load_lora_weights`), and with
+    textual inversion a file per new token (`load_textual_inversion`); then a final sample grid, whose path it
+    returns on the main process."""
     check_in_sync(accelerator, [components.unet, *components.text_encoders])  # every trained tensor
     out = config.train.output_dir
     with exported(accelerator, components, emas, optimizer) as models:
@@ -127,8 +128,9 @@ def export(accelerator: Accelerator, config: Config, components: Components, ema
             return None
         if config.lora.enabled:
             lora.save_run(out, models, config.lora)
-        else:
+        elif not config.textual_inversion.enabled:
             save_pipeline(models, out, config.train, Path(out).name)
+        embeddings.save(out, models, config.textual_inversion)  # (textual inversion: its tokens' files)
         grid = log_validation(models.pipeline(), config.validation, step, out, accelerator.trackers)
         log_held_out_loss(models.pipeline(), config.data, config.validation, step, accelerator.trackers,
                           config.train.train_batch_size)
@@ -163,9 +165,11 @@ def rebuild_model(config: Config, mixed_precision: str) -> tuple[Components, lis
     else:
         captions = training_captions(config.data, config.train.seed)
         components = build_components(config.model, config.data.resolution, captions)
+    ti = config.textual_inversion
+    embeddings.add_tokens(components, ti)
     if config.lora.enabled:
-        return components, lora.attach(components, config.lora)
-    trained = trained_in_full(components, config.model)
+        return components, embeddings.train_rows(components, ti, lora.attach(components, config.lora), alone=False)
+    trained = embeddings.train_rows(components, ti, trained_in_full(components, config.model), alone=True)
     for model in frozen_models(components, trained, lora=False):
         dtype = frozen_dtype(components, model, config.model, mixed_precision)
         if model.dtype != dtype:
@@ -252,16 +256,18 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     components, trained = rebuild_model(config, manifest.get("mixed_precision", "no"))
     if not config.model.pretrained_model_name_or_path and len(trained) > 1:
         check_vocabulary(components, checkpointing.model_weights(checkpoint, 1), config.data)
-    load_trained_weights(checkpoint, trained, config.lora.enabled)
+    load_trained_weights(checkpoint, trained, config.lora.enabled or config.textual_inversion.enabled)
     if config.train.use_ema:
         swap_in_ema(checkpoint, trained)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if config.lora.enabled:
+    if config.lora.enabled or config.textual_inversion.enabled:
         tmp.mkdir(parents=True)
+    if config.lora.enabled:
         lora.save_run(tmp, components, config.lora, f"{Path(config.train.output_dir).name}-{checkpoint.name}")
-    else:
+    elif not config.textual_inversion.enabled:
         save_pipeline(components, tmp, config.train, f"{Path(config.train.output_dir).name}-{checkpoint.name}")
+    embeddings.save(tmp, components, config.textual_inversion)
     shutil.copyfile(checkpoint / checkpointing.CONFIG, tmp / checkpointing.CONFIG)
     (tmp / EXPORTED_FROM).write_text(json.dumps(export_record(checkpoint), indent=2) + "\n")
     if out.exists():

@@ -17,6 +17,7 @@ unconditional input: both embeddings zero, as the pipeline makes them for classi
 import torch
 
 from .cli import UserError
+from .embeddings import expand
 
 
 class OneEncoder:
@@ -105,6 +106,7 @@ def text_conditioning(components) -> OneEncoder | TwoEncodersXL:
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids padded (and truncated) to the tokenizer's length, as the pipelines tokenize prompts."""
-    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
+    """Token ids padded (and truncated) to the tokenizer's length, as the pipelines tokenize prompts (a
+    textual-inversion placeholder of several vectors spelt out into its tokens, as they do)."""
+    return tokenizer(expand(tokenizer, captions), padding="max_length", truncation=True,
+                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids

@@ -423,6 +423,10 @@ def finished_output(output_dir: str | os.PathLike) -> Path:
         raise HubPushError(f"{folder} holds LoHa / LoKr adapters, which stock diffusers cannot load, so a model card "
                            "with diffusers code would not work; share lora_kohya.safetensors (the LyCORIS file "
                            "ComfyUI, AUTOMATIC1111 and Forge load) with `hf upload`")
+    if load_config(folder / "config.yaml").textual_inversion.enabled:
+        raise HubPushError(f"{folder} holds textual-inversion embeddings, which the model card does not describe yet "
+                           "(its code would load the LoRA or pipeline alone); share them with `hf upload` (each "
+                           "<token>.safetensors loads with load_textual_inversion(path, token=...))")
     if not (folder / "model_index.json").is_file() and not (folder / LORA_WEIGHTS).is_file():
         raise HubPushError(f"{folder} holds no result yet (no model_index.json, no {LORA_WEIGHTS}): the run has not "
                            "finished; let it finish (resume it with train.resume_from_checkpoint=latest), or push a "

@@ -188,6 +188,17 @@ def with_class_images(data: DataConfig, folder: Path, prior: PriorConfig, planne
     return combined
 
 
+def base_prediction(prior: PriorConfig, components, accelerator) -> "BasePrediction | None":
+    """With prior.mode: base_prediction, what turns each batch's loss into the prior-preserving one (after
+    accelerate's wrapping: the UNet it turns the adapters off on is the unwrapped one); otherwise None."""
+    if prior.mode != "base_prediction":
+        return None
+    from . import sharding
+
+    return BasePrediction(prior, components.tokenizers, accelerator.unwrap_model(components.unet),
+                          accelerator.autocast, sharding.is_sharded(accelerator))
+
+
 class BasePrediction:
     """`base_prediction`: the batch again under the class prompt, with fresh noise and timesteps, its target the
     frozen base's prediction (the adapters off, no gradient, under the run's autocast). The trained model sees both

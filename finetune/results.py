@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline
 
 from pipelines import TextToImageDDPMPipeline
 
-from . import checkpointing
+from . import checkpointing, embeddings
 from .cli import UserError
 from .config import load_config
 from .lora import LYCORIS_WEIGHTS, is_adapter_output, load_adapters
@@ -35,7 +35,7 @@ def check_folder(folder: Path) -> str | None:
             return (f"{folder} holds LoRA weights but no config.yaml naming their base; pass the base pipeline "
                     f"folder and --lora {folder}")
         return None
-    if (folder / "model_index.json").is_file() or checkpointing.is_checkpoint(folder):
+    if (folder / "model_index.json").is_file() or checkpointing.is_checkpoint(folder) or on_a_base(folder):
         return None
     if (folder / "model.safetensors").is_file():
         return (f"{folder} looks like a training checkpoint without its {checkpointing.MANIFEST}, which is written "
@@ -72,10 +72,18 @@ def hide_library_progress() -> None:
 
 
 def _base_or_output(folder: str) -> str:
-    """The pipeline folder behind a run's output: its base for a LoRA run (the run's config.yaml names it)."""
-    if is_adapter_output(folder):
+    """The pipeline folder behind a run's output: its base for a LoRA or textual-inversion run (the run's
+    config.yaml names it)."""
+    if on_a_base(folder):
         return base_folder(load_config(Path(folder) / "config.yaml").model)
     return folder
+
+
+def on_a_base(folder: str | Path) -> bool:
+    """Whether `folder` holds what loads onto a base (LoRA adapters, textual-inversion embeddings), not a pipeline."""
+    config = Path(folder) / "config.yaml"
+    return is_adapter_output(folder) or (not (Path(folder) / "model_index.json").is_file() and config.is_file()
+                                         and load_config(config).textual_inversion.enabled)
 
 
 def pipeline_class(path: str, revision: str | None = None) -> type:
@@ -85,14 +93,14 @@ def pipeline_class(path: str, revision: str | None = None) -> type:
 
 
 def load_result(folder: str, command: str | None = None) -> DiffusionPipeline:
-    """The pipeline a run wrote to `folder`; for a LoRA run, its base (from the run's config.yaml) with the
-    adapters loaded. An SDXL one is diffusers' own pipeline, which `command` (a tool that needs this project's
-    pipeline) refuses in one line."""
+    """The pipeline a run wrote to `folder`; for a LoRA or textual-inversion run, its base (from the run's
+    config.yaml) with the adapters and embeddings loaded. An SDXL one is diffusers' own pipeline, which `command`
+    (a tool that needs this project's pipeline) refuses in one line."""
     if command and pipeline_class(_base_or_output(folder)) is not TextToImageDDPMPipeline:
         raise UserError(f"{folder} is an SDXL model, and {command} does not take SDXL models yet; draw images with "
                         f"python -m finetune.sample {folder} \"PROMPT\", or load it in diffusers "
                         "(StableDiffusionXLPipeline)")
-    if not is_adapter_output(folder):
+    if not on_a_base(folder):
         return pipeline_class(folder).from_pretrained(folder, use_safetensors=True)
     config = load_config(Path(folder) / "config.yaml")
     model = config.model
@@ -102,6 +110,7 @@ def load_result(folder: str, command: str | None = None) -> DiffusionPipeline:
                                    use_safetensors=True if model.use_safetensors else None)
     if (Path(folder) / LYCORIS_WEIGHTS).is_file():  # LoHa / LoKr: stock diffusers cannot load them
         load_adapters(pipeline, folder, config.lora)
-    else:
+    elif is_adapter_output(folder):
         pipeline.load_lora_weights(folder)
+    embeddings.load(pipeline, folder, config.textual_inversion)
     return pipeline

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, conditioning, dry_run, hub, lora, performance, prior, sharding
+from . import checkpointing, conditioning, dry_run, embeddings, hub, lora, performance, prior, sharding
 from .arguments import parse_args
 from .cli import UserError, run
 from .config import Config, TrainConfig, config_yaml, load_config
@@ -65,8 +65,8 @@ logger = get_logger("finetune")
 
 def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Components, list[torch.nn.Module]]:
     """The components (built from scratch, or loaded from `model.pretrained_model_name_or_path`) and the models
-    that train: the UNet and, when they train, the text encoders, each in full or carrying LoRA adapters. Frozen
-    weights move to the device in the training precision; trainable ones stay float32."""
+    that train: the UNet and, when they train, the text encoders, in full, with LoRA adapters or new tokens' rows.
+    Frozen weights move to the device in the training precision; trainable ones stay float32."""
     if config.model.pretrained_model_name_or_path:
         components = load_components(config.model)
     else:
@@ -74,13 +74,17 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
     check_objective(components.scheduler)
     check_size(components, config.data)
     check_components(components, config.model, config.train.export_single_file)
-    if config.lora.enabled:
+    ti = config.textual_inversion  # new tokens, their embedding rows trained (alone, or beside the LoRA)
+    embeddings.add_tokens(components, ti)
+    if config.lora.enabled or ti.enabled:
         sample_as_downstream(config.model, components)  # with the base's own scheduler, unchanged
+    if config.lora.enabled:
         quantize_base(components, config.model.base_quantization, frozen_dtype(components, components.unet,
                       config.model, accelerator.mixed_precision), accelerator.device)  # (none: nothing)
         trained = lora.attach(components, config.lora, autocast=accelerator.mixed_precision != "no")
     else:
         trained = trained_in_full(components, config.model)
+    trained = embeddings.train_rows(components, ti, trained, alone=not config.lora.enabled)
     if components.vae is not None:
         components.vae.requires_grad_(False)
     # Frozen models (with LoRA, the adapted ones too: their base weights are frozen) in the training precision.
@@ -88,7 +92,8 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
         dtype = frozen_dtype(components, model, config.model, accelerator.mixed_precision)
         model.to(accelerator.device, *([dtype] if model.dtype != dtype else []))  # (diffusers warns about any cast)
     cast_training_params(trained, dtype=torch.float32)  # also when the base was stored in half precision
-    performance.speed_up(components.unet, trained[1:], config.train, accelerator.device)
+    performance.speed_up(components.unet, [m for m in trained if m is not components.unet], config.train,
+                         accelerator.device)
     return components, trained
 
 
@@ -116,6 +121,7 @@ def build_optimization(config: Config, params: list, accelerator: Accelerator):
     """The optimizer over `params` and the LR schedule."""
     train = config.train
     optimizer = performance.make_optimizer(params, train, accelerator.device)
+    embeddings.keep_rows(optimizer, params)  # textual inversion: only the new tokens' rows change
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
     lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
                                  num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
@@ -136,7 +142,7 @@ def build_ema(config: Config, trained: list, accelerator: Accelerator):
     for ema, weights in zip(emas, ema_weights):
         ema.to(weights[0].device)  # (FSDP's fsdp_offload_params keeps them on the CPU)
     checkpointing.EmaCheckpoints(accelerator, emas)  # safetensors, not accelerate's pickle
-    if config.lora.enabled:
+    if config.lora.enabled or config.textual_inversion.enabled:  # (their trainable weights only)
         lora.AdapterCheckpoints(accelerator)
     return [p for model in models for p in trainable(model)], emas, ema_weights
 
@@ -152,10 +158,9 @@ def build_data(config: Config, components: Components, source, accelerator: Acce
     buckets, batch = config.data.buckets, config.train.train_batch_size
     if buckets and accelerator.num_processes > 1 and (config.prior.mode == "class_images"
                                                       or not getattr(source, "resampled", False)):
-        raise UserError("data.buckets with several processes needs data.resampled: true (webdataset shards; not a "
-                        "mix of data.sources, nor prior.mode: class_images): a finite epoch gives each process a "
-                        "different number of full buckets, and a process that runs out first would leave the others "
-                        "waiting")
+        raise UserError("data.buckets with several processes needs data.resampled: true (webdataset shards; not a mix "
+                        "of data.sources, nor prior.mode: class_images): a finite epoch gives each process other "
+                        "numbers of full buckets, and a process that runs out first would leave the others waiting")
     if config.prior.mode == "class_images":  # drawn now, while the weights are the base's (or found in the cache)
         source, data = prior.add_class_images(config.prior, data, components, source, accelerator,
                                               config.train.seed, dry)
@@ -174,16 +179,15 @@ def prepare(accelerator: Accelerator, config: Config, components: Components, tr
     """accelerate's wrapping of the trained models, optimizer and LR schedule (the components then hold the wrapped
     models); the training step's copy of the noise schedule, its tables on the device; the batch encoder."""
     sharding.keep_skeletons(accelerator, trained)  # FSDP: what validation and export gather the shards into
+    names = [next(n for n in ("unet", "text_encoder", "text_encoder_2") if getattr(components, n) is m)
+             for m in trained]  # (textual inversion alone trains the text encoders only)
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    for name, model in zip(("unet", "text_encoder", "text_encoder_2"), trained):  # the order build_model made
+    for name, model in zip(names, trained):
         setattr(components, name, model)
     schedule = on_device(components.scheduler, accelerator.device)
-    encoder = BatchEncoder(components.vae, text_conditioning(components), len(trained) > 1, config.data.cache,
+    encoder = BatchEncoder(components.vae, text_conditioning(components), names != ["unet"], config.data.cache,
                            config.data.cache_dir)
-    if config.prior.mode == "base_prediction":  # DreamBooth without class images: the base's own predictions
-        encoder.prior = prior.BasePrediction(config.prior, components.tokenizers,
-                                             accelerator.unwrap_model(components.unet), accelerator.autocast,
-                                             sharding.is_sharded(accelerator))
+    encoder.prior = prior.base_prediction(config.prior, components, accelerator)  # DreamBooth without images
     return trained, optimizer, lr_scheduler, schedule, encoder
 
 

@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -48,7 +48,7 @@ class TextToImageDDPMPipelineOutput(ImagePipelineOutput):
     timesteps: list[int] | None = None
 
 
-class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
     """Generate images from text with a text-conditioned noise predictor.
 
     Components:
@@ -84,10 +84,11 @@ class TextToImageDDPMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     # ---- prompts ---------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
-        """Tokenise (pad to the tokenizer's max length, as in training) and encode to the last hidden state."""
+        """Tokenise (pad to the tokenizer's max length, as in training) and encode to the last hidden state. A
+        textual-inversion token of several vectors (`load_textual_inversion`) is spelt out into all of them."""
         tokens = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
+            self.maybe_convert_prompt(prompt, self.tokenizer), padding="max_length",
+            max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
         )
         return self.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
 

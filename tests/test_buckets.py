@@ -149,4 +149,4 @@ def test_buckets_with_several_processes_need_resampled_data(tmp_path):
                                 "data.buckets=true", "data.resolution=16", "data.bucket_step=8"])
     accelerator = SimpleNamespace(num_processes=2, process_index=0, is_main_process=False)
     with pytest.raises(UserError, match="data.buckets with several processes needs data.resampled: true"):
-        build_data(config, [_tokenizer()], build_source(config.data, 0), accelerator)
+        build_data(config, SimpleNamespace(tokenizers=[_tokenizer()]), build_source(config.data, 0), accelerator)

@@ -151,16 +151,17 @@ def test_dreambooth_runs_with_class_images_and_with_base_predictions(tiny_sd_fol
     assert len(logged) == 3 and all("loss_regularisation" in line and "loss_instance" in line for line in logged)
 
 
-@pytest.mark.parametrize("heading", ["### Several datasets in one run", "### DreamBooth: prior preservation"])
+@pytest.mark.parametrize("heading", ["### Several datasets in one run", "### DreamBooth: prior preservation",
+                                     "### Textual inversion and pivotal tuning"])
 def test_the_readmes_examples_load(tmp_path, heading):
-    """The YAML the README shows for several datasets and for prior preservation is a valid config."""
+    """The YAML the README shows for several datasets, prior preservation and textual inversion is a valid config."""
     from .test_train import ROOT
 
     text = (ROOT / "README.md").read_text()
     block = text[text.index(heading):].split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "run.yaml").write_text(block)
     config = load_config(tmp_path / "run.yaml", ["model.pretrained_model_name_or_path=base"])
-    assert config.data.sources or config.prior.mode == "class_images"
+    assert config.data.sources or config.prior.mode == "class_images" or config.textual_inversion.num_vectors == 4
 
 
 @pytest.mark.slow
@@ -247,9 +248,12 @@ def test_a_bf16_lora_run_draws_its_class_images_under_its_autocast(tiny_sd_folde
     are drawn under that autocast too."""
     config = load_config(None, [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
                                 "train.mixed_precision=bf16"])
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(device=CPU, mixed_precision="bf16")  # (accelerate's state is one per process)
     components, _ = build_model(config, None, accelerator)
-    folder, drawn = draw_class_images(_prior(tmp_path), components, 16, 0, 1, accelerator.autocast)
+    folder, drawn = draw_class_images(_prior(tmp_path), components, 16, 0, 1,
+                                      lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert drawn == 3 and len(list(folder.glob("*.png"))) == 3
 
 

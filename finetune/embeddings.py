@@ -1,0 +1,139 @@
+"""Textual inversion (`textual_inversion:`): new tokens whose embedding rows train, in every text encoder of the
+base (SDXL's two), alone or beside a LoRA (pivotal tuning).
+
+Each placeholder gets `num_vectors` tokens, named as diffusers' `load_textual_inversion` names a multi-vector
+embedding (`<sks>`, `<sks>_1`, ...), so a prompt's `<sks>` is spelt out into all of them the way diffusers' pipelines
+do it (`TextualInversionLoaderMixin.maybe_convert_prompt`), in training (`families.tokenize`) as downstream. Only
+the new rows train: the whole embedding matrix is the trained parameter (as in diffusers' textual_inversion.py), and
+after every optimizer step the other rows are put back (an optimizer step hook), so no optimizer, weight decay or
+momentum can move them.
+
+The result is one file per placeholder, `<name>.safetensors` in the output folder: `{"emb_params": (vectors, width)}`
+for one text encoder (SD-1.x/2.x), `{"clip_l": ..., "clip_g": ...}` for SDXL's two: the layouts AUTOMATIC1111 /
+Forge (`modules/textual_inversion/textual_inversion.py`: a single tensor, or clip_l/clip_g), ComfyUI
+(`comfy/sd1_clip.py load_embed`: `emb_params`, or `clip_l`/`clip_g`) and diffusers (`load_textual_inversion`: a
+single key, with `token=`; SDXL's parts passed one by one with their encoder) load.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .cli import UserError
+from .config import TextualInversionConfig
+
+KEEP = "_finetune_kept_rows"  # on a trained embedding matrix: (first new row, last new row + 1, the rows to keep)
+
+
+def token_names(placeholder: str, num_vectors: int) -> list[str]:
+    """The tokens of one placeholder's vectors, as diffusers' loader names them."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def add_tokens(components, config: TextualInversionConfig) -> None:
+    """Add every placeholder's tokens to each tokenizer and rows for them to its text encoder, each row the mean
+    embedding of its initializer word's tokens (no placeholders: nothing)."""
+    if not config.enabled:
+        return
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+        names = [name for p in config.placeholder_tokens for name in token_names(p, config.num_vectors)]
+        taken = [name for name in names if name in tokenizer.get_vocab()]
+        if taken:
+            raise UserError(f"textual_inversion.placeholder_tokens: {taken[0]!r} is already a token of the base's "
+                            "tokenizer; choose a word it does not know, e.g. <sks>")
+        rows = encoder.get_input_embeddings().num_embeddings
+        tokenizer.add_tokens(names)
+        ids = tokenizer.convert_tokens_to_ids(names)
+        encoder.resize_token_embeddings(max(rows, max(ids) + 1))
+        weight = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for placeholder, word in zip(config.placeholder_tokens, config.initializer_tokens):
+                start = tokenizer(word, add_special_tokens=False).input_ids
+                if not start:
+                    raise UserError(f"textual_inversion.initializer_tokens: {word!r} gives no token")
+                for name in token_names(placeholder, config.num_vectors):
+                    weight[tokenizer.convert_tokens_to_ids(name)] = weight[start].mean(dim=0)
+
+
+def train_rows(components, config: TextualInversionConfig, trained: list, alone: bool) -> list:
+    """Make the new rows train: each text encoder's embedding matrix becomes its one trainable weight (the rest of it
+    frozen), and the encoders join the trained models (`alone`: nothing else trains, the UNet included). No
+    placeholders: `trained` as it is."""
+    if not config.enabled:
+        return trained
+    if alone:
+        components.unet.requires_grad_(False)
+        trained = []
+    names = [name for p in config.placeholder_tokens for name in token_names(p, config.num_vectors)]
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+        encoder.requires_grad_(False)
+        weight = encoder.get_input_embeddings().weight
+        new = sorted(tokenizer.convert_tokens_to_ids(names))
+        assert new == list(range(new[0], new[0] + len(new))), new  # (added in one call: consecutive ids)
+        weight.requires_grad_(True)
+        setattr(weight, KEEP, (new[0], new[-1] + 1, weight.detach().clone()))
+        if all(model is not encoder for model in trained):
+            trained.append(encoder)
+    return trained
+
+
+def keep_rows(optimizer: torch.optim.Optimizer, params: list) -> None:
+    """After each optimizer step, put every row but the new ones back as they were."""
+    kept = [(p, *getattr(p, KEEP)) for p in params if hasattr(p, KEEP)]
+    if not kept:
+        return
+
+    def restore(*_):
+        with torch.no_grad():
+            for weight, first, end, original in kept:
+                weight[:first] = original[:first].to(weight.dtype)
+                weight[end:] = original[end:].to(weight.dtype)
+
+    optimizer.register_step_post_hook(restore)
+
+
+def file_name(placeholder: str) -> str:
+    """`<sks>` -> `sks.safetensors`: the name AUTOMATIC1111 and ComfyUI call the embedding by."""
+    return (re.sub(r"[^\w.-]+", "", placeholder) or "embedding") + ".safetensors"
+
+
+def save(out: str | Path, components, config: TextualInversionConfig) -> list[Path]:
+    """One file per placeholder in `out` (see the module's docstring); float32."""
+    paths = []
+    for placeholder in config.placeholder_tokens:
+        parts = []
+        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+            ids = tokenizer.convert_tokens_to_ids(token_names(placeholder, config.num_vectors))
+            parts.append(encoder.get_input_embeddings().weight.detach()[ids].float().cpu().contiguous())
+        tensors = {"emb_params": parts[0]} if len(parts) == 1 else {"clip_l": parts[0], "clip_g": parts[1]}
+        path = Path(out) / file_name(placeholder)
+        save_file(tensors, path, metadata={"placeholder": placeholder, "vectors": str(config.num_vectors)})
+        paths.append(path)
+    return paths
+
+
+def load(pipeline, folder: str | Path, config: TextualInversionConfig) -> None:
+    """Put a run's embedding files (`save`) into a pipeline of its base with diffusers' `load_textual_inversion`:
+    SDXL's parts one by one into their encoders, as diffusers' docs show."""
+    for placeholder in config.placeholder_tokens:
+        state = load_file(Path(folder) / file_name(placeholder))
+        if "clip_g" in state:
+            pipeline.load_textual_inversion(state["clip_l"], token=placeholder, text_encoder=pipeline.text_encoder,
+                                            tokenizer=pipeline.tokenizer)
+            pipeline.load_textual_inversion(state["clip_g"], token=placeholder, text_encoder=pipeline.text_encoder_2,
+                                            tokenizer=pipeline.tokenizer_2)
+        else:
+            pipeline.load_textual_inversion(state["emb_params"], token=placeholder)
+
+
+def expand(tokenizer, captions: list[str]) -> list[str]:
+    """Each multi-vector placeholder spelt out into its tokens, as diffusers' pipelines spell out a prompt
+    (`TextualInversionLoaderMixin._maybe_convert_prompt`); captions without one are returned as they are."""
+    added = getattr(tokenizer, "added_tokens_encoder", {})
+    if not any(f"{token}_1" in added for token in added):
+        return captions
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    return [TextualInversionLoaderMixin._maybe_convert_prompt(None, caption, tokenizer) for caption in captions]
