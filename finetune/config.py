@@ -811,6 +811,10 @@ class TextualInversionConfig:
     """One word per placeholder whose embedding (the mean of its tokens') each of its vectors starts from."""
     num_vectors: int = 1
     """Vectors per placeholder: `<sks>` becomes the tokens `<sks> <sks>_1 ...`, as diffusers' loader names them."""
+    train_fraction: float = 1.0
+    """Pivotal tuning: the embeddings train for this share of train.max_train_steps, then stay as they are while the
+    LoRA goes on (diffusers' train_text_encoder_ti_frac). Below 1 it needs train.optimizer adamw or prodigy, which
+    count their steps in their (checkpointed) state."""
 
     def __post_init__(self):
         problems = []
@@ -823,11 +827,17 @@ class TextualInversionConfig:
                             "each placeholder once")
         if self.num_vectors < 1:
             problems.append(f"textual_inversion.num_vectors: got {self.num_vectors}; must be >= 1")
+        if not 0 < self.train_fraction <= 1:
+            problems.append(f"textual_inversion.train_fraction: got {self.train_fraction}; must be in (0, 1]")
         _check(problems)
 
     @property
     def enabled(self) -> bool:
         return bool(self.placeholder_tokens)
+
+    def until(self, max_train_steps: int) -> int | None:
+        """The optimizer steps the embeddings train for; None: all of them."""
+        return None if self.train_fraction == 1 else max(1, round(self.train_fraction * max_train_steps))
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
@@ -854,6 +864,11 @@ class Config:
                                                or self.model.train_text_encoder):
             problems.append("textual_inversion.placeholder_tokens: new tokens are learnt for a base's frozen text "
                             "encoder; set model.pretrained_model_name_or_path and model.train_text_encoder: false")
+        if self.textual_inversion.train_fraction < 1 and (not self.lora.enabled or self.train.optimizer not in (
+                "adamw", "prodigy") or self.train.use_8bit_adam or self.train.optimizer_cpu_offload):
+            problems.append("textual_inversion.train_fraction below 1 is pivotal tuning's: it needs lora.enabled: true "
+                            "and train.optimizer adamw or prodigy (without use_8bit_adam or optimizer_cpu_offload), "
+                            "whose state counts the steps")
         if self.textual_inversion.enabled and self.hub.push_to_hub:
             problems.append("hub.push_to_hub: the model card does not describe textual-inversion embeddings yet; set "
                             "it to false and share <token>.safetensors with `hf upload`")

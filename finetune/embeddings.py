@@ -79,18 +79,41 @@ def train_rows(components, config: TextualInversionConfig, trained: list, alone:
     return trained
 
 
-def keep_rows(optimizer: torch.optim.Optimizer, params: list) -> None:
-    """After each optimizer step, put every row but the new ones back as they were."""
+def keep_rows(optimizer: torch.optim.Optimizer, params: list, until: int | None = None) -> None:
+    """After each optimizer step, put every row but the new ones back as they were; with `until` (pivotal tuning's
+    train_fraction), after that many steps the new rows too: they are kept as they were before step `until` + 1 (so a
+    run resumed past it keeps its checkpoint's). The step count is the optimizer's own (its state's `step`, which
+    checkpoints hold), so a resumed run stops the embeddings at the same step."""
     kept = [(p, *getattr(p, KEEP)) for p in params if hasattr(p, KEEP)]
     if not kept:
         return
+    on_device, frozen = {}, {}  # the kept rows where the weight is (made once: no host copy a step); the new rows
+
+    def steps_done(weight) -> int:
+        state = optimizer.state.get(weight, {})
+        if "step" not in state:
+            raise UserError("textual_inversion.train_fraction below 1 counts the optimizer's steps, and "
+                            f"{type(optimizer).__name__} keeps no count; use train.optimizer: adamw (or prodigy)")
+        return int(state["step"])
+
+    def before(*_):
+        for weight, first, end, _ in kept:
+            if until is not None and id(weight) not in frozen and weight in optimizer.state \
+                    and steps_done(weight) >= until:
+                frozen[id(weight)] = weight.detach()[first:end].clone()
 
     def restore(*_):
         with torch.no_grad():
             for weight, first, end, original in kept:
-                weight[:first] = original[:first].to(weight.dtype)
-                weight[end:] = original[end:].to(weight.dtype)
+                key = (id(weight), weight.device, weight.dtype)
+                if key not in on_device:
+                    on_device[key] = original.to(weight.device, weight.dtype)
+                weight[:first] = on_device[key][:first]
+                weight[end:] = on_device[key][end:]
+                if id(weight) in frozen:
+                    weight[first:end] = frozen[id(weight)]
 
+    optimizer.register_step_pre_hook(before)
     optimizer.register_step_post_hook(restore)
 
 

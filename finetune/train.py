@@ -121,7 +121,8 @@ def build_optimization(config: Config, params: list, accelerator: Accelerator):
     """The optimizer over `params` and the LR schedule."""
     train = config.train
     optimizer = performance.make_optimizer(params, train, accelerator.device)
-    embeddings.keep_rows(optimizer, params)  # textual inversion: only the new tokens' rows change
+    embeddings.keep_rows(optimizer, params, config.textual_inversion.until(train.max_train_steps))  # (only the new
+    # tokens' rows change; pivotal tuning: until train_fraction of the steps)
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
     lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
                                  num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,

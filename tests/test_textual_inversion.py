@@ -148,3 +148,29 @@ def test_the_projects_tools_load_a_textual_inversion_output(tiny_sd_folder, tmp_
     assert pipeline.maybe_convert_prompt("a <sks>", pipeline.tokenizer) == "a <sks> <sks>_1"
     torch.testing.assert_close(pipeline.text_encoder.get_input_embeddings().weight[54:].detach(),
                                components.text_encoder.get_input_embeddings().weight[54:].detach(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_pivotal_tuning_stops_the_embeddings_after_its_fraction_and_resumes_exactly(tiny_sd_folder, tmp_path):
+    """train_fraction 0.5 of 6 steps: the new rows move until step 3 and then stay (checkpoint-4's and the final
+    file's rows equal checkpoint-3's) while the LoRA goes on; a run resumed at step 4, past the cut, ends with the same
+    embeddings and adapters."""
+    common = [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+              "textual_inversion.train_fraction=0.5", "train.max_train_steps=6", "train.checkpointing_steps=1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _train(tmp_path, *common, "train.checkpoints_total_limit=null", f"train.output_dir={full}")
+
+    def rows(step):
+        (weight,) = load_file(full / f"checkpoint-{step}" / "model_1.safetensors").values()
+        return weight[54:]
+
+    assert not torch.equal(rows(2), rows(3)) and torch.equal(rows(3), rows(4)) and torch.equal(rows(3), rows(6))
+    assert torch.equal(load_file(full / "sks.safetensors")["emb_params"], rows(3))
+    lora = [load_file(full / f"checkpoint-{s}" / "model.safetensors") for s in (4, 6)]
+    assert any(not torch.equal(lora[0][k], lora[1][k]) for k in lora[0])  # the LoRA went on
+    resumed.mkdir()
+    (resumed / "checkpoint-4").symlink_to(full / "checkpoint-4")
+    _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest")
+    for name in ("sks.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
