@@ -827,6 +827,12 @@ class TextualInversionConfig:
                             "each placeholder once")
         if self.num_vectors < 1:
             problems.append(f"textual_inversion.num_vectors: got {self.num_vectors}; must be >= 1")
+        from .embeddings import file_name  # (it imports this module)
+
+        files = [file_name(token) for token in self.placeholder_tokens]
+        if len(set(files)) < len(files):
+            problems.append(f"textual_inversion.placeholder_tokens: {self.placeholder_tokens} would share a file name "
+                            f"({', '.join(files)}); make them differ in letters or digits")
         if not 0 < self.train_fraction <= 1:
             problems.append(f"textual_inversion.train_fraction: got {self.train_fraction}; must be in (0, 1]")
         _check(problems)
@@ -869,6 +875,11 @@ class Config:
             problems.append("textual_inversion.train_fraction below 1 is pivotal tuning's: it needs lora.enabled: true "
                             "and train.optimizer adamw or prodigy (without use_8bit_adam or optimizer_cpu_offload), "
                             "whose state counts the steps")
+        if self.textual_inversion.enabled and (self.train.optimizer == "adamw_schedulefree"
+                                               or self.train.optimizer_cpu_offload):
+            problems.append("train.optimizer: textual inversion puts the base's rows back after every step, which "
+                            "adamw_schedulefree's averaged weights and optimizer_cpu_offload's wrapper do not see; use "
+                            "adamw, prodigy, adafactor or sgd, without optimizer_cpu_offload")
         if self.textual_inversion.enabled and self.hub.push_to_hub:
             problems.append("hub.push_to_hub: the model card does not describe textual-inversion embeddings yet; set "
                             "it to false and share <token>.safetensors with `hf upload`")

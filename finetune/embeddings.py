@@ -39,14 +39,19 @@ def add_tokens(components, config: TextualInversionConfig) -> None:
         return
     for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
         names = [name for p in config.placeholder_tokens for name in token_names(p, config.num_vectors)]
-        taken = [name for name in names if name in tokenizer.get_vocab()]
+        vocabulary = tokenizer.get_vocab()
+        taken = [name for name in names if name in vocabulary or f"{name}</w>" in vocabulary]
         if taken:
-            raise UserError(f"textual_inversion.placeholder_tokens: {taken[0]!r} is already a token of the base's "
-                            "tokenizer; choose a word it does not know, e.g. <sks>")
+            raise UserError(f"textual_inversion.placeholder_tokens: {taken[0]!r} is already a word of the base's "
+                            "tokenizer; choose one it does not know, e.g. <sks>")
         rows = encoder.get_input_embeddings().num_embeddings
         tokenizer.add_tokens(names)
+        unread = [name for name in names if tokenizer.tokenize(name) != [name]]
+        if unread:  # (CLIP's tokenizer lowercases the text first: <Sks> would never be read as <Sks>)
+            raise UserError(f"textual_inversion.placeholder_tokens: the tokenizer does not read {unread[0]!r} back as "
+                            "one token (CLIP's lowercases); use lowercase, e.g. <sks>")
         ids = tokenizer.convert_tokens_to_ids(names)
-        encoder.resize_token_embeddings(max(rows, max(ids) + 1))
+        encoder.resize_token_embeddings(max(rows, max(ids) + 1), mean_resizing=False)  # (overwritten below)
         weight = encoder.get_input_embeddings().weight
         with torch.no_grad():
             for placeholder, word in zip(config.placeholder_tokens, config.initializer_tokens):
@@ -64,19 +69,41 @@ def train_rows(components, config: TextualInversionConfig, trained: list, alone:
     if not config.enabled:
         return trained
     if alone:
-        components.unet.requires_grad_(False)
+        for model in (components.unet, *components.text_encoders):
+            model.requires_grad_(False)
         trained = []
     names = [name for p in config.placeholder_tokens for name in token_names(p, config.num_vectors)]
     for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
-        encoder.requires_grad_(False)
-        weight = encoder.get_input_embeddings().weight
+        weight = encoder.get_input_embeddings().weight  # (the encoder is frozen already, its LoRA adapters not)
         new = sorted(tokenizer.convert_tokens_to_ids(names))
         assert new == list(range(new[0], new[0] + len(new))), new  # (added in one call: consecutive ids)
         weight.requires_grad_(True)
         setattr(weight, KEEP, (new[0], new[-1] + 1, weight.detach().clone()))
+        weight.register_hook(_only_rows(new[0], new[-1] + 1))
+        encoder.get_input_embeddings().register_forward_hook(_in_dtype_of(encoder, weight))
         if all(model is not encoder for model in trained):
             trained.append(encoder)
     return trained
+
+
+def _only_rows(first: int, end: int):
+    """A gradient hook keeping the new rows' gradient only: the others would be thrown away after the step anyway, and
+    would count in the clipped gradient norm and in optimizers' statistics (the padding token's row alone dominated
+    it)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        kept = torch.zeros_like(grad)
+        kept[first:end] = grad[first:end]
+        return kept
+    return hook
+
+
+def _in_dtype_of(encoder, weight):
+    """A forward hook handing the (float32, trained) embeddings on in the dtype of the encoder's frozen weights:
+    under CPU autocast a bf16 layer norm refuses a float32 input (the cast is differentiable: the rows still learn)."""
+    def hook(module, args, output):
+        frozen = next((p for p in encoder.parameters() if p is not weight), None)
+        return output if frozen is None or output.dtype == frozen.dtype else output.to(frozen.dtype)
+    return hook
 
 
 def keep_rows(optimizer: torch.optim.Optimizer, params: list, until: int | None = None) -> None:
@@ -115,6 +142,7 @@ def keep_rows(optimizer: torch.optim.Optimizer, params: list, until: int | None 
 
     optimizer.register_step_pre_hook(before)
     optimizer.register_step_post_hook(restore)
+    restore()  # (once now: the casts to the training precision rounded the rows; the base's are these)
 
 
 def file_name(placeholder: str) -> str:

@@ -170,7 +170,7 @@ def rebuild_model(config: Config, mixed_precision: str) -> tuple[Components, lis
     if config.lora.enabled:
         return components, embeddings.train_rows(components, ti, lora.attach(components, config.lora), alone=False)
     trained = embeddings.train_rows(components, ti, trained_in_full(components, config.model), alone=True)
-    for model in frozen_models(components, trained, lora=False):
+    for model in frozen_models(components, trained, lora=config.textual_inversion.enabled):
         dtype = frozen_dtype(components, model, config.model, mixed_precision)
         if model.dtype != dtype:
             model.to(dtype)

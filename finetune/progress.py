@@ -196,10 +196,15 @@ class StepLogger:
             os.close(fd)
 
 
-def run_summary(trained: str, output: str, grid, lora: bool, pushed: str | None, prompt: str) -> str:
+def run_summary(trained: str, output: str, grid, lora: bool, pushed: str | None, prompt: str,
+                embedding_files: list[str] = ()) -> str:
     """The end-of-run summary: what was trained, where the outputs are, and the commands that come next."""
-    kind = "LoRA adapters: pytorch_lora_weights.safetensors" if lora else "pipeline (diffusers folder)"
+    kind = "LoRA adapters: pytorch_lora_weights.safetensors" if lora else \
+        "textual inversion" if embedding_files else "pipeline (diffusers folder)"
+    kind += "".join(f", {name}" for name in embedding_files)
     push = f"pushed: {pushed}" if pushed else f"push:     python -m finetune.hub {output} --hub-model-id <you>/<name>"
+    if embedding_files and not pushed:
+        push = f"share:    hf upload <you>/<name> {output}  (the model card does not describe embeddings yet)"
     return "\n".join([
         trained,
         f"output:   {output}  ({kind}, config.yaml)",

@@ -80,10 +80,18 @@ def _base_or_output(folder: str) -> str:
 
 
 def on_a_base(folder: str | Path) -> bool:
-    """Whether `folder` holds what loads onto a base (LoRA adapters, textual-inversion embeddings), not a pipeline."""
+    """Whether `folder` holds what loads onto a base (LoRA adapters, or a textual-inversion run's embedding files),
+    not a pipeline."""
+    if is_adapter_output(folder):
+        return True
     config = Path(folder) / "config.yaml"
-    return is_adapter_output(folder) or (not (Path(folder) / "model_index.json").is_file() and config.is_file()
-                                         and load_config(config).textual_inversion.enabled)
+    if (Path(folder) / "model_index.json").is_file() or not config.is_file():
+        return False
+    try:
+        tokens = load_config(config).textual_inversion.placeholder_tokens
+    except UserError:  # (a config this version does not read: not a result it can load)
+        return False
+    return bool(tokens) and all((Path(folder) / embeddings.file_name(token)).is_file() for token in tokens)
 
 
 def pipeline_class(path: str, revision: str | None = None) -> type:

@@ -88,7 +88,7 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
     if components.vae is not None:
         components.vae.requires_grad_(False)
     # Frozen models (with LoRA, the adapted ones too: their base weights are frozen) in the training precision.
-    for model in frozen_models(components, trained, config.lora.enabled):
+    for model in frozen_models(components, trained, config.lora.enabled or ti.enabled):
         dtype = frozen_dtype(components, model, config.model, accelerator.mixed_precision)
         model.to(accelerator.device, *([dtype] if model.dtype != dtype else []))  # (diffusers warns about any cast)
     cast_training_params(trained, dtype=torch.float32)  # also when the base was stored in half precision
@@ -121,8 +121,7 @@ def build_optimization(config: Config, params: list, accelerator: Accelerator):
     """The optimizer over `params` and the LR schedule."""
     train = config.train
     optimizer = performance.make_optimizer(params, train, accelerator.device)
-    embeddings.keep_rows(optimizer, params, config.textual_inversion.until(train.max_train_steps))  # (only the new
-    # tokens' rows change; pivotal tuning: until train_fraction of the steps)
+    embeddings.keep_rows(optimizer, params, config.textual_inversion.until(train.max_train_steps))  # (new rows only)
     # accelerate steps a prepared LR scheduler once per process for every optimizer step.
     lr_scheduler = get_scheduler(train.lr_scheduler, optimizer,
                                  num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
@@ -239,7 +238,8 @@ def publish(config: Config, grid: Path, trained: str, num_processes: int, lock: 
             pushed = hub.push(out, config.hub, num_processes=num_processes).commit_url
         except hub.HubPushError as error:
             failure = f"{error}\nThe output is intact; push it later with: python -m finetune.hub {out}"
-    print(run_summary(trained, out, grid, config.lora.enabled, pushed, config.validation.texts[0]))
+    print(run_summary(trained, out, grid, config.lora.enabled, pushed, config.validation.texts[0],
+                      [embeddings.file_name(token) for token in config.textual_inversion.placeholder_tokens]))
     if failure:
         logger.error(failure)
         sys.exit(1)

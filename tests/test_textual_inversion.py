@@ -174,3 +174,52 @@ def test_pivotal_tuning_stops_the_embeddings_after_its_fraction_and_resumes_exac
     for name in ("sks.safetensors", "pytorch_lora_weights.safetensors"):
         a, b = load_file(full / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_pivotal_tuning_keeps_the_text_encoders_lora_training_and_casts_like_lora(tiny_sd_folder):
+    """With lora.train_text_encoder the text encoder's adapters train beside the new rows; frozen weights take the
+    run's precision (bf16) while the embedding matrix trains in float32, its base rows the base's exactly; only the
+    new rows get a gradient."""
+    from types import SimpleNamespace
+
+    from finetune.train import build_model
+
+    config = load_config(None, [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                                "lora.train_text_encoder=true", "train.mixed_precision=bf16"])
+    components, trained = build_model(config, None, SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16"))
+    encoder = components.text_encoder
+    weight = encoder.get_input_embeddings().weight
+    assert trained == [components.unet, encoder]
+    assert any("lora_A" in n for n, p in encoder.named_parameters() if p.requires_grad) and weight.requires_grad
+    assert weight.dtype == torch.float32 and encoder.get_input_embeddings() is not None
+    assert next(p for n, p in encoder.named_parameters() if "q_proj.base_layer" in n).dtype == torch.bfloat16
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    keep_rows(optimizer, [weight])
+    base = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder))).text_encoder
+    assert torch.equal(weight[:54].detach(), base.get_input_embeddings().weight.detach())
+    ids = components.tokenizer(["a <sks> shape"], padding="max_length", return_tensors="pt").input_ids
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder(ids)[0].float().square().mean().backward()
+    assert weight.grad[:54].abs().max() == 0 and weight.grad[54].abs().max() > 0
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (["<Sks>"], "does not read '<Sks>' back as one token"),
+    (["x"], "'x' is already a word"),  # (the test tokenizer spells words out: its words are letters)
+])
+def test_a_placeholder_the_tokenizer_cannot_own_is_refused(tiny_sd_folder, tokens, message):
+    from finetune.cli import UserError
+
+    components = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
+    with pytest.raises(UserError, match=message):
+        add_tokens(components, TextualInversionConfig(placeholder_tokens=tokens, initializer_tokens=["cat"],
+                                                      num_vectors=2))
+
+
+def test_placeholders_sharing_a_file_name_or_an_unfit_optimizer_are_refused():
+    with pytest.raises(ConfigError, match="would share a file name"):
+        TextualInversionConfig(placeholder_tokens=["<sks>", "sks"], initializer_tokens=["a", "b"])
+    with pytest.raises(ConfigError, match="adamw_schedulefree"):
+        load_config(None, ["model.pretrained_model_name_or_path=x", "model.train_text_encoder=false",
+                           "train.use_ema=false", "train.optimizer=adamw_schedulefree",
+                           "textual_inversion.placeholder_tokens=[<sks>]", "textual_inversion.initializer_tokens=[a]"])

@@ -164,9 +164,16 @@ def _exported(folder: Path) -> bool:
 
 
 def samplable(folder: Path) -> bool:
-    """Whether images can be drawn from the folder: an exported pipeline, or LoRA weights with the run's config."""
+    """Whether images can be drawn from the folder: an exported pipeline, or LoRA weights or textual-inversion
+    embeddings with the run's config."""
     return (folder / "model_index.json").is_file() or ((folder / LORA_WEIGHTS).is_file()
-                                                       and (folder / "config.yaml").is_file())
+                                                       and (folder / "config.yaml").is_file()) or _on_a_base(folder)
+
+
+def _on_a_base(folder: Path) -> bool:
+    from ..results import on_a_base  # (here: it loads torch and diffusers, which listing runs does not need)
+
+    return on_a_base(folder)
 
 
 def _newest(folder: Path, prefix: str) -> Path | None:
