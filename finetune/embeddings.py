@@ -19,11 +19,13 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .cli import UserError
 from .config import TextualInversionConfig
 
+KOHYA_LORA, BUNDLED_LORA = "lora_kohya.safetensors", "lora_kohya_bundled.safetensors"
 KEEP = "_finetune_kept_rows"  # on a trained embedding matrix: (first new row, last new row + 1, the rows to keep)
 
 
@@ -151,8 +153,13 @@ def file_name(placeholder: str) -> str:
 
 
 def save(out: str | Path, components, config: TextualInversionConfig) -> list[Path]:
-    """One file per placeholder in `out` (see the module's docstring); float32."""
-    paths = []
+    """One file per placeholder in `out` (see the module's docstring); float32. Beside a kohya LoRA file
+    (`lora_kohya.safetensors`, pivotal tuning), also `lora_kohya_bundled.safetensors`: the same LoRA with the
+    embeddings inside, as `bundle_emb.<name>.string_to_param.*` (one text encoder) or `bundle_emb.<name>.clip_l` /
+    `.clip_g` (SDXL), `<name>` being the file's name without `.safetensors` (what the prompt says in AUTOMATIC1111
+    / Forge, whose LoRA loader reads bundled embeddings; ComfyUI's `load_embed` reads them with those suffixes). A
+    file of its own, since diffusers' kohya converter refuses keys it does not rename."""
+    paths, bundle = [], {}
     for placeholder in config.placeholder_tokens:
         parts = []
         for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
@@ -162,6 +169,14 @@ def save(out: str | Path, components, config: TextualInversionConfig) -> list[Pa
         path = Path(out) / file_name(placeholder)
         save_file(tensors, path, metadata={"placeholder": placeholder, "vectors": str(config.num_vectors)})
         paths.append(path)
+        name = path.name.removesuffix(".safetensors")
+        bundle.update({f"bundle_emb.{name}.string_to_param.*": parts[0]} if len(parts) == 1 else
+                      {f"bundle_emb.{name}.clip_l": parts[0], f"bundle_emb.{name}.clip_g": parts[1]})
+    kohya = Path(out) / KOHYA_LORA
+    if bundle and kohya.is_file():
+        with safe_open(kohya, "pt") as lora:
+            tensors, metadata = {key: lora.get_tensor(key) for key in lora.keys()}, lora.metadata()
+        save_file({**tensors, **bundle}, Path(out) / BUNDLED_LORA, metadata=metadata)
     return paths
 
 

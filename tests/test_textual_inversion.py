@@ -223,3 +223,29 @@ def test_placeholders_sharing_a_file_name_or_an_unfit_optimizer_are_refused():
         load_config(None, ["model.pretrained_model_name_or_path=x", "model.train_text_encoder=false",
                            "train.use_ema=false", "train.optimizer=adamw_schedulefree",
                            "textual_inversion.placeholder_tokens=[<sks>]", "textual_inversion.initializer_tokens=[a]"])
+
+
+def test_a_pivotal_runs_bundled_lora_holds_its_embeddings_as_the_loaders_read_them(tiny_sd_folder, tmp_path):
+    """lora_kohya_bundled.safetensors = lora_kohya.safetensors + the embeddings under the keys the loaders look for:
+    ComfyUI's `comfy/sd1_clip.py load_embed` joins the keys starting `bundle_emb.` and ending `.string_to_param.*`
+    (SD-1.x) or `.clip_l` / `.clip_g` (SDXL); AUTOMATIC1111's LoRA loader groups `bundle_emb.<name>.<part>` by
+    name. The plain kohya file stays without them (diffusers' kohya converter refuses keys it does not rename)."""
+    from finetune.embeddings import save
+    from finetune.lora import attach, save_run
+
+    config = load_config(None, [*SD, f"model.pretrained_model_name_or_path={tiny_sd_folder}", "lora.enabled=true",
+                                "textual_inversion.num_vectors=2"])
+    components = load_components(config.model)
+    add_tokens(components, config.textual_inversion)
+    attach(components, config.lora)
+    save_run(tmp_path, components, config.lora)
+    save(tmp_path, components, config.textual_inversion)
+    plain, bundled = load_file(tmp_path / "lora_kohya.safetensors"), load_file(tmp_path /
+                                                                               "lora_kohya_bundled.safetensors")
+    extra = sorted(set(bundled) - set(plain))
+    assert extra == ["bundle_emb.sks.string_to_param.*"] and all(torch.equal(plain[k], bundled[k]) for k in plain)
+    joined = torch.cat([bundled[k] for k in bundled if k.startswith("bundle_emb.") and
+                        k.endswith(".string_to_param.*")])  # (ComfyUI's rule)
+    assert torch.equal(joined, load_file(tmp_path / "sks.safetensors")["emb_params"]) and joined.shape == (2, 16)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+    pipe.load_lora_weights(tmp_path, weight_name="lora_kohya.safetensors")  # (still loads in stock diffusers)
