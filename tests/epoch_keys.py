@@ -8,6 +8,7 @@
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,7 +25,7 @@ accelerator = Accelerator(cpu=True)
 with accelerator.main_process_first():
     source = build_source(config.data, config.train.seed)
 tokenizer = build_tokenizer(caption_texts(config.data, source), config.model.max_caption_tokens)
-dataset, loader = build_data(config, [tokenizer], source, accelerator)
+dataset, loader = build_data(config, SimpleNamespace(tokenizers=[tokenizer]), source, accelerator)
 dataset.set_epoch(0)
 keys = [key for batch in loader for key in batch["key"]]
 out.mkdir(parents=True, exist_ok=True)
