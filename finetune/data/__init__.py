@@ -239,6 +239,10 @@ class ImageTextStream(IterableDataset):
         self.configs = source.configs if isinstance(source, MixedSource) else [config]
         self.entries = source.entries if isinstance(source, MixedSource) else None
         self.masks = any(section.masks for section in self.configs)
+        # Each dataset's count name and fields (tensors shared by its samples; batching copies them).
+        self._fields = [(f"dataset {e.name}", {"loss_weight": torch.tensor(e.loss_weight),
+                                               "regularisation": torch.tensor(e.is_regularisation)})
+                        for e in self.entries or []]
         if config.buckets and not batch_size:
             raise ValueError("data.buckets: the stream makes the batches, so it needs the batch size")
         self.buckets = ([tuple(size) for size in config.bucket_sizes] if config.bucket_sizes
@@ -316,10 +320,6 @@ class ImageTextStream(IterableDataset):
         dataset's name)."""
         if self.entries is None:
             return {}
-        if not hasattr(self, "_fields"):  # made once (tensors shared by the samples; batching copies them)
-            self._fields = [(f"dataset {e.name}", {"loss_weight": torch.tensor(e.loss_weight),
-                                                   "regularisation": torch.tensor(e.is_regularisation)})
-                            for e in self.entries]
         name, fields = self._fields[dataset]
         self.counts[name] += 1
         return fields

@@ -179,12 +179,12 @@ class MixedSource:
         next, so a small dataset is spread over the epoch rather than bunched."""
         base = order_rng.random()
         deal_base = deal_rng.random() if deal_rng is not None else None
-        streams, left = [], []
+        streams, left, planned_counts = [], [], self.planned()
         for i, (source, section, entry) in enumerate(zip(self.sources, self.configs, self.entries)):
             limit = (share(entry.samples_per_epoch, part, parts) if entry.samples_per_epoch is not None
                      else share(section.num_samples, part, parts) if section.resampled else None)
             streams.append(self._dataset(i, source, entry, limit, base, deal_base, part, parts, counts))
-            planned = self.planned()[i]
+            planned = planned_counts[i]
             left.append(limit if limit is not None else None if planned is None else max(1, planned // parts))
         known = [n for n in left if n is not None]
         left = [n if n is not None else max(known, default=1) for n in left]  # a stream of unknown size: as the largest
