@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .cli import UserError
+from ..cli import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -343,7 +343,7 @@ class DataConfig:
         if self.shuffle_buffer < 0 or self.num_workers < 0:
             problems.append("data.shuffle_buffer and data.num_workers must be >= 0")
         if self.colors is not None:
-            from .data.shapes import HUES  # here, not at the top: the data package imports this module
+            from ..data.shapes import HUES  # here, not at the top: the data package imports this module
 
             if not self.colors or any(c not in HUES for c in self.colors):
                 problems.append(f"data.colors: got {self.colors}; give some of {', '.join(HUES)}")
@@ -384,7 +384,7 @@ class DataConfig:
             problems.append(f"data.keep_tokens (got {self.keep_tokens}) must be >= 0 and data.caption_extension (got "
                             f"{self.caption_extension!r}) start with a dot")
         if self.sources:
-            from .data.mixing import entries  # here, not at the top: the data package imports this module
+            from ..data.mixing import entries  # here, not at the top: the data package imports this module
 
             try:
                 entries(self)
@@ -827,7 +827,7 @@ class TextualInversionConfig:
                             "each placeholder once")
         if self.num_vectors < 1:
             problems.append(f"textual_inversion.num_vectors: got {self.num_vectors}; must be >= 1")
-        from .embeddings import file_name  # (it imports this module)
+        from ..embeddings import file_name  # (it imports this module)
 
         files = [file_name(token) for token in self.placeholder_tokens]
         if len(set(files)) < len(files):
@@ -889,7 +889,7 @@ class Config:
             problems.append(f"prior.mode: {self.prior.mode} keeps what a base draws for the class; fine-tune a base "
                             "(model.pretrained_model_name_or_path), or set prior.mode: none")
         if self.prior.mode == "class_images" and self.model.pretrained_model_name_or_path:
-            from .prior import with_class_images  # (it imports this module)
+            from ..prior import with_class_images  # (it imports this module)
 
             try:  # the data with the class images added is checked now, not after they are drawn
                 with_class_images(self.data, Path("class-images"), self.prior, None)
@@ -920,7 +920,7 @@ class Config:
             try:
                 held_out = held_out_section(self.data, self.validation.loss_data)
                 if self.data.sources:
-                    from .data.mixing import entries  # (the data package imports this module)
+                    from ..data.mixing import entries  # (the data package imports this module)
 
                     sections = [section for section, _ in entries(self.data)]
                 else:
@@ -1088,7 +1088,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raw = yaml.safe_load(f) or {}
     raw = apply_overrides(raw, list(overrides))
     if isinstance(raw.get("data"), dict) and raw["data"].get("kohya_toml"):
-        from .data.kohya_toml import expand  # (the data package imports this module)
+        from ..data.kohya_toml import expand  # (the data package imports this module)
 
         raw = expand(raw)
     problems: list[str] = []
