@@ -1,5 +1,5 @@
 """The README's config reference, generated from the config dataclasses: each key's default and the docstring
-written under its field in finetune/config.py (a test fails when the README's copy is out of date).
+written under its field in finetune/config/ (a test fails when the README's copy is out of date).
 
     python -m finetune.reference            # print the reference
     python -m finetune.reference --write    # replace it in README.md, between the two markers
