@@ -322,6 +322,20 @@ def frozen_models(components: Components, trained: list[torch.nn.Module], lora: 
             if model is not None and (lora or all(model is not t for t in trained))]
 
 
+def place_models(components: Components, trained: list[torch.nn.Module], adapted: bool, config: ModelConfig,
+                 device: torch.device, mixed_precision: str) -> None:
+    """Frozen models (with adapters or new token rows, the adapted ones too: their base weights are frozen) to the
+    device in the training precision, in eval mode; then the models that train in training mode, as diffusers'
+    examples put them. `from_pretrained` leaves every model in eval mode, where peft's `lora.dropout` does nothing
+    and transformers' text encoders skip their gradient checkpointing; sampling and export switch to eval mode and
+    back."""
+    for model in frozen_models(components, trained, adapted):
+        dtype = frozen_dtype(components, model, config, mixed_precision)
+        model.to(device, *([dtype] if model.dtype != dtype else [])).eval()  # (diffusers warns about any cast)
+    for model in trained:
+        model.train()
+
+
 def frozen_dtype(components: Components, model: torch.nn.Module, config: ModelConfig,
                  mixed_precision: str) -> torch.dtype:
     """The dtype a frozen model is kept in: the training precision's, but float32 for a VAE that must not run in

@@ -38,8 +38,8 @@ from .models import (
     check_components,
     check_objective,
     frozen_dtype,
-    frozen_models,
     load_components,
+    place_models,
     sample_as_downstream,
     trainable,
     trained_in_full,
@@ -87,10 +87,8 @@ def build_model(config: Config, source, accelerator: Accelerator) -> tuple[Compo
     trained = embeddings.train_rows(components, ti, trained, alone=not config.lora.enabled)
     if components.vae is not None:
         components.vae.requires_grad_(False)
-    # Frozen models (with LoRA, the adapted ones too: their base weights are frozen) in the training precision.
-    for model in frozen_models(components, trained, config.lora.enabled or ti.enabled):
-        dtype = frozen_dtype(components, model, config.model, accelerator.mixed_precision)
-        model.to(accelerator.device, *([dtype] if model.dtype != dtype else []))  # (diffusers warns about any cast)
+    place_models(components, trained, config.lora.enabled or ti.enabled, config.model, accelerator.device,
+                 accelerator.mixed_precision)  # frozen ones in the training precision; modes set
     cast_training_params(trained, dtype=torch.float32)  # also when the base was stored in half precision
     performance.speed_up(components.unet, [m for m in trained if m is not components.unet], config.train,
                          accelerator.device)
