@@ -11,6 +11,9 @@
   minutes) for it to be idle, and the comparison is given over all runs and over those that others left alone.
 
     python benchmarks/bench_ui.py [--steps 100] [--pairs 4] [--json benchmarks/results/ui-DATE.json]
+
+The trainer inherits the environment: `OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_ui.py` measures it with
+idle OpenMP threads asleep rather than spinning (recorded in the JSON's thread_settings).
 """
 
 import argparse
@@ -213,7 +216,7 @@ def training_cost(work: Path, env: dict, steps: int, pairs: int) -> dict:
         train_once(work, "warmup", steps, steps // 4, env, None)  # writes the built-in data set; not counted
         runs = []
         for pair in range(pairs):
-            for ui in (False, True):
+            for ui in ((False, True) if pair % 2 == 0 else (True, False)):  # ABBA: a drift over time cancels out
                 run = train_once(work, f"{'ui' if ui else 'plain'}-{pair}", steps, steps // 4, env,
                                  (driver, url, server.pid) if ui else None)
                 print(run, flush=True)
@@ -238,9 +241,9 @@ IDLE_PCT = 10.0  # other processes' CPU (% of one core) under which a run counts
 
 
 def idle_pairs(runs: list[dict]) -> dict:
-    """The slowdown of each pair (a run without the UI, then one with it) in which other processes left both runs
-    alone, and their mean."""
-    pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+    """The slowdown of each pair (a run without the UI and one with it, in either order) in which other processes
+    left both runs alone, and their mean."""
+    pairs = [sorted((runs[i], runs[i + 1]), key=lambda run: run["ui"]) for i in range(0, len(runs) - 1, 2)]
     idle = [(plain, ui) for plain, ui in pairs if max(plain["others_cpu_pct"], ui["others_cpu_pct"]) < IDLE_PCT]
     slowdowns = [round(100 * (1 - ui["images_per_s"] / plain["images_per_s"]), 2) for plain, ui in idle]
     return {"pairs": len(pairs), "idle_pairs": len(idle), "slowdown_pct_each": slowdowns,
@@ -276,7 +279,9 @@ def main() -> None:
                      "page in headless Chromium on the same machine",
               "machine": {"cpus": os.cpu_count(), "load_average_start": load_start,
                           "load_average_end": [round(v, 2) for v in os.getloadavg()]},
-              "poll_seconds": POLL_SECONDS, **result}
+              "poll_seconds": POLL_SECONDS,
+              "thread_settings": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
+              **result}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
