@@ -181,6 +181,17 @@ def test_the_event_stream_sends_what_the_folder_holds(tmp_path):
         file.write('{"step": 4, "loss": NaN}\n{"step": 5, "lo')  # a NaN, and half a line still being written
     assert watcher.poll() == [("metrics", {"reset": False, "records": [{"step": 4, "loss": None}]})]
 
+    # Between full polls only metrics.jsonl is read: a new grid waits for the next full poll, or for new lines.
+    (folder / "samples" / "step-12.png").write_text("x")
+    assert watcher.poll(full=False) == []
+    assert dict(watcher.poll())["pictures"]["grid"]["path"] == "run/samples/step-12.png"
+    (folder / "samples" / "step-14.png").write_text("x")
+    with open(folder / "metrics.jsonl", "a") as file:
+        file.write('ss": 0.1}\n')
+    events = dict(watcher.poll(full=False))
+    assert events["metrics"]["records"] == [{"step": 5, "loss": 0.1}]
+    assert events["pictures"]["grid"]["path"] == "run/samples/step-14.png"
+
 
 def test_the_stream_over_http(tmp_path):
     """The first events of /api/events through the ASGI app (the stream itself never ends: read, then close)."""

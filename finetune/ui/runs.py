@@ -274,7 +274,8 @@ def settings(folder: Path) -> dict:
 class RunWatcher:
     """What changed in a run folder since the last `poll()`, as the page's events: `metrics` (the new lines of
     metrics.jsonl; the whole file, thinned, on the first poll or after it was replaced), `status`, `pictures`,
-    `evaluation` and `settings` (each sent when it differs from what was sent last)."""
+    `evaluation` and `settings` (each sent when it differs from what was sent last). `poll(full=False)` looks at
+    metrics.jsonl alone, and at the rest only when new lines came (a run that logs may also have drawn)."""
 
     def __init__(self, root: Path, folder: Path, most_points: int = 4000):
         self.root, self.folder, self.most_points = root.resolve(), folder, most_points
@@ -282,7 +283,7 @@ class RunWatcher:
         self.sent: dict = {}
         self.files: dict = {}  # name: (mtime, what was read)
 
-    def poll(self) -> list[tuple[str, object]]:
+    def poll(self, full: bool = True) -> list[tuple[str, object]]:
         events = []
         first = not self.sent
         records = self.metrics.read()
@@ -290,6 +291,8 @@ class RunWatcher:
             events.append(("metrics", {"reset": True, "records": thin(records, self.most_points)}))
         elif records:
             events.append(("metrics", {"reset": False, "records": records}))
+        if not (full or first or events):
+            return events
         current = {"status": status(self.folder), "pictures": pictures(self.root, self.folder),
                    "evaluation": self._unless_unchanged(EVALUATION_FILE, evaluation),
                    "settings": self._unless_unchanged("config.yaml", settings)}

@@ -29,7 +29,8 @@ from .sampling import Busy, Sampler, SampleRequest
 from .security import LOCAL_HOSTS, TOKEN_HEADER, host_allowed, inside, servable, token_matches
 
 STATIC = Path(__file__).resolve().parent / "static"
-POLL_SECONDS = 0.25  # how often a stream looks at its run folder (the live view's delay is about half of it)
+POLL_SECONDS = 0.25  # how often a stream looks at its run's metrics.jsonl (the live view's delay is about half of it)
+FULL_POLLS = 4  # and at the rest of the folder (status, pictures, evaluation, settings): every 4th poll, 1 s
 KEEPALIVE_SECONDS = 15
 COOKIE = "finetune_ui_token"
 # The page loads nothing from elsewhere and runs no inline script.
@@ -173,9 +174,10 @@ async def events(request: Request) -> Response:
 
 async def stream(watcher: runs.RunWatcher):
     """Poll the run folder; send what changed, and a comment now and then so a closed page is noticed."""
-    quiet = 0.0
+    quiet, polls = 0.0, 0
     while True:
-        changes = await anyio.to_thread.run_sync(watcher.poll)
+        changes = await anyio.to_thread.run_sync(watcher.poll, polls % FULL_POLLS == 0)
+        polls += 1
         for name, data in changes:
             yield f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
         quiet = 0.0 if changes else quiet + POLL_SECONDS

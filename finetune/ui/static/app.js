@@ -45,7 +45,17 @@ async function refreshRuns() {
   view.runs = data.runs;
   $("root").textContent = data.root;
   const list = $("run-list");
-  list.replaceChildren(...data.runs.map((run) => {
+  const shown = JSON.stringify([data.runs, view.run]);  // redrawn only when it changed: the page idles while it waits
+  if (list.dataset.shown !== shown) {
+    list.dataset.shown = shown;
+    showRunList(list, data.runs);
+  }
+  fillSelect($("config"), data.configs.map((name) => [name, name]));
+  fillSelect($("sample-run"), data.runs.filter((run) => run.samplable).map((run) => [run.name, run.name]));
+}
+
+function showRunList(list, runs) {
+  list.replaceChildren(...runs.map((run) => {
     const item = document.createElement("li");
     item.dataset.run = run.name;
     item.title = run.detail;
@@ -56,9 +66,7 @@ async function refreshRuns() {
     item.addEventListener("click", () => openRun(run.name));
     return item;
   }));
-  if (!data.runs.length) list.innerHTML = '<li class="muted">no runs under the root yet</li>';
-  fillSelect($("config"), data.configs.map((name) => [name, name]));
-  fillSelect($("sample-run"), data.runs.filter((run) => run.samplable).map((run) => [run.name, run.name]));
+  if (!runs.length) list.innerHTML = '<li class="muted">no runs under the root yet</li>';
 }
 
 function fillSelect(select, options) {
