@@ -41,6 +41,7 @@ from .models import (
     frozen_dtype,
     frozen_models,
     load_components,
+    set_training,
     trainable,
     trained_in_full,
 )
@@ -83,7 +84,7 @@ def exported(accelerator: Accelerator, components: Components, emas: list[EMAMod
         for ema, model in zip(emas, models):
             ema.restore(trainable(model))
         for model, mode in zip(models, modes):
-            model.train(mode)
+            set_training(model, mode)
 
 
 def validate(accelerator, config: Config, components: Components, emas: list[EMAModel], step: int,

@@ -333,7 +333,19 @@ def place_models(components: Components, trained: list[torch.nn.Module], adapted
         dtype = frozen_dtype(components, model, config, mixed_precision)
         model.to(device, *([dtype] if model.dtype != dtype else [])).eval()  # (diffusers warns about any cast)
     for model in trained:
-        model.train()
+        set_training(model)
+
+
+def set_training(model: torch.nn.Module, mode: bool = True) -> None:
+    """`model.train(mode)`, but peft's LoHa / LoKr layers stay in eval mode: this project gives them no module or
+    rank dropout, and in training mode each would still draw a random number at every forward (a graph break under
+    `train.compile`, and a host operation per layer)."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    model.train(mode)
+    for module in model.modules():
+        if isinstance(module, LycorisLayer):
+            module.eval()
 
 
 def frozen_dtype(components: Components, model: torch.nn.Module, config: ModelConfig,

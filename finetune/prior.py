@@ -29,6 +29,7 @@ from .cli import UserError
 from .config import ConfigError, DataConfig, PriorConfig
 from .disk_cache import fingerprint
 from .families import tokenize
+from .models import set_training
 from .objective import min_snr_weights, sample_losses, sample_noise_and_timesteps
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def draw_class_images(prior: PriorConfig, components, resolution: int, rank: int
                     os.replace(partial, folder / f"{i:05d}.png")  # whole or absent: never half an image
         finally:
             for model, mode in zip(models, modes):
-                model.train(mode)
+                set_training(model, mode)
     _wait_for(folder, prior.num_class_images)
     return folder, sum(map(len, mine))
 
