@@ -70,6 +70,7 @@ class ReferenceLoop:
         self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
                                          target_modules=TARGETS))
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.unet.train()  # (the example's, at every epoch)
         if compile_unet:
             self.unet = torch.compile(self.unet)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
