@@ -215,12 +215,14 @@ class BasePrediction:
                     for name, tokenizer in zip(("input_ids", "input_ids_2"), tokenizers)}
 
     def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
-        """The base's prediction: the model with its adapters off."""
+        """The base's prediction: the model with its adapters off, in eval mode (a base's own dropout off)."""
         with torch.no_grad(), self.autocast():
             self.unet.disable_adapters()
+            self.unet.eval()
             try:
                 return self.unet(noisy, timesteps, **conditioning, return_dict=False)[0].float()
             finally:
+                set_training(self.unet)
                 self.unet.enable_adapters()
 
     def loss(self, batch: dict, samples, noisy, timesteps, conditioning: dict, target, unet, encoder, scheduler,
