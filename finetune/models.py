@@ -326,9 +326,9 @@ def place_models(components: Components, trained: list[torch.nn.Module], adapted
                  device: torch.device, mixed_precision: str) -> None:
     """Frozen models (with adapters or new token rows, the adapted ones too: their base weights are frozen) to the
     device in the training precision, in eval mode; then the models that train in training mode, as diffusers'
-    examples put them. `from_pretrained` leaves every model in eval mode, where peft's `lora.dropout` does nothing
-    and transformers' text encoders skip their gradient checkpointing; sampling and export switch to eval mode and
-    back."""
+    examples put them. `from_pretrained` leaves every model in eval mode, where transformers' text encoders skip
+    their gradient checkpointing, and sampling, which switches to eval mode and back (`set_training`), would then
+    have turned peft's `lora.dropout` off for the rest of the run."""
     for model in frozen_models(components, trained, adapted):
         dtype = frozen_dtype(components, model, config, mixed_precision)
         model.to(device, *([dtype] if model.dtype != dtype else [])).eval()  # (diffusers warns about any cast)
