@@ -211,18 +211,24 @@ class BasePrediction:
             raise UserError("prior.mode: base_prediction is not supported under FSDP; use prior.mode: class_images, "
                             "or train with DDP (distributed_type: MULTI_GPU)")
         self.weight, self.unet, self.autocast = prior.prior_loss_weight, unet, autocast
+        # The base's own dropout (none in SD / SDXL UNets), off for the target: only these switch mode each step.
+        self.dropouts = [module for name, module in unet.named_modules()
+                         if isinstance(module, torch.nn.Dropout) and module.p > 0 and "lora_" not in name]
         self.ids = {name: tokenize(tokenizer, [prior.class_prompt])
                     for name, tokenizer in zip(("input_ids", "input_ids_2"), tokenizers)}
 
     def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
-        """The base's prediction: the model with its adapters off, in eval mode (a base's own dropout off)."""
+        """The base's prediction: the model with its adapters off and the base's own dropout off."""
         with torch.no_grad(), self.autocast():
             self.unet.disable_adapters()
-            self.unet.eval()
+            modes = [module.training for module in self.dropouts]
+            for module in self.dropouts:
+                module.eval()
             try:
                 return self.unet(noisy, timesteps, **conditioning, return_dict=False)[0].float()
             finally:
-                set_training(self.unet)
+                for module, mode in zip(self.dropouts, modes):
+                    module.train(mode)
                 self.unet.enable_adapters()
 
     def loss(self, batch: dict, samples, noisy, timesteps, conditioning: dict, target, unet, encoder, scheduler,

@@ -76,13 +76,13 @@ def _lora_setup(tiny_sd_folder, weight):
 
 def test_the_base_prediction_target_is_the_base_with_its_adapters_off(tiny_sd_folder):
     config, components, encoder, batch = _lora_setup(tiny_sd_folder, 1.0)
-    prior = BasePrediction(config.prior, components.tokenizers, components.unet,
-                           lambda: torch.autocast("cpu", enabled=False))
     base = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder))).unet
     for model in (base, components.unet):  # a base with dropout of its own: the target is drawn without it
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Dropout) and "lora_" not in name:
                 module.p = 0.5
+    prior = BasePrediction(config.prior, components.tokenizers, components.unet,
+                           lambda: torch.autocast("cpu", enabled=False))
     noisy, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     conditioning = encoder.conditioning({**batch, "input_ids": prior.ids["input_ids"].expand(2, -1)}, CPU)
     assert components.unet.training
