@@ -150,12 +150,15 @@ def test_readme_config_reference_is_up_to_date():
 
 def test_a_text_field_takes_the_override_as_written():
     """YAML 1.1 reads `no` as false and `{000..009}` as a mapping; a string (or choice of strings) field takes the
-    text as typed, as diffusers' `--mixed_precision no` does."""
+    text as typed, as diffusers' `--mixed_precision no` does; in quotes, it is YAML's quoted string (the benchmarks
+    wrote `train.mixed_precision='no'`, refused for two days)."""
     config = load_config(None, ["train.mixed_precision=no", "data.source=webdataset", "data.path=shards-{000..009}.tar",
                                 "train.resume_from_checkpoint=null", "train.learning_rate=1e-4", "hub.revision=on"])
     assert config.train.mixed_precision == "no" and config.data.path == "shards-{000..009}.tar"
     assert config.train.resume_from_checkpoint is None and config.train.learning_rate == 1e-4
     assert config.hub.revision == "on"
+    quoted = load_config(None, ["train.mixed_precision='no'", 'data.source="webdataset"', "data.path='a b.tar'"])
+    assert (quoted.train.mixed_precision, quoted.data.source, quoted.data.path) == ("no", "webdataset", "a b.tar")
 
 
 def test_a_missing_config_file_lists_the_configs_beside_it(monkeypatch):

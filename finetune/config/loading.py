@@ -125,13 +125,15 @@ def _field_type(parts: list[str]) -> Any:
 def _parse_override(text: str, tp: Any) -> Any:
     """A value typed on the command line: YAML (`1e-4`, `true`, `[32, 64]`, `null`), except for a text field (a
     string, or a choice of strings), which takes the text as written: `train.mixed_precision=no` is "no", not YAML
-    1.1's false, and `data.path=shards-{000..009}.tar` is a path, not a mapping."""
+    1.1's false, and `data.path=shards-{000..009}.tar` is a path, not a mapping. Text in matching quotes is YAML's
+    quoted string (`train.mixed_precision='no'`, as in a config file, is "no" too)."""
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     inner = [a for a in args if a is not type(None)]
     text_field = len(inner) == 1 and (inner[0] is str or typing.get_origin(inner[0]) is Literal
                                       and all(isinstance(a, str) for a in typing.get_args(inner[0])))
     if text_field and not (type(None) in args and text.strip() in ("null", "~", "")):
-        return text
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return yaml.safe_load(text) if quoted else text
     return yaml.safe_load(text)
 
 
