@@ -20,6 +20,8 @@ import math
 import torch
 from accelerate import Accelerator
 
+from .performance import step_optimizer
+
 logger = logging.getLogger(__name__)
 
 # As DeepSpeed's fp16 `min_loss_scale`: below 1 the scaler shrinks gradients that overflow at their own size.
@@ -35,7 +37,7 @@ class NonFiniteGuard:
 
     def step(self, optimizer) -> None:
         """The optimizer step; under fp16 the scaler may skip it (an overflow), which is counted."""
-        optimizer.step()
+        step_optimizer(optimizer)
         if getattr(optimizer, "scaler", None) is not None and optimizer.gradient_state.sync_gradients:
             self.overflows += optimizer.step_was_skipped  # (between accumulation steps the flag is the last step's)
 

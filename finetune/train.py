@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                 loss, groups = compute_loss(batch, components.unet, encoder, schedule, accelerator.device, train)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # clip (max_norm inf: measure only), then refuse NaN/Inf
-                    grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
+                    grad_norm = performance.clip_grad_norm(accelerator, params, train.max_grad_norm or math.inf)
                 skip = accelerator.sync_gradients and guard.skip_step(accelerator, loss, grad_norm, step + 1,
                                                                       batch["key"])
                 if not skip:

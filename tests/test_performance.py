@@ -1,10 +1,13 @@
 """The speed and memory levers: what they switch on, and the clear refusals of the GPU-only ones on a CPU."""
 
 import contextlib
+import math
 from types import SimpleNamespace
 
+import accelerate.optimizer
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from finetune import performance
@@ -135,3 +138,35 @@ def test_the_logged_loss_is_the_mean_over_processes():
         logger.add(torch.tensor(loss))
         logger.step(step, step == 2, 0.1, torch.tensor(1.0))
     assert logged == [2.0] and reduced == ["mean"]
+
+
+@pytest.mark.parametrize("max_norm", [0.05, math.inf])
+def test_direct_clipping_and_step_are_accelerates_bit_for_bit(monkeypatch, max_norm):
+    """`performance.clip_grad_norm` and `step_optimizer` call torch directly under a plain engine (accelerate's
+    wrappers cost host time there, benchmarks/README.md): the same norms, and the same weights after three clipped
+    steps, as through accelerate; the direct path is the one taken (accelerate's parts raise if reached)."""
+    accelerator = Accelerator(cpu=True)
+    runs = []
+    for direct in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+        params, norms = list(model.parameters()), []
+        with contextlib.ExitStack() as stack:
+            if direct:
+                refuse = stack.enter_context(monkeypatch.context())
+                refuse.setattr(accelerator, "_clip_grad_norm_dtensor_aware", None)
+                refuse.setattr(accelerate.optimizer, "is_lomo_available", None)
+            for _ in range(3):
+                model(torch.randn(32, 8)).square().mean().backward()
+                if direct:
+                    norms.append(performance.clip_grad_norm(accelerator, params, max_norm))
+                    performance.step_optimizer(optimizer)
+                else:
+                    norms.append(accelerator.clip_grad_norm_(params, max_norm))
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        runs.append((torch.stack(norms), torch.cat([p.detach().reshape(-1) for p in params])))
+    (norms, weights), (direct_norms, direct_weights) = runs
+    assert norms.min() > 0.05  # (so the clipping acts)
+    assert torch.equal(norms, direct_norms) and torch.equal(weights, direct_weights)
