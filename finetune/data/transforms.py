@@ -87,10 +87,12 @@ def _decode_rgb(data: bytes, max_pixels: int, min_size: int | None) -> Image.Ima
     image = Image.open(io.BytesIO(data))
     if image.width * image.height > max_pixels:
         raise ImageTooLarge(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
-    size = image.size[::-1] if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size  # upright
+    orientation = image.getexif().get(0x0112, 1)
+    size = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size  # upright
     if min_size and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))
-    image = ImageOps.exif_transpose(image)
+    if orientation != 1:  # (upright already: exif_transpose would read the EXIF again and copy the image)
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
