@@ -9,7 +9,7 @@ a stand-in for the GPU ratio that needs no GPU, without the GPU's copies and wai
 training process (`data.num_workers` 0, as on a CPU), where bench_gpu_trainer.py gives it a worker. No target;
 for finding and checking host-side costs between GPU sessions. It runs on the CPU, also where there is a GPU.
 
-    python benchmarks/bench_host.py [--steps 150] [--floor-steps 60] [--threads N]
+    python benchmarks/bench_host.py [--steps 150] [--floor-steps 60] [--threads N] [--workers N] [--logging-steps N]
 """
 
 import argparse
@@ -36,21 +36,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="timed trainer steps (after the cache fills)")
     parser.add_argument("--floor-steps", type=int, default=60, help="timed floor steps, before and after")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--workers", type=int, default=0,
+                        help="data.num_workers (1: the loader in its own process, as bench_gpu_trainer.py runs it)")
+    parser.add_argument("--logging-steps", type=int, default=1,
+                        help="train.logging_steps; the step time is then each window's mean (the recipes log every "
+                             "10 or 20 steps)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-host-") as work:
         folder = build_tiny_sd(Path(work) / "base", unet=HOST_UNET)
-        overrides = [*lora_overrides(folder, "no", args.threads), f"data.resolution={RESOLUTION}"]
+        overrides = [*lora_overrides(folder, "no", args.threads), f"data.resolution={RESOLUTION}",
+                     f"data.num_workers={args.workers}"]
         floor = Floor(load_config(None, overrides))
         before = statistics.median(floor.times(args.floor_steps))
         out = Path(work) / "trainer"
-        trainer = run_trainer(trainer_args(None, overrides, args.steps + LORA_WARMUP, str(out)), out, LORA_WARMUP,
+        argv = [*trainer_args(None, overrides, args.steps + LORA_WARMUP, str(out)),
+                f"train.logging_steps={args.logging_steps}"]
+        trainer = run_trainer(argv, out, -(-LORA_WARMUP // args.logging_steps),  # (the windows the warm-up touches)
                               env={"CUDA_VISIBLE_DEVICES": ""})  # the floor runs on the CPU too
         after = statistics.median(floor.times(args.floor_steps))
     step, floor_s = statistics.median(trainer["times"]), min(before, after)
     print("\n| job | trainer step | floor step | trainer - floor | ratio |\n|---|---|---|---|---|")
     print(f"| SD-1.x-structured LoRA, UNet 8-16-16-16 wide, batch {LORA_BATCH}, {RESOLUTION} px, fp32, data.cache, "
-          f"{args.threads} threads | {step * 1000:.1f} ms | {floor_s * 1000:.1f} ms (before {before * 1000:.1f}, "
+          f"{args.threads} threads, {args.workers} workers, logging every {args.logging_steps} | {step * 1000:.1f} ms | {floor_s * 1000:.1f} ms (before {before * 1000:.1f}, "
           f"after {after * 1000:.1f}) | {(step - floor_s) * 1000:.1f} ms | {step / floor_s:.3f} |")
 
 
