@@ -159,6 +159,11 @@ def test_a_text_field_takes_the_override_as_written():
     assert config.hub.revision == "on"
     quoted = load_config(None, ["train.mixed_precision='no'", 'data.source="webdataset"', "data.path='a b.tar'"])
     assert (quoted.train.mixed_precision, quoted.data.source, quoted.data.path) == ("no", "webdataset", "a b.tar")
+    as_written = ["'it''s'", "'a dog's photo'", '"C:\\new"', "'a': 'b'", "'", '"a\'']
+    prefixes = [load_config(None, [f"data.caption_prefix={text}"]).data.caption_prefix for text in as_written]
+    assert prefixes == ["it's", *as_written[1:]]
+    with pytest.raises(ConfigError, match=r"override 'train.max_train_steps=\[1,': not a value YAML reads"):
+        load_config(None, ["train.max_train_steps=[1,"])
 
 
 def test_a_missing_config_file_lists_the_configs_beside_it(monkeypatch):

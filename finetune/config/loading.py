@@ -125,15 +125,22 @@ def _field_type(parts: list[str]) -> Any:
 def _parse_override(text: str, tp: Any) -> Any:
     """A value typed on the command line: YAML (`1e-4`, `true`, `[32, 64]`, `null`), except for a text field (a
     string, or a choice of strings), which takes the text as written: `train.mixed_precision=no` is "no", not YAML
-    1.1's false, and `data.path=shards-{000..009}.tar` is a path, not a mapping. Text in matching quotes is YAML's
-    quoted string (`train.mixed_precision='no'`, as in a config file, is "no" too)."""
+    1.1's false, and `data.path=shards-{000..009}.tar` is a path, not a mapping. Text in matching quotes loses them
+    as in a config file (`train.mixed_precision='no'` is "no" too; `'it''s'` is "it's"), unless YAML would read
+    more into it: a backslash escape in double quotes (`"C:\new"` stays as written), or quotes that do not enclose
+    the whole text (`'a dog's photo'`)."""
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     inner = [a for a in args if a is not type(None)]
     text_field = len(inner) == 1 and (inner[0] is str or typing.get_origin(inner[0]) is Literal
                                       and all(isinstance(a, str) for a in typing.get_args(inner[0])))
     if text_field and not (type(None) in args and text.strip() in ("null", "~", "")):
-        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-        return yaml.safe_load(text) if quoted else text
+        if len(text) >= 2 and text[0] == text[-1] and (text[0] == "'" or text[0] == '"' and "\\" not in text):
+            try:
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return unquoted if isinstance(unquoted, str) else text
+        return text
     return yaml.safe_load(text)
 
 
@@ -149,7 +156,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {part} is not a section"])
-        node[leaf] = _parse_override(text, _field_type([*parents, leaf]))
+        try:
+            node[leaf] = _parse_override(text, _field_type([*parents, leaf]))
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise ConfigError([f"override {item!r}: not a value YAML reads ({problem}); e.g. {dotted}=[1, 2] for a "
+                               "list, or quote text"]) from None
     return raw
 
 
