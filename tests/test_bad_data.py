@@ -112,14 +112,21 @@ def test_image_modes_become_the_right_rgb():
     assert decode_rgb(_encode(sixteen)).getpixel((0, 0)) == (200, 200, 200)
 
 
-def test_exif_rotated_jpegs_are_turned_upright():
+@pytest.mark.parametrize("kind", ["JPEG", "TIFF", "PNG"])
+@pytest.mark.parametrize("min_size", [None, 4])
+def test_exif_rotated_images_are_turned_upright(kind, min_size):
+    """Upright pixels and size (the size filters judge `source_size`: before a JPEG's reduced-scale decode), for a
+    JPEG, a PNG, and a TIFF (which Pillow 13 turns upright itself when it opens and loads it)."""
     image = Image.new("RGB", (20, 10), "white")  # stored landscape, red on the left
     image.paste((255, 0, 0), (0, 0, 10, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    upright = decode_rgb(_encode(image, "JPEG", quality=95, exif=exif))
-    assert upright.size == (10, 20)
-    top, bottom = upright.getpixel((5, 2)), upright.getpixel((5, 17))
+    upright = decode_rgb(_encode(image, kind, exif=exif, **({"quality": 95} if kind == "JPEG" else {})),
+                         min_size=min_size)
+    assert upright.info["source_size"] == (10, 20)
+    width, height = upright.size
+    assert height == 2 * width and (width == 10 or kind == "JPEG" and min_size)  # (a JPEG may decode smaller)
+    top, bottom = upright.getpixel((width // 2, height // 5)), upright.getpixel((width // 2, height * 4 // 5))
     assert top[1] < 80 and bottom[1] > 200  # the red half ends up on top
 
 

@@ -87,11 +87,11 @@ def _decode_rgb(data: bytes, max_pixels: int, min_size: int | None) -> Image.Ima
     image = Image.open(io.BytesIO(data))
     if image.width * image.height > max_pixels:
         raise ImageTooLarge(f"image of {image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
-    orientation = image.getexif().get(0x0112, 1)
-    size = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size  # upright
+    orientation, size = image.getexif().get(0x0112, 1), None
     if min_size and image.format == "JPEG":
+        size = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size  # upright, before the reduced decode
         image.draft("RGB", (min_size, min_size))
-    if orientation != 1:  # (upright already: exif_transpose would read the EXIF again and copy the image)
+    if orientation != 1:  # (upright already: exif_transpose would copy it; a TIFF turns itself when loaded)
         image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
@@ -100,7 +100,7 @@ def _decode_rgb(data: bytes, max_pixels: int, min_size: int | None) -> Image.Ima
     elif image.mode.startswith("I;16") or image.mode == "I":
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
     image = image.convert("RGB")
-    image.info["source_size"] = size  # before any reduced-scale decoding: what size filters must judge
+    image.info["source_size"] = size or image.size  # before any reduced-scale decoding: what size filters judge
     return image
 
 
