@@ -33,7 +33,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from finetune.ui.server import POLL_SECONDS  # noqa: E402
+from finetune.ui.server import LIVE_SECONDS, POLL_SECONDS  # noqa: E402
+from finetune.ui.watch import FolderChanges  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -145,7 +146,7 @@ def update_latency(driver, url: str, folder: Path, repeats: int) -> dict:
     wait(lambda: driver.execute_script("return window.finetuneUI.updates.length > 0"))
     latencies = []
     for step in range(1, repeats + 1):
-        time.sleep(random.uniform(0.05, 0.6))  # at any moment against the server's polling
+        time.sleep(random.uniform(0.05, 0.6))  # at any moment (against the server's polling, where it polls)
         line = json.dumps({"step": step, "max_steps": 100000, "loss": 0.1, "lr": 1e-3, "grad_norm": 1.0,
                            "step_time": 0.5, "images_per_s": 64.0, "time": time.time()}) + "\n"
         fd = os.open(metrics, os.O_WRONLY | os.O_APPEND)
@@ -262,6 +263,14 @@ def compare(runs: list[dict]) -> dict:
             "slowdown_pct": round(100 * (1 - statistics.mean(with_ui) / statistics.mean(plain)), 2)}
 
 
+def stream_wakes() -> str:
+    changes = FolderChanges(ROOT)
+    live = changes.live
+    changes.close()
+    return (f"on the run folder's changes (inotify), else every {LIVE_SECONDS} s" if live
+            else f"every {POLL_SECONDS} s (no inotify)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="steps per training run (the first quarter warms up)")
@@ -279,7 +288,7 @@ def main() -> None:
                      "page in headless Chromium on the same machine",
               "machine": {"cpus": os.cpu_count(), "load_average_start": load_start,
                           "load_average_end": [round(v, 2) for v in os.getloadavg()]},
-              "poll_seconds": POLL_SECONDS,
+              "stream_wakes": stream_wakes(),
               "thread_settings": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
               **result}
     print(json.dumps(result, indent=2))

@@ -19,14 +19,15 @@ pytest.importorskip("starlette", reason="the web UI's extra: pip install -e '.[u
 from starlette.testclient import TestClient  # noqa: E402
 
 from finetune.cli import UserError  # noqa: E402
-from finetune.config import ModelConfig  # noqa: E402
+from finetune.config import ModelConfig, config_yaml, load_config  # noqa: E402
 from finetune.data import shapes  # noqa: E402
 from finetune.models import build_components  # noqa: E402
 from finetune.output_lock import LOCK_FILE  # noqa: E402
-from finetune.ui import check_exposure  # noqa: E402
+from finetune.ui import check_exposure, server  # noqa: E402
 from finetune.ui import runs as ui_runs  # noqa: E402
 from finetune.ui.security import TOKEN_HEADER, inside  # noqa: E402
 from finetune.ui.server import create_app  # noqa: E402
+from finetune.ui.watch import FolderChanges  # noqa: E402
 
 from .conftest import TINY_MODEL  # noqa: E402
 
@@ -163,6 +164,34 @@ def test_a_fine_tunes_base_grid_is_sent_beside_the_newest_grid(tmp_path):
     assert pictures["base"]["path"] == "run/samples/base.png" and pictures["grid"]["path"] == "run/samples/step-2.png"
 
 
+def test_whether_a_run_samples_is_read_again_only_when_its_folder_changes(tmp_path, monkeypatch):
+    """The runs list asks every few seconds whether a run can be sampled: a textual-inversion run's config is read
+    through the loader once, and again when a file appears (its embedding) or the config changes; not while the
+    folder changed within the last second (a file's time stamp ticks in milliseconds)."""
+    import finetune.results
+
+    config = load_config(None, ["model.pretrained_model_name_or_path=some/base", "model.train_text_encoder=false",
+                                "train.use_ema=false", "textual_inversion.placeholder_tokens=[<sks>]",
+                                "textual_inversion.initializer_tokens=[dog]"])
+    folder = _run(tmp_path, "ti", config__yaml=config_yaml(config))
+    reads, real = [], finetune.results.on_a_base
+    monkeypatch.setattr(finetune.results, "on_a_base", lambda path: reads.append(path) or real(path))
+
+    def age(*paths):  # as if written two seconds ago
+        for path in paths:
+            os.utime(path, ns=(time.time_ns() - 2_000_000_000,) * 2)
+
+    assert not ui_runs.samplable(folder) and not ui_runs.samplable(folder) and len(reads) == 2  # just written
+    age(folder, folder / "config.yaml")
+    assert not ui_runs.samplable(folder) and not ui_runs.samplable(folder) and len(reads) == 3
+    (folder / "sks.safetensors").write_bytes(b"embedding")
+    assert ui_runs.samplable(folder) and len(reads) == 4
+    age(folder)
+    assert ui_runs.samplable(folder) and ui_runs.samplable(folder) and len(reads) == 5
+    (folder / "config.yaml").write_text(config_yaml(load_config(None, ["model.pretrained_model_name_or_path=b"])))
+    assert not ui_runs.samplable(folder) and len(reads) == 6
+
+
 def test_the_event_stream_sends_what_the_folder_holds(tmp_path):
     lines = [{"event": "start", "step": 0, "max_steps": 4}, {"step": 2, "max_steps": 4, "loss": 0.5, "lr": 1e-3},
              {"step": 2, "data": {"used": 8, "skipped: corrupt image": 1}}]
@@ -193,17 +222,26 @@ def test_the_event_stream_sends_what_the_folder_holds(tmp_path):
     assert events["pictures"]["grid"]["path"] == "run/samples/step-14.png"
 
 
-def test_the_stream_over_http(tmp_path):
-    """The first events of /api/events through the ASGI app (the stream itself never ends: read, then close)."""
-    _run(tmp_path, "run", **{"metrics__jsonl": '{"step": 1, "loss": 0.25}\n'})
-    received = []
+def test_the_stream_over_http(tmp_path, monkeypatch):
+    """The first events of /api/events through the ASGI app (the stream itself never ends: read, then close); then a
+    line the trainer appends arrives at once, woken by the folder's change (Linux's inotify), not by a timer."""
+    folder = _run(tmp_path, "run", **{"metrics__jsonl": '{"step": 1, "loss": 0.25}\n'})
+    monkeypatch.setattr(server, "LIVE_SECONDS", 60.0)
+    if sys.platform.startswith("linux"):  # (inotify; elsewhere the stream polls every POLL_SECONDS)
+        monkeypatch.setattr(server, "POLL_SECONDS", 60.0)
+    received, appended = [], []
 
     async def receive():
         await _forever()
 
     async def send(message):
         received.append(message)
-        if sum(b"event: settings" in m.get("body", b"") for m in received):
+        body = b"".join(m.get("body", b"") for m in received)
+        if b"event: settings" in body and not appended:
+            with open(folder / "metrics.jsonl", "a") as file:
+                file.write('{"step": 2, "loss": 0.125}\n')
+            appended.append(time.monotonic())
+        if b'"step":2' in body:
             raise _Done
 
     app = create_app(tmp_path, ROOT / "configs", token=TOKEN, port=PORT)
@@ -211,10 +249,45 @@ def test_the_stream_over_http(tmp_path):
 
     with pytest.raises(_Done):
         anyio.run(app, _scope("/api/events", query=b"run=run"), receive, send)
+    assert time.monotonic() - appended[0] < 5  # (the timer alone: 60 s)
     body = b"".join(m.get("body", b"") for m in received).decode()
     assert received[0]["status"] == 200
     assert dict(received[0]["headers"])[b"content-type"].startswith(b"text/event-stream")
     assert 'event: metrics\ndata: {"reset":true,"records":[{"step":1,"loss":0.25}]}' in body
+    assert 'event: metrics\ndata: {"reset":false,"records":[{"step":2,"loss":0.125}]}' in body
+
+
+def test_folder_changes_wake_the_stream_and_the_launch_log_does_not(tmp_path):
+    """What wakes a stream: a metrics line, a picture (also in a samples folder made after the stream began), a
+    lock; not the output of a run the page launched (its progress bar writes to it ten times a second)."""
+    import anyio
+
+    folder = _run(tmp_path, "run", **{"metrics__jsonl": ""})
+    changes = FolderChanges(folder, ignore={ui_runs.LAUNCH_LOG})
+    assert changes.live == sys.platform.startswith("linux")  # (Linux's inotify)
+
+    async def waits(change) -> float:
+        changes.arm()
+        change()
+        start = time.monotonic()
+        await changes.wait(1.0)
+        return time.monotonic() - start
+
+    def append(name, text="x"):
+        return lambda: open(folder / name, "a").write(text)
+
+    try:
+        woken = {"launch log": anyio.run(waits, append(ui_runs.LAUNCH_LOG)),
+                 "metrics": anyio.run(waits, append("metrics.jsonl", "{}\n")),
+                 "samples folder": anyio.run(waits, lambda: (folder / "samples").mkdir()),
+                 "grid": anyio.run(waits, append("samples/step-2.png")),
+                 "lock": anyio.run(waits, append(LOCK_FILE))}
+    finally:
+        changes.close()
+    if not sys.platform.startswith("linux"):  # (no inotify: every wait is its timeout, the polling of before)
+        assert min(woken.values()) >= 0.9
+        return
+    assert woken.pop("launch log") >= 0.9 and max(woken.values()) < 0.5, woken
 
 
 class _Done(Exception):

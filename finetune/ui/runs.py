@@ -13,6 +13,7 @@ shows as well as one started from the page, and a server restarted while a run w
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import yaml
@@ -159,6 +160,13 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _exported(folder: Path) -> bool:
     return (folder / "model_index.json").is_file() or (folder / LORA_WEIGHTS).is_file()
 
@@ -170,10 +178,23 @@ def samplable(folder: Path) -> bool:
                                                        and (folder / "config.yaml").is_file()) or _on_a_base(folder)
 
 
+_ON_A_BASE: dict[Path, tuple[tuple[int, int], bool]] = {}
+
+
 def _on_a_base(folder: Path) -> bool:
+    """`results.on_a_base`, remembered until a file appears in or leaves the folder or its config.yaml changes (the
+    runs list asks every few seconds, and reading a config through the loader takes about 6 ms). Not remembered
+    while either changed in the last second: the clock that stamps files ticks every few milliseconds, and a second
+    change within one tick would leave the stamp as it was."""
+    version = (_mtime_ns(folder), _mtime_ns(folder / "config.yaml"))
+    if _ON_A_BASE.get(folder, (None,))[0] == version:
+        return _ON_A_BASE[folder][1]
     from ..results import on_a_base  # (here: it loads torch and diffusers, which listing runs does not need)
 
-    return on_a_base(folder)
+    answer = on_a_base(folder)
+    if time.time_ns() - max(version) > 1_000_000_000:
+        _ON_A_BASE[folder] = (version, answer)
+    return answer
 
 
 def _newest(folder: Path, prefix: str) -> Path | None:

@@ -14,6 +14,7 @@ and the files of the output root. `create_app` builds it (the tests drive it wit
 
 import html
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,15 @@ from . import runs
 from .launcher import Launcher, Refused, config_files
 from .sampling import Busy, Sampler, SampleRequest
 from .security import LOCAL_HOSTS, TOKEN_HEADER, host_allowed, inside, servable, token_matches
+from .watch import FolderChanges
 
 STATIC = Path(__file__).resolve().parent / "static"
-POLL_SECONDS = 0.25  # how often a stream looks at its run's metrics.jsonl (the live view's delay is about half of it)
-FULL_POLLS = 4  # and at the rest of the folder (status, pictures, evaluation, settings): every 4th poll, 1 s
+# A stream reads its run folder when the folder changes (watch.py), and otherwise every LIVE_SECONDS (a run killed
+# while holding its lock changes no file). Without inotify: metrics.jsonl every POLL_SECONDS (the live view's delay
+# is about half of it), the rest of the folder (status, pictures, evaluation, settings) every FULL_POLLS-th poll.
+LIVE_SECONDS = 2.0
+POLL_SECONDS = 0.25
+FULL_POLLS = 4
 KEEPALIVE_SECONDS = 15
 COOKIE = "finetune_ui_token"
 # The page loads nothing from elsewhere and runs no inline script.
@@ -173,18 +179,24 @@ async def events(request: Request) -> Response:
 
 
 async def stream(watcher: runs.RunWatcher):
-    """Poll the run folder; send what changed, and a comment now and then so a closed page is noticed."""
-    quiet, polls = 0.0, 0
-    while True:
-        changes = await anyio.to_thread.run_sync(watcher.poll, polls % FULL_POLLS == 0)
-        polls += 1
-        for name, data in changes:
-            yield f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-        quiet = 0.0 if changes else quiet + POLL_SECONDS
-        if quiet >= KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"
-            quiet = 0.0
-        await anyio.sleep(POLL_SECONDS)
+    """Read the run folder whenever it changed; send what is new, and a comment now and then so a closed page is
+    noticed."""
+    quiet_since, polls = time.monotonic(), 0
+    changes = FolderChanges(watcher.folder, ignore={runs.LAUNCH_LOG})  # (the launched run's output: not news)
+    try:
+        while True:
+            changes.arm()  # (before reading: what is written from here on wakes the wait below)
+            events = await anyio.to_thread.run_sync(watcher.poll, changes.live or polls % FULL_POLLS == 0)
+            polls += 1
+            for name, data in events:
+                yield f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+            if events or time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
+                if not events:
+                    yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            await changes.wait(LIVE_SECONDS if changes.live else POLL_SECONDS)
+    finally:
+        changes.close()
 
 
 async def files(request: Request) -> Response:
