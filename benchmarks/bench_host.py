@@ -58,7 +58,8 @@ def main() -> None:
     step, floor_s = statistics.median(trainer["times"]), min(before, after)
     print("\n| job | trainer step | floor step | trainer - floor | ratio |\n|---|---|---|---|---|")
     print(f"| SD-1.x-structured LoRA, UNet 8-16-16-16 wide, batch {LORA_BATCH}, {RESOLUTION} px, fp32, data.cache, "
-          f"{args.threads} threads, {args.workers} workers, logging every {args.logging_steps} | {step * 1000:.1f} ms | {floor_s * 1000:.1f} ms (before {before * 1000:.1f}, "
+          f"{args.threads} threads, {args.workers} workers, logging every {args.logging_steps} "
+          f"| {step * 1000:.1f} ms | {floor_s * 1000:.1f} ms (before {before * 1000:.1f}, "
           f"after {after * 1000:.1f}) | {(step - floor_s) * 1000:.1f} ms | {step / floor_s:.3f} |")
 
 
