@@ -454,6 +454,52 @@ def test_listening_beyond_this_machine_needs_the_flag_and_a_token():
     check_exposure("0.0.0.0", True, "x" * 32)
 
 
+def test_the_server_looks_for_a_stop_once_a_second(monkeypatch):
+    """uvicorn's own loop wakes ten times a second; the page's server once (each wake-up costs a run on a busy
+    machine more than its CPU time), with uvicorn's header refresh at every look."""
+    import asyncio
+
+    import uvicorn
+
+    quiet = server.QuietServer(uvicorn.Config(create_app(ROOT, ROOT / "configs", token=TOKEN, port=PORT)))
+    ticks = []
+
+    async def on_tick(counter):
+        ticks.append((counter, time.monotonic()))
+        return len(ticks) == 3
+
+    monkeypatch.setattr(quiet, "on_tick", on_tick)
+    asyncio.run(quiet.main_loop())
+    assert [counter % 10 for counter, _ in ticks] == [0, 0, 0]
+    assert all(0.95 < later - earlier < 1.5 for (_, earlier), (_, later) in zip(ticks, ticks[1:]))
+
+
+def test_a_taken_port_is_an_error_and_sigterm_stops_the_server(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "finetune.ui", "--root", str(tmp_path), "--port", str(port)],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and f"error: could not listen on 127.0.0.1:{port}" in result.stderr
+    serving = subprocess.Popen([sys.executable, "-m", "finetune.ui", "--root", str(tmp_path), "--port", str(port)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        serving.terminate()
+        start = time.monotonic()
+        serving.wait(timeout=10)
+        assert time.monotonic() - start < 3
+    finally:
+        serving.kill()
+
+
 def test_a_missing_starlette_is_one_line(tmp_path):
     code = "import sys; sys.modules['uvicorn'] = None; from finetune.ui import main; main(['--port', '1'])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -59,7 +59,7 @@ def serve(argv: list[str] | None = None) -> None:
         import uvicorn
 
         from .security import LOCAL_HOSTS, new_token
-        from .server import create_app
+        from .server import QuietServer, create_app
     except ImportError as error:
         raise UserError(f"the web UI needs starlette and uvicorn ({error.name} is not installed): "
                         "pip install -e \".[ui]\"") from error
@@ -73,7 +73,17 @@ def serve(argv: list[str] | None = None) -> None:
     print(f"finetune UI on http://{shown}:{args.port}/{f'?token={token}' if remote else ''}  (runs under "
           f"{os.path.abspath(args.root)}, configs in {os.path.abspath(args.configs)}; Ctrl-C stops the page, not "
           "the runs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    server = QuietServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                        timeout_graceful_shutdown=2))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    except SystemExit:  # (uvicorn's own exit when it cannot listen)
+        if server.started:
+            raise
+    if not server.started:  # (uvicorn has logged why: the port taken, an address this machine lacks)
+        raise UserError(f"could not listen on {shown}:{args.port}; choose another --port, or --host")
 
 
 def main(argv: list[str] | None = None) -> None:
