@@ -10,7 +10,7 @@
   same window, and the CPU that other processes took meanwhile. This machine is shared: each run waits (up to two
   minutes) for it to be idle, and the comparison is given over all runs and over those that others left alone.
 
-    python benchmarks/bench_ui.py [--steps 100] [--pairs 4] [--json benchmarks/results/ui-DATE.json]
+    python benchmarks/bench_ui.py [--steps 100] [--pairs 4] [--viewer chromium|curl] [--json OUT]
 
 The trainer inherits the environment: `OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_ui.py` measures it with
 idle OpenMP threads asleep rather than spinning (recorded in the JSON's thread_settings).
@@ -169,7 +169,8 @@ def summary(values: list[float]) -> dict:
 
 
 def train_once(work: Path, name: str, steps: int, warmup: int, env: dict, ui: tuple | None) -> dict:
-    """One run of the default model; with `ui` (driver, url, server pid) the page follows it live."""
+    """One run of the default model; with `ui` (viewer, url, server pid) the page follows it live: the viewer is
+    Chromium's selenium driver, or "curl" (a plain client reading the run's event stream: the server's own cost)."""
     out = work / "outputs" / name
     waited = wait_for_idle()
     command = [sys.executable, "-m", "finetune.train", "--config", str(ROOT / "configs" / "shapes.yaml"),
@@ -177,25 +178,33 @@ def train_once(work: Path, name: str, steps: int, warmup: int, env: dict, ui: tu
                "validation.validation_steps=0", "validation.num_inference_steps=2", f"train.output_dir={out}"]
     trainer = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
+    client = None
     if ui:
         driver, url, _ = ui
         wait(lambda: (out / "config.yaml").is_file(), every=0.2)
-        driver.get("about:blank")
-        driver.get(f"{url}#runs/{name}")
+        if driver == "curl":
+            client = subprocess.Popen(["curl", "-sN", f"{url}api/events?run={name}"], stdout=subprocess.DEVNULL)
+        else:
+            driver.get("about:blank")
+            driver.get(f"{url}#runs/{name}")
+        viewer_pid = client.pid if client else driver.service.process.pid
 
     def lines():
         return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
     wait(lambda: any(line.get("step", 0) >= warmup and "loss" in line for line in lines()), every=0.1)
-    watched = tree(trainer.pid) + (tree(ui[2]) + tree(driver.service.process.pid) if ui else [])
+    watched = tree(trainer.pid) + (tree(ui[2]) + tree(viewer_pid) if ui else [])
     before = {"trainer": cpu_seconds(tree(trainer.pid)), "server": cpu_seconds(tree(ui[2])) if ui else 0.0,
-              "browser": cpu_seconds(tree(driver.service.process.pid)) if ui else 0.0,
+              "browser": cpu_seconds(tree(viewer_pid)) if ui else 0.0,
               "machine": machine_busy_seconds(), "watched": cpu_seconds(watched), "wall": time.monotonic()}
     wait(lambda: any(line.get("step") == steps and "loss" in line for line in lines()), every=0.1)
     after = {"trainer": cpu_seconds(tree(trainer.pid)), "server": cpu_seconds(tree(ui[2])) if ui else 0.0,
-             "browser": cpu_seconds(tree(driver.service.process.pid)) if ui else 0.0,
+             "browser": cpu_seconds(tree(viewer_pid)) if ui else 0.0,
              "machine": machine_busy_seconds(), "watched": cpu_seconds(watched), "wall": time.monotonic()}
     trainer.wait(timeout=600)
+    if client:
+        client.terminate()
+        client.wait()
     window = [line for line in lines() if "loss" in line and line["step"] > warmup]
     images = sum(line["images_per_s"] * line["step_time"] for line in window)
     seconds = sum(line["step_time"] for line in window)
@@ -210,9 +219,9 @@ def train_once(work: Path, name: str, steps: int, warmup: int, env: dict, ui: tu
             "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
-def training_cost(work: Path, env: dict, steps: int, pairs: int) -> dict:
+def training_cost(work: Path, env: dict, steps: int, pairs: int, viewer: str = "chromium") -> dict:
     server, url = start_server(work / "outputs", env)
-    driver = start_browser(work)
+    driver = start_browser(work) if viewer == "chromium" else "curl"
     try:
         train_once(work, "warmup", steps, steps // 4, env, None)  # writes the built-in data set; not counted
         runs = []
@@ -222,15 +231,18 @@ def training_cost(work: Path, env: dict, steps: int, pairs: int) -> dict:
                                  (driver, url, server.pid) if ui else None)
                 print(run, flush=True)
                 runs.append(run)
-        page = page_times(driver, url, "warmup", 10)
-        (work / "outputs" / "live").mkdir()
-        (work / "outputs" / "live" / "config.yaml").write_text("train: {max_train_steps: 100000}\n")
-        latency = update_latency(driver, url, work / "outputs" / "live", 40)
+        page = latency = None
+        if viewer == "chromium":
+            page = page_times(driver, url, "warmup", 10)
+            (work / "outputs" / "live").mkdir()
+            (work / "outputs" / "live" / "config.yaml").write_text("train: {max_train_steps: 100000}\n")
+            latency = update_latency(driver, url, work / "outputs" / "live", 40)
         idle_server = cpu_seconds([psutil.Process(server.pid)])
         time.sleep(10)
         idle_server = (cpu_seconds([psutil.Process(server.pid)]) - idle_server) / 10
     finally:
-        driver.quit()
+        if viewer == "chromium":
+            driver.quit()
         server.terminate()
         server.wait()
     return {"page": page, "live_view": latency, "server_cpu_pct_one_page_open_nothing_changing":
@@ -276,6 +288,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per training run (the first quarter warms up)")
     parser.add_argument("--pairs", type=int, default=4, help="runs without and with the UI, alternately")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--viewer", choices=["chromium", "curl"], default="chromium",
+                        help="what follows the run: the page in headless Chromium, or curl reading its event stream "
+                             "(the server's share of the cost alone; no page timings)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -283,9 +298,11 @@ def main() -> None:
         env = {**os.environ, "FINETUNE_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
                "PYTHONPATH": str(ROOT)}
         load_start = [round(v, 2) for v in os.getloadavg()]
-        result = training_cost(work, env, args.steps, args.pairs)
-    result = {"job": "configs/shapes.yaml's default model (batch 32, 32 px, fp32) via python -m finetune.train; the "
-                     "page in headless Chromium on the same machine",
+        result = training_cost(work, env, args.steps, args.pairs, args.viewer)
+    result = {"job": "configs/shapes.yaml's default model (batch 32, 32 px, fp32) via python -m finetune.train; "
+                     + ("the page in headless Chromium on the same machine" if args.viewer == "chromium" else
+                        "curl reading the run's event stream on the same machine, no browser"),
+              "viewer": args.viewer,
               "machine": {"cpus": os.cpu_count(), "load_average_start": load_start,
                           "load_average_end": [round(v, 2) for v in os.getloadavg()]},
               "stream_wakes": stream_wakes(),
