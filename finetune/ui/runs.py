@@ -184,15 +184,15 @@ _ON_A_BASE: dict[Path, tuple[tuple[int, int], bool]] = {}
 def _on_a_base(folder: Path) -> bool:
     """`results.on_a_base`, remembered until a file appears in or leaves the folder or its config.yaml changes (the
     runs list asks every few seconds, and reading a config through the loader takes about 6 ms). Not remembered
-    while either changed in the last second: the clock that stamps files ticks every few milliseconds, and a second
-    change within one tick would leave the stamp as it was."""
+    while either changed in the last 2 s: a file system's time stamps tick (every few milliseconds, every 2 s on
+    FAT), and a second change within one tick would leave the stamp as it was."""
     version = (_mtime_ns(folder), _mtime_ns(folder / "config.yaml"))
     if _ON_A_BASE.get(folder, (None,))[0] == version:
         return _ON_A_BASE[folder][1]
     from ..results import on_a_base  # (here: it loads torch and diffusers, which listing runs does not need)
 
     answer = on_a_base(folder)
-    if time.time_ns() - max(version) > 1_000_000_000:
+    if time.time_ns() - max(version) > 2_000_000_000:
         _ON_A_BASE[folder] = (version, answer)
     return answer
 

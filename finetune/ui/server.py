@@ -14,6 +14,7 @@ and the files of the output root. `create_app` builds it (the tests drive it wit
 
 import html
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,12 @@ from .security import LOCAL_HOSTS, TOKEN_HEADER, host_allowed, inside, servable,
 from .watch import FolderChanges
 
 STATIC = Path(__file__).resolve().parent / "static"
-# A stream reads its run folder when the folder changes (watch.py), and otherwise every LIVE_SECONDS (a run killed
-# while holding its lock changes no file). Without inotify: metrics.jsonl every POLL_SECONDS (the live view's delay
-# is about half of it), the rest of the folder (status, pictures, evaluation, settings) every FULL_POLLS-th poll.
+# A stream reads its run folder when the folder changes (watch.py), at most once every GAP_SECONDS (a run logging
+# at every step writes many lines a second), and otherwise every LIVE_SECONDS (a run killed while holding its lock
+# changes no file). Without inotify: metrics.jsonl every POLL_SECONDS (the live view's delay is about half of it),
+# the rest of the folder (status, pictures, evaluation, settings) every FULL_POLLS-th poll.
 LIVE_SECONDS = 2.0
+GAP_SECONDS = 0.25
 POLL_SECONDS = 0.25
 FULL_POLLS = 4
 KEEPALIVE_SECONDS = 15
@@ -182,11 +185,13 @@ async def events(request: Request) -> Response:
 async def stream(watcher: runs.RunWatcher):
     """Read the run folder whenever it changed; send what is new, and a comment now and then so a closed page is
     noticed."""
-    quiet_since, polls = time.monotonic(), 0
+    quiet_since, polls, polled = time.monotonic(), 0, -math.inf
     changes = FolderChanges(watcher.folder, ignore={runs.LAUNCH_LOG})  # (the launched run's output: not news)
     try:
         while True:
+            await anyio.sleep(max(0.0, polled + GAP_SECONDS - time.monotonic()))  # (no more often than that)
             changes.arm()  # (before reading: what is written from here on wakes the wait below)
+            polled = time.monotonic()
             events = await anyio.to_thread.run_sync(watcher.poll, changes.live or polls % FULL_POLLS == 0)
             polls += 1
             for name, data in events:

@@ -5,8 +5,9 @@ cores a training run keeps busy every wake-up takes one of its threads off a cor
 more than the server's own CPU time (benchmarks/README.md, issue 16). On Linux the stream instead waits on inotify
 for the folder (and its `samples/` and `samples/process/`) to change: a new metrics.jsonl line, a picture, a lock,
 an evaluation; so the server wakes when there is something to send, at once, and otherwise only every
-`FolderChanges.timeout` seconds for what no file tells (a process that died holding its lock). Elsewhere, or when
-inotify is out of watches, each wait is the short timer it replaces.
+`server.LIVE_SECONDS` for what no file tells (a process that died holding its lock; a folder on a network file
+system written from another machine, which inotify does not see). Elsewhere, or when inotify is out of instances
+or watches, the stream polls as before.
 
 inotify is three libc calls (`ctypes`): watchfiles, the library uvicorn's reloader uses, looks for changes every
 50 ms in a thread of its own, which is the polling this replaces.
@@ -21,8 +22,11 @@ from pathlib import Path
 
 import anyio
 
-# <sys/inotify.h>: a file written, its metadata changed, closed after writing, moved out or in, created, deleted.
-MASK = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200
+# <sys/inotify.h>: a file closed after writing, its metadata changed, moved out or in, created, deleted. Not every
+# write (IN_MODIFY): the trainer opens, writes and closes metrics.jsonl for each line (one event a line, not two),
+# and a file a process keeps open and writes to (a launched run's output, ten times a second) wakes nothing; what
+# such a file says (the lock's holder) shows at the next look, within LIVE_SECONDS.
+MASK = 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200
 WATCHED = ("", "samples", "samples/process")  # the run folder, and where its pictures go
 EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then `len` bytes of name
 
@@ -61,8 +65,9 @@ class FolderChanges:
         if not self.live:
             return
         for path in self.paths:
-            if path.is_dir():
-                self.libc.inotify_add_watch(self.fd, os.fsencode(path), MASK)  # (-1, out of watches: timeout only)
+            if path.is_dir() and self.libc.inotify_add_watch(self.fd, os.fsencode(path), MASK) < 0:
+                self.close()  # (out of watches: poll instead)
+                return
         self._changed()
 
     async def wait(self, timeout: float) -> None:
