@@ -2,7 +2,9 @@
 
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,17 @@ def build_tiny_sdxl_pipeline(folder: Path, real_depths: bool = False):
 @pytest.fixture(scope="session")
 def tiny_sdxl_folder(tmp_path_factory):
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+def wait_for_port(port: int, process, log: Path | None = None, timeout: float = 60) -> None:
+    """Until something listens on 127.0.0.1:`port`; `process` (what should) must stay alive meanwhile (its `log`
+    says why not)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None, log.read_text() if log else f"exited with {process.returncode}"
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")

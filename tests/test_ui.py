@@ -29,7 +29,7 @@ from finetune.ui.security import TOKEN_HEADER, inside  # noqa: E402
 from finetune.ui.server import create_app  # noqa: E402
 from finetune.ui.watch import FolderChanges  # noqa: E402
 
-from .conftest import TINY_MODEL  # noqa: E402
+from .conftest import TINY_MODEL, wait_for_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"
@@ -525,13 +525,7 @@ def test_a_taken_port_is_an_error_and_sigterm_stops_the_server(tmp_path):
     serving = subprocess.Popen([sys.executable, "-m", "finetune.ui", "--root", str(tmp_path), "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_port(port, serving)
         serving.terminate()
         start = time.monotonic()
         serving.wait(timeout=10)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_RUN
+from .conftest import TINY_RUN, wait_for_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -78,14 +78,7 @@ def server(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "finetune.ui", "--root", str(root), "--configs",
                                 str(ROOT / "configs"), "--port", str(port)], cwd=tmp_path, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.1)
+    wait_for_port(port, process, tmp_path / "server.log")
     yield f"http://127.0.0.1:{port}/", root
     process.terminate()
     process.wait(timeout=30)
