@@ -160,13 +160,6 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _mtime_ns(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
 def _exported(folder: Path) -> bool:
     return (folder / "model_index.json").is_file() or (folder / LORA_WEIGHTS).is_file()
 
@@ -178,7 +171,7 @@ def samplable(folder: Path) -> bool:
                                                        and (folder / "config.yaml").is_file()) or _on_a_base(folder)
 
 
-_ON_A_BASE: dict[Path, tuple[tuple[int, int], bool]] = {}
+_ON_A_BASE: dict[Path, tuple[tuple[float, float], bool]] = {}
 
 
 def _on_a_base(folder: Path) -> bool:
@@ -186,13 +179,13 @@ def _on_a_base(folder: Path) -> bool:
     runs list asks every few seconds, and reading a config through the loader takes about 6 ms). Not remembered
     while either changed in the last 2 s: a file system's time stamps tick (every few milliseconds, every 2 s on
     FAT), and a second change within one tick would leave the stamp as it was."""
-    version = (_mtime_ns(folder), _mtime_ns(folder / "config.yaml"))
+    version = (_mtime(folder), _mtime(folder / "config.yaml"))
     if _ON_A_BASE.get(folder, (None,))[0] == version:
         return _ON_A_BASE[folder][1]
     from ..results import on_a_base  # (here: it loads torch and diffusers, which listing runs does not need)
 
     answer = on_a_base(folder)
-    if time.time_ns() - max(version) > 2_000_000_000:
+    if time.time() - max(version) > 2.0:
         _ON_A_BASE[folder] = (version, answer)
     return answer
 
