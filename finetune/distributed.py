@@ -2,7 +2,9 @@
 endings that every process of a multi-process run takes part in."""
 
 import hashlib
+import logging
 import os
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -99,9 +101,30 @@ def check_in_sync(accelerator: Accelerator, models: list[torch.nn.Module]) -> No
                 "compared by SHA-256)", main_process_only=True)
 
 
+# The Accelerators of multi-process runs that have ended, kept alive until `leave` (see there).
+_ENDED: list[Accelerator] = []
+
+
 def finish(accelerator: Accelerator) -> None:
-    """End the run on every process together. Tearing the process group down right after a collective can
-    deadlock gloo at exit (its worker thread waits for the GIL that the exiting main thread holds while joining
-    it), so every process first waits at a barrier, which holds no Python tensors."""
+    """End the run on every process together: a barrier, then the trackers and the process group. A run of
+    several processes keeps its Accelerator (and so DDP's or FSDP's hold on the process group) for `leave`."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        _ENDED.append(accelerator)
+
+
+def leave() -> None:
+    """After `main` of a run that `finish`ed with several processes: exit now, without Python's teardown.
+
+    destroy_process_group drops the registry's reference only; DDP's reducer still holds gloo's process group, and
+    freeing the last reference (when `main` returns, or at interpreter exit) joins gloo's worker thread with the GIL
+    held. When that thread is still freeing the last collective's work, which holds Python tensors, it waits for the
+    GIL: both wait for ever (seen about once in ten two-process runs, torch 2.13; pytorch/pytorch#190489). Every
+    file is written and closed by now; the output is flushed here."""
+    if not _ENDED:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -93,6 +93,40 @@ def test_lora_adapters_are_compared_and_the_frozen_base_is_not(tiny_components):
         check_in_sync(TwoProcesses(others), trained)
 
 
+LEAVE = """
+import atexit, logging, sys
+from finetune import distributed
+
+class Ended:  # what finish needs of a multi-process Accelerator
+    num_processes = int(sys.argv[1])
+    def wait_for_everyone(self): print("barrier", end=" ")
+    def end_training(self): print("ended", end=" ")
+
+atexit.register(lambda: print("teardown"))
+logging.basicConfig(filename=sys.argv[2], level=logging.INFO)
+distributed.finish(Ended())
+logging.getLogger("finetune").info("the last line")
+print("summary", end="")  # no newline: still in the buffer
+distributed.leave()
+print(" and then main's return")
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_multi_process_run_leaves_without_teardown_and_loses_no_output(tmp_path, processes):
+    """`leave` after `finish`: with several processes the trainer exits 0 at once (freeing DDP's hold on gloo's
+    process group can deadlock, so no teardown runs), with its output and logs flushed; one process ends as usual."""
+    log = tmp_path / "log.txt"
+    result = subprocess.run([sys.executable, "-c", LEAVE, str(processes), str(log)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    if processes > 1:
+        assert result.stdout == "barrier ended summary"
+    else:
+        assert result.stdout == "barrier ended summary and then main's return\nteardown\n"
+    assert "the last line" in log.read_text()
+
+
 @pytest.mark.slow
 def test_two_real_processes(tmp_path):
     """Two gloo processes under `accelerate launch` (tests/sync_check.py): identical weights pass; two elements
