@@ -5,6 +5,9 @@ import hashlib
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -101,30 +104,48 @@ def check_in_sync(accelerator: Accelerator, models: list[torch.nn.Module]) -> No
                 "compared by SHA-256)", main_process_only=True)
 
 
-# The Accelerators of multi-process runs that have ended, kept alive until `leave` (see there).
+# The Accelerators of multi-process runs that have ended, kept alive until `run_and_leave` exits (see there).
 _ENDED: list[Accelerator] = []
 
 
 def finish(accelerator: Accelerator) -> None:
     """End the run on every process together: a barrier, then the trackers and the process group. A run of
-    several processes keeps its Accelerator (and so DDP's or FSDP's hold on the process group) for `leave`."""
+    several processes keeps its Accelerator (and so DDP's or FSDP's hold on the process group) for `run_and_leave`."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.num_processes > 1:
         _ENDED.append(accelerator)
 
 
-def leave() -> None:
-    """After `main` of a run that `finish`ed with several processes: exit now, without Python's teardown.
+def run_and_leave(run: Callable[[], Any]) -> None:
+    """`run()`; then, if it `finish`ed a run of several processes, exit at once with its status, without Python's
+    teardown (also when it raised after `finish`: a failed push to the Hub, a bug in the summary).
 
     destroy_process_group drops the registry's reference only; DDP's reducer still holds gloo's process group, and
     freeing the last reference (when `main` returns, or at interpreter exit) joins gloo's worker thread with the GIL
     held. When that thread is still freeing the last collective's work, which holds Python tensors, it waits for the
-    GIL: both wait for ever (seen about once in ten two-process runs, torch 2.13; pytorch/pytorch#190489). Every
-    file is written and closed by now; the output is flushed here."""
+    GIL: both wait for ever (1 launch in 6 of a two-process loop, torch 2.13; see the reports in
+    pytorch/pytorch#190489). Files are written and closed by then; the output is flushed here."""
+    try:
+        run()
+    except SystemExit as error:
+        code = error.code
+        if _ENDED and not isinstance(code, int) and code is not None:
+            print(code, file=sys.stderr)  # what Python prints for sys.exit("text")
+        _leave(code if isinstance(code, int) else int(code is not None))
+        raise
+    except BaseException:
+        if _ENDED:
+            traceback.print_exc()
+        _leave(1)
+        raise
+    _leave(0)
+
+
+def _leave(status: int) -> None:
     if not _ENDED:
         return
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

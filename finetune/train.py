@@ -28,7 +28,7 @@ from .arguments import parse_args
 from .cli import UserError, run
 from .config import Config, TrainConfig, config_yaml, load_config
 from .data import ImageTextStream, build_source, caption_texts
-from .distributed import finish, leave, make_accelerator
+from .distributed import finish, make_accelerator, run_and_leave
 from .encoding import BatchEncoder
 from .export import draw_base, export, validate
 from .families import check_size, text_conditioning
@@ -345,5 +345,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)  # a mistake of the user's is one line and exit status 2
-    leave()  # several processes: exit without freeing gloo's process group (it can hang)
+    # A user's mistake is one line and exit status 2; several processes exit without teardown (gloo can hang).
+    run_and_leave(lambda: run(main))

@@ -94,7 +94,7 @@ def test_lora_adapters_are_compared_and_the_frozen_base_is_not(tiny_components):
 
 
 LEAVE = """
-import atexit, logging, sys
+import atexit, sys
 from finetune import distributed
 
 class Ended:  # what finish needs of a multi-process Accelerator
@@ -102,29 +102,32 @@ class Ended:  # what finish needs of a multi-process Accelerator
     def wait_for_everyone(self): print("barrier", end=" ")
     def end_training(self): print("ended", end=" ")
 
-atexit.register(lambda: print("teardown"))
-logging.basicConfig(filename=sys.argv[2], level=logging.INFO)
-distributed.finish(Ended())
-logging.getLogger("finetune").info("the last line")
-print("summary", end="")  # no newline: still in the buffer
-distributed.leave()
-print(" and then main's return")
+def main():
+    distributed.finish(Ended())
+    print("summary", end="")  # no newline: still in the buffer
+    if sys.argv[2] == "push failed":
+        sys.exit(1)
+    if sys.argv[2] == "a bug":
+        raise RuntimeError("a bug in the summary")
+
+atexit.register(lambda: print(" teardown"))
+distributed.run_and_leave(main)
+print(" and then the end of the script")
 """
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_multi_process_run_leaves_without_teardown_and_loses_no_output(tmp_path, processes):
-    """`leave` after `finish`: with several processes the trainer exits 0 at once (freeing DDP's hold on gloo's
-    process group can deadlock, so no teardown runs), with its output and logs flushed; one process ends as usual."""
-    log = tmp_path / "log.txt"
-    result = subprocess.run([sys.executable, "-c", LEAVE, str(processes), str(log)], cwd=ROOT, capture_output=True,
+@pytest.mark.parametrize("ending", ["returned", "push failed", "a bug"])
+def test_a_multi_process_run_leaves_without_teardown_and_loses_no_output(tmp_path, processes, ending):
+    """train.py's last line, `run_and_leave`: after `finish` of several processes the trainer exits at once with
+    main's status (freeing DDP's hold on gloo's process group can deadlock, so no teardown runs), its output flushed;
+    one process ends as usual."""
+    result = subprocess.run([sys.executable, "-c", LEAVE, str(processes), ending], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    if processes > 1:
-        assert result.stdout == "barrier ended summary"
-    else:
-        assert result.stdout == "barrier ended summary and then main's return\nteardown\n"
-    assert "the last line" in log.read_text()
+    assert result.returncode == (0 if ending == "returned" else 1), result.stderr
+    after = {1: {"returned": " and then the end of the script\n teardown\n"}.get(ending, " teardown\n"), 2: ""}
+    assert result.stdout.endswith("barrier ended summary" + after[processes]), result.stdout
+    assert ("RuntimeError: a bug in the summary" in result.stderr) == (ending == "a bug")
 
 
 @pytest.mark.slow
