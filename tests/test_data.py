@@ -17,6 +17,8 @@ from finetune.data.transforms import decode_rgb, to_tensor, to_uint8, to_unit_ra
 from finetune.evaluate import judge
 from finetune.models import build_tokenizer
 
+from . import launch
+
 
 def _members(tar_path):
     with tarfile.open(tar_path) as tar:
@@ -278,11 +280,10 @@ def test_pixels_travel_as_uint8_and_scale_exactly_as_float32_did():
 
 
 def test_command_line_writes_the_set_anywhere(tmp_path):
-    import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "finetune.data", str(tmp_path / "out"), "--num-samples", "12",
-                             "--colors", "purple"], capture_output=True, text=True, timeout=120)
+    result = launch.run([sys.executable, "-m", "finetune.data", str(tmp_path / "out"), "--num-samples", "12",
+                         "--colors", "purple"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     members = _members(tmp_path / "out" / "00000.tar")
     captions = [v.decode() for k, v in members.items() if k.endswith(".txt")]

@@ -18,6 +18,7 @@ from finetune.cli import ToolParser, UserError
 from finetune.config import ConfigError, load_config
 from finetune.output_lock import LOCK_FILE, OutputLock, held_by
 
+from . import launch
 from .conftest import TINY_RUN
 from .fake_hub import FakeHub
 
@@ -202,8 +203,8 @@ def test_flags_take_underscores_as_diffusers_scripts_write_them():
 
 def test_the_front_door(tmp_path):
     def front(*argv):
-        return subprocess.run([sys.executable, "-m", "finetune", *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120)
+        return launch.run([sys.executable, "-m", "finetune", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     version = front("--version")
     assert version.returncode == 0 and version.stdout.startswith("finetune-ddpm ")
     typo = front("trian")
@@ -265,16 +266,16 @@ def test_each_mistake_is_one_line_through_accelerate_launch(what, argv, env, nam
 
 
 def test_a_mistake_with_debug_shows_the_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "finetune" / "train.py"), "--debug", "train.nope=1"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = launch.run([sys.executable, str(ROOT / "finetune" / "train.py"), "--debug", "train.nope=1"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
 # ---- the dry run -------------------------------------------------------------------------------------------------
 
 def _dry_run(tmp_path, *overrides, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "finetune" / "train.py"), "--dry-run", *TINY_RUN, *overrides],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return launch.run([sys.executable, str(ROOT / "finetune" / "train.py"), "--dry-run", *TINY_RUN, *overrides],
+                      cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_the_dry_run_opens_the_resume_target(tmp_path):

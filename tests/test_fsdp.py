@@ -25,6 +25,7 @@ from finetune.cli import UserError
 from finetune.config import ModelConfig, TrainConfig
 from pipelines import TextToImageDDPMPipeline
 
+from . import launch
 from .test_finetune import SD, _grid, _regrid
 from .test_train import ROOT, _command, _env, _train
 
@@ -96,8 +97,8 @@ def test_a_sharded_full_fine_tune_matches_ddp_resumes_exactly_and_loads(tmp_path
         assert (fsdp / name).read_bytes() == (killed / name).read_bytes(), name
 
     # The sharded checkpoint, stitched offline by `python -m finetune.export`, is the run's own (EMA) export.
-    export = subprocess.run([sys.executable, "-m", "finetune.export", str(checkpoint)], cwd=ROOT,
-                            env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    export = launch.run([sys.executable, "-m", "finetune.export", str(checkpoint)], cwd=ROOT,
+                        env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     offline = load_file(checkpoint / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     for key in sharded:
@@ -139,8 +140,8 @@ def test_a_sharded_lora_run_writes_the_same_file_and_loads_in_stock_diffusers(ti
         assert np.array_equal(after, _grid(sharded, 4))
 
     # The sharded adapters' checkpoint, stitched offline, is the run's own LoRA file.
-    export = subprocess.run([sys.executable, "-m", "finetune.export", str(sharded / "checkpoint-4")], cwd=ROOT,
-                            env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    export = launch.run([sys.executable, "-m", "finetune.export", str(sharded / "checkpoint-4")], cwd=ROOT,
+                        env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     offline = load_file(sharded / "checkpoint-4" / "pipeline" / "pytorch_lora_weights.safetensors")
     final = load_file(sharded / "pytorch_lora_weights.safetensors")

@@ -32,6 +32,7 @@ from finetune.data import shapes
 from finetune.hub import HubPushError, model_card, push
 from finetune.models import build_components
 
+from . import launch
 from .conftest import TINY_MODEL, TINY_RUN
 from .fake_hub import FakeHub, Token
 
@@ -72,14 +73,14 @@ def _client_env(hub: FakeHub, home: Path, token: str | None = TOKEN, endpoint: s
 
 def _push(hub: FakeHub, folder: Path, *args: str, token: str | None = TOKEN, endpoint: str | None = None):
     """`python -m finetune.hub folder args...` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "finetune.hub", str(folder), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=_client_env(hub, folder.parent / "hf-home", token, endpoint))
+    return launch.run([sys.executable, "-m", "finetune.hub", str(folder), *args], cwd=ROOT, capture_output=True,
+                      text=True, timeout=120, env=_client_env(hub, folder.parent / "hf-home", token, endpoint))
 
 
 def _train(out: Path, *overrides: str) -> Path:
     env = {**os.environ, "FINETUNE_CACHE": str(out.parent / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *RUN,
-                             *overrides, f"train.output_dir={out}"], cwd=out.parent, env=env, capture_output=True,
+    result = launch.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *RUN,
+                         *overrides, f"train.output_dir={out}"], cwd=out.parent, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out
@@ -358,8 +359,8 @@ def test_a_failed_xet_upload_says_why_and_how_to_fix_it(hub, made_output):
     """With hf_xet on, huggingface_hub sends large files to the Hub's Xet storage, which the fake Hub does not serve
     (as when a network lets the Hub through but not its Xet storage): one line with the cause and the fix."""
     env = {**_client_env(hub, made_output.parent / "hf-home"), "HF_HUB_DISABLE_XET": "0"}
-    result = subprocess.run([sys.executable, "-m", "finetune.hub", str(made_output), "--hub-model-id", "alice/xet"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = launch.run([sys.executable, "-m", "finetune.hub", str(made_output), "--hub-model-id", "alice/xet"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     [message] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert message.startswith("error: cannot push to alice/xet: could not reach http://127.0.0.1:"), message
@@ -468,8 +469,8 @@ def test_a_run_without_a_result_or_in_offline_mode_is_refused(made_output, monke
 def _train_and_push(hub: FakeHub, out: Path, token: str | None, *overrides: str):
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**_client_env(hub, out.parent / "hf-home", token), "FINETUNE_CACHE": str(out.parent / "cache")}
-    return subprocess.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *RUN,
-                           "hub.push_to_hub=true", *overrides, f"train.output_dir={out}"], cwd=out.parent, env=env,
+    return launch.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *RUN,
+                       "hub.push_to_hub=true", *overrides, f"train.output_dir={out}"], cwd=out.parent, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

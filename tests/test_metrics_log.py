@@ -4,7 +4,6 @@ web page needs no tracker and no server state)."""
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ import torch
 from finetune.config import TrainConfig
 from finetune.progress import METRICS_FILE, StepLogger
 
+from . import launch
 from .conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def test_a_run_appends_start_steps_epoch_counts_and_end(tmp_path):
                *TINY_RUN, "data.num_samples=8", "train.logging_steps=2", "train.max_train_steps=4",
                "train.checkpointing_steps=0", "train.use_ema=false", f"train.output_dir={out}"]
     env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = launch.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
     lines = _lines(out)

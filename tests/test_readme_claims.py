@@ -3,11 +3,11 @@ docs/results/demos.json, which scripts/measure_demos.sh wrote on the run that me
 still reaches the demo's accuracy (slow: the whole default run, about a quarter of an hour on two CPU cores)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
+from . import launch
 from .test_train import ROOT, TRAIN, _env
 
 RESULTS = json.loads((ROOT / "docs" / "results" / "demos.json").read_text())
@@ -64,9 +64,9 @@ def test_one_demo_time_everywhere():
 def test_the_default_config_still_follows_prompts(tmp_path):
     """configs/shapes.yaml unchanged, then `python -m finetune.evaluate` as scripts/demo.sh runs them."""
     out, env = tmp_path / "shapes", _env(tmp_path)
-    subprocess.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"),
-                    f"train.output_dir={out}"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=3600)
-    subprocess.run([sys.executable, "-m", "finetune.evaluate", str(out), "--json", str(tmp_path / "report.json")],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=1200)
+    launch.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"),
+                f"train.output_dir={out}"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=3600)
+    launch.run([sys.executable, "-m", "finetune.evaluate", str(out), "--json", str(tmp_path / "report.json")],
+               cwd=ROOT, env=env, check=True, capture_output=True, timeout=1200)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["color_accuracy"] >= 0.95 and report["shape_accuracy"] >= 0.90, report["metrics"]

@@ -26,6 +26,7 @@ from finetune.export import exported_checkpoint
 from finetune.families import TwoEncodersXL, text_conditioning, time_ids
 from finetune.models import Components, frozen_dtype, load_components
 
+from . import launch
 from .test_hub import _grid_tiles
 from .test_train import ROOT, _train
 
@@ -326,11 +327,11 @@ def test_sample_takes_an_sdxl_run_and_the_other_tools_say_they_do_not_yet(tiny_s
     _train(tmp_path, *XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "lora.enabled=true",
            "train.max_train_steps=1", f"train.output_dir={out}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    sampled = subprocess.run([sys.executable, "-m", "finetune.sample", str(out), "a red circle",
-                              "--num-inference-steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    sampled = launch.run([sys.executable, "-m", "finetune.sample", str(out), "a red circle",
+                          "--num-inference-steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert sampled.returncode == 0 and (out / "samples" / "sampled" / "grid.png").is_file(), sampled.stderr[-2000:]
     for tool in ("evaluate", "visualize"):
-        result = subprocess.run([sys.executable, "-m", f"finetune.{tool}", str(out)], cwd=ROOT, env=env,
-                                capture_output=True, text=True)
+        result = launch.run([sys.executable, "-m", f"finetune.{tool}", str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert f"is an SDXL model, and python -m finetune.{tool} does not take SDXL models yet" in result.stderr

@@ -35,6 +35,7 @@ from finetune.lora import WEIGHT_NAME as LORA
 from finetune.models import load_components
 from finetune.results import load_result
 
+from . import launch
 from .conftest import ROOT, build_sd15_shaped, build_tiny_sdxl_pipeline
 from .fake_hub import FakeHub
 from .test_finetune import SD, _regrid
@@ -232,8 +233,8 @@ def test_a_single_file_base_fine_tunes_and_exports_one_file(tiny_sd_folder, tmp_
         assert all(torch.equal(want[key], got[key]) for key in want), name
     original = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_sd_folder)))
     assert not torch.equal(folder["unet"].conv_in.weight, original.unet.conv_in.weight)  # it trained
-    subprocess.run([sys.executable, "-m", "finetune.export", str(out / "checkpoint-2")], cwd=tmp_path, check=True,
-                   capture_output=True, env={**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")})
+    launch.run([sys.executable, "-m", "finetune.export", str(out / "checkpoint-2")], cwd=tmp_path, check=True,
+               capture_output=True, env={**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")})
     exported = load_file(out / "checkpoint-2" / "pipeline" / "tuned-checkpoint-2.safetensors")
     assert exported.keys() == load_file(out / "tuned.safetensors").keys()
 

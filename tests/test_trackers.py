@@ -6,7 +6,6 @@ import dataclasses
 import glob
 import json
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from finetune.config import Config, HubConfig, load_config
 from finetune.progress import tracker_settings
 
+from . import launch
 from .conftest import TINY_RUN
 from .test_train import ROOT, TRAIN, _env
 
@@ -179,8 +179,8 @@ def test_one_run_logs_to_wandb_swanlab_and_mlflow_offline(tmp_path):
                           "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
                           "SWANLAB_MODE": "offline", "SWANLAB_LOG_DIR": str(tmp_path / "swanlog"),
                           "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"})
-    result = subprocess.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN,
-                             *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = launch.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"), *TINY_RUN,
+                         *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     settings = tracker_settings(load_config(ROOT / "configs" / "shapes.yaml", [*TINY_RUN, *overrides]))
 

@@ -19,6 +19,7 @@ from finetune import checkpointing
 from finetune.cli import UserError
 from pipelines import TextToImageDDPMPipeline
 
+from . import launch
 from .conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +39,8 @@ def _command(launcher, overrides):
 
 
 def _train(tmp_path, *overrides, launcher=(sys.executable,), check=True, env=None):
-    result = subprocess.run(_command(launcher, overrides), cwd=tmp_path, env=_env(tmp_path, env),
-                            capture_output=True, text=True, timeout=300)
+    result = launch.run(_command(launcher, overrides), cwd=tmp_path, env=_env(tmp_path, env),
+                        capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
