@@ -12,6 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from PIL import Image
 
 from finetune import arguments, bases, checkpointing
 from finetune.cli import ToolParser, UserError
@@ -294,3 +295,22 @@ def test_the_dry_run_refuses_data_it_cannot_read(tmp_path):
                       "data.num_samples=null", f"data.path={tmp_path}/shards/{{000..009}}.tar")
     assert result.returncode == 2 and "none of its 10 shard(s) exists" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_data_folder_the_source_cannot_use_is_one_line(tmp_path):
+    """Pointing the LAION recipe's caption column at an image folder (its metadata says `text`), or data.path at a
+    folder without images: one line naming the problem and the fix, status 2, no traceback (they were tracebacks)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "0.png")
+    (images / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a black square"}) + "\n")
+    (tmp_path / "empty").mkdir()
+    cases = [(["data.source=imagefolder", f"data.path={images}", "data.caption_column=caption"],
+              [f"data.path='{images}': column(s) ['caption'] not found", "set data.caption_column"]),
+             (["data.source=imagefolder", f"data.path={tmp_path / 'empty'}"],
+              [f"data.path='{tmp_path / 'empty'}': no images (.png, .jpg, .jpeg, .webp) there"])]
+    for overrides, named in cases:
+        result = _dry_run(tmp_path, f"train.output_dir={tmp_path / 'run'}", "data.num_samples=null", *overrides)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+        assert all(text in lines[0] for text in named), lines[0]

@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from ..cli import UserError
 from ..config import ConfigError, DataConfig, FilterConfig
 from ..families import tokenize
 from . import shapes
@@ -75,9 +76,9 @@ class WebDatasetSource:
             draw = random.Random(f"{order_rng.random()}-{part}")
             shards = (draw.choice(self.shards) for _ in iter(int, 1))
         elif len(self.shards) < parts:
-            raise ValueError(f"{len(self.shards)} shard(s) cannot be split over {parts} readers (processes x "
-                             "data.num_workers); every reader needs at least one shard: use more shards or fewer "
-                             "workers, or set data.resampled: true")
+            raise UserError(f"{len(self.shards)} shard(s) cannot be split over {parts} readers (processes x "
+                            "data.num_workers); every reader needs at least one shard: use more shards or fewer "
+                            "workers, or set data.resampled: true")
         else:
             shards = deal(self.shards, order_rng, part, parts, deal_rng)
 

@@ -16,7 +16,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class NoData(UserError, FileNotFoundError):
+    """data.path holds none of what the source reads: a user's mistake (one line), and a missing file."""
 
 
 @dataclass
@@ -111,8 +117,8 @@ class HFDatasetSource:
         columns = dataset.column_names or list(dataset.features or {})
         missing = [c for c in (image_column, caption_column) if c not in columns]
         if missing:
-            raise ValueError(f"data.path={path!r}: column(s) {missing} not found; the dataset has {columns}. Set "
-                             "data.image_column / data.caption_column to the right names")
+            raise UserError(f"data.path={path!r}: column(s) {missing} not found; the dataset has {columns}. Set "
+                            "data.image_column / data.caption_column to the right names")
         if isinstance(dataset.features.get(image_column), datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.streaming = dataset, streaming
@@ -154,15 +160,15 @@ class ParquetSource:
 
         files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else sorted(glob.glob(path))
         if not files:
-            raise FileNotFoundError(f"data.path={path!r}: no parquet files there")
+            raise NoData(f"data.path={path!r}: no parquet files there")
         self.groups, self.num_samples = [], 0
         for file in files:
             metadata = pq.ParquetFile(file).metadata
             names = metadata.schema.names
             missing = [c for c in (image_column, caption_column) if c not in names]
             if missing:
-                raise ValueError(f"{file}: column(s) {missing} not found; it has {names}. Set data.image_column / "
-                                 "data.caption_column to the right names")
+                raise UserError(f"{file}: column(s) {missing} not found; it has {names}. Set data.image_column / "
+                                "data.caption_column to the right names")
             self.groups += [(file, g) for g in range(metadata.num_row_groups)]
             self.num_samples += metadata.num_rows
         self.image_column, self.caption_column = image_column, caption_column
@@ -173,8 +179,8 @@ class ParquetSource:
         import pyarrow.parquet as pq
 
         if len(self.groups) < parts:
-            raise ValueError(f"{len(self.groups)} parquet row group(s) cannot be split over {parts} readers (processes "
-                             "x data.num_workers); write smaller row groups or use fewer workers")
+            raise UserError(f"{len(self.groups)} parquet row group(s) cannot be split over {parts} readers (processes "
+                            "x data.num_workers); write smaller row groups or use fewer workers")
         for file, group in deal(self.groups, order_rng, part, parts, deal_rng):
             try:
                 rows = pq.ParquetFile(file).read_row_group(group).to_pylist()
@@ -198,8 +204,9 @@ class MetadataFolderSource:
         columns = sorted(set().union(*self.rows))
         missing = [c for c in ("file_name", caption_column) if c not in columns]
         if missing:
-            raise ValueError(f"data.path={path!r}: column(s) {missing} not found in its metadata file; it has "
-                             f"{columns}. Name each image in `file_name` and set data.caption_column to the caption's")
+            raise UserError(f"data.path={path!r}: column(s) {missing} not found in its metadata file; it has "
+                            f"{columns}. Name each image in `file_name`, and set data.caption_column to the column of the "
+                            "captions")
         self.caption_column, self.allow_outside_paths = caption_column, allow_outside_paths
         self.num_samples = len(self.rows)
 
@@ -219,9 +226,9 @@ def _metadata_rows(root: Path, caption_column: str) -> list[dict]:
         try:
             rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
         except ValueError as error:
-            raise ValueError(f"{jsonl}: not JSON lines ({error}); write one JSON object a line") from None
+            raise UserError(f"{jsonl}: not JSON lines ({error}); write one JSON object a line") from None
         if not all(isinstance(row, dict) for row in rows):
-            raise ValueError(f"{jsonl}: every line must be a JSON object (one image's row)")
+            raise UserError(f"{jsonl}: every line must be a JSON object (one image's row)")
         return rows
     import pyarrow as pa
     import pyarrow.csv as pa_csv
@@ -238,7 +245,7 @@ class SidecarFolderSource:
         root, self.caption_extension = Path(path), caption_extension
         self.images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.images:
-            raise FileNotFoundError(f"data.path={path!r}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
+            raise NoData(f"data.path={path!r}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
         self.root, self.num_samples = root, len(self.images)
 
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
