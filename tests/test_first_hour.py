@@ -299,7 +299,8 @@ def test_the_dry_run_refuses_data_it_cannot_read(tmp_path):
 
 def test_a_data_folder_the_source_cannot_use_is_one_line(tmp_path):
     """Pointing the LAION recipe's caption column at an image folder (its metadata says `text`), or data.path at a
-    folder without images: one line naming the problem and the fix, status 2, no traceback (they were tracebacks)."""
+    folder without images or at no folder: one line naming the problem and the fix, status 2, no traceback (they
+    were tracebacks)."""
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (8, 8)).save(images / "0.png")
@@ -308,7 +309,9 @@ def test_a_data_folder_the_source_cannot_use_is_one_line(tmp_path):
     cases = [(["data.source=imagefolder", f"data.path={images}", "data.caption_column=caption"],
               [f"data.path='{images}': column(s) ['caption'] not found", "set data.caption_column"]),
              (["data.source=imagefolder", f"data.path={tmp_path / 'empty'}"],
-              [f"data.path='{tmp_path / 'empty'}': no images (.png, .jpg, .jpeg, .webp) there"])]
+              [f"data.path='{tmp_path / 'empty'}': no images (.png, .jpg, .jpeg, .webp) there"]),
+             (["data.source=hf", f"data.path={tmp_path / 'nowhere'}"],
+              [f"data.path='{tmp_path / 'nowhere'}': no such folder", "Dataset.save_to_disk"])]
     for overrides, named in cases:
         result = _dry_run(tmp_path, f"train.output_dir={tmp_path / 'run'}", "data.num_samples=null", *overrides)
         lines = result.stderr.strip().splitlines()

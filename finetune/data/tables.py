@@ -113,7 +113,13 @@ class HFDatasetSource:
             if streaming:
                 dataset = dataset.to_iterable_dataset(num_shards=max(1, min(64, len(dataset))))
         else:
-            dataset = datasets.load_dataset(path, split=split, streaming=streaming)
+            if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(path)):
+                raise NoData(f"data.path={path!r}: no such folder; give the folder that Dataset.save_to_disk wrote, a "
+                             "folder of data files that datasets.load_dataset reads, or a dataset's name on the Hub")
+            try:
+                dataset = datasets.load_dataset(path, split=split, streaming=streaming)
+            except FileNotFoundError as error:  # (a name that is neither a folder nor, offline, a cached dataset)
+                raise NoData(f"data.path={path!r}: {error}") from error
         columns = dataset.column_names or list(dataset.features or {})
         missing = [c for c in (image_column, caption_column) if c not in columns]
         if missing:
@@ -205,8 +211,8 @@ class MetadataFolderSource:
         missing = [c for c in ("file_name", caption_column) if c not in columns]
         if missing:
             raise UserError(f"data.path={path!r}: column(s) {missing} not found in its metadata file; it has "
-                            f"{columns}. Name each image in `file_name`, and set data.caption_column to the column of the "
-                            "captions")
+                            f"{columns}. Name each image in `file_name`, and set data.caption_column to the column "
+                            "of the captions")
         self.caption_column, self.allow_outside_paths = caption_column, allow_outside_paths
         self.num_samples = len(self.rows)
 
