@@ -63,6 +63,7 @@ def test_a_forked_program_gets_its_argv_folder_environment_seeds_and_status(tmp_
 @forks
 def test_the_trainer_forked_trains_and_fails_as_a_new_process_does(tmp_path):
     env = _env(tmp_path, {"FINETUNE_TEST_LAUNCH": str(tmp_path)})  # an environment of its own: new servers
+    launch._stop_all()  # (room for them, whatever the tests before kept: the kinds stopped start again when used)
     results, before = [], launch.forked["fork"]
     for name in ("a", "b", "c", "d"):  # the first two launches with an environment are new processes
         results.append(launch.run([sys.executable, TRAIN, "--config", str(ROOT / "configs" / "shapes.yaml"),
