@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from finetune import visualize
+from finetune.cli import UserError
 from finetune.config import ConfigError, DataConfig, FilterConfig
 from finetune.data import ImageTextStream, WebDatasetSource, build_source, caption_texts, failed_filter, shapes
 from finetune.data.transforms import decode_rgb, to_tensor, to_uint8, to_unit_range
@@ -117,9 +118,10 @@ def test_processes_and_workers_read_disjoint_parts(tmp_path):
 
 
 def test_too_few_shards_for_the_readers_is_an_error(tiny_shards):
-    stream = _stream(tiny_shards, rank=1, world_size=2)
-    with pytest.raises(ValueError, match="1 shard\\(s\\) cannot be split over 2 readers"):
-        next(iter(stream))
+    """A user's error (one line), raised when the stream is made, in the main process: from a dataloader worker it
+    would reach the user inside a traceback."""
+    with pytest.raises(UserError, match="1 shard\\(s\\) cannot be split over 2 readers"):
+        _stream(tiny_shards, rank=1, world_size=2)
 
 
 def test_resampled_shards_make_epochs_of_num_samples(tiny_shards):

@@ -317,3 +317,16 @@ def test_a_data_folder_the_source_cannot_use_is_one_line(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
         assert all(text in lines[0] for text in named), lines[0]
+
+
+def test_too_few_shards_for_the_readers_is_one_line_before_any_worker_starts(tmp_path):
+    """One shard, three dataloader workers: said at start-up in one line (from a worker it was a traceback)."""
+    for extra in ([], ["--dry-run"]):
+        result = launch.run([sys.executable, str(ROOT / "finetune" / "train.py"), *extra, *TINY_RUN,
+                             "data.num_workers=3", "train.max_train_steps=2", f"train.output_dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")})
+        errors = [line for line in result.stderr.splitlines() if "Warning" not in line and "rationality" not in line]
+        assert result.returncode == 2 and errors == [
+            "error: 1 shard(s) cannot be split over 3 readers (processes x data.num_workers); every reader needs at "
+            "least one shard: use more shards or fewer workers, or set data.resampled: true"], result.stderr[-2000:]

@@ -68,6 +68,13 @@ class WebDatasetSource:
         self.num_samples = num_samples  # unknown for a stream unless given
         self.resampled = resampled
 
+    def check_readers(self, readers: int) -> None:
+        """Each of `readers` readers needs a shard of its own (resampled shards are drawn, not dealt)."""
+        if not self.resampled and len(self.shards) < readers:
+            raise UserError(f"{len(self.shards)} shard(s) cannot be split over {readers} readers (processes x "
+                            "data.num_workers); every reader needs at least one shard: use more shards or fewer "
+                            "workers, or set data.resampled: true")
+
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
                 deal_rng: random.Random | None = None) -> Iterator[RawSample]:
         """One pass: this reader's disjoint share of the shards, in a seeded order (`deal`). Resampled: shards drawn
@@ -75,11 +82,8 @@ class WebDatasetSource:
         if self.resampled:
             draw = random.Random(f"{order_rng.random()}-{part}")
             shards = (draw.choice(self.shards) for _ in iter(int, 1))
-        elif len(self.shards) < parts:
-            raise UserError(f"{len(self.shards)} shard(s) cannot be split over {parts} readers (processes x "
-                            "data.num_workers); every reader needs at least one shard: use more shards or fewer "
-                            "workers, or set data.resampled: true")
         else:
+            self.check_readers(parts)
             shards = deal(self.shards, order_rng, part, parts, deal_rng)
 
         def on_error(error: Exception) -> bool:
@@ -250,6 +254,10 @@ class ImageTextStream(IterableDataset):
                         else bucket_sizes(config.resolution, config.bucket_step)) if config.buckets else None
         self.tokenizers = tuple(tokenizer) if isinstance(tokenizer, (list, tuple)) else (tokenizer,)
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        # Too few shards for the readers: said here, in one line (from a dataloader worker it is a traceback).
+        for each in source.sources if isinstance(source, MixedSource) else [source]:
+            if hasattr(each, "check_readers"):
+                each.check_readers(world_size * max(1, config.num_workers))
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared, so persistent workers see set_epoch
         self.counts: Counter = Counter()  # in this process; dataloader workers report theirs through a queue
         self._worker_counts = multiprocessing.Queue()

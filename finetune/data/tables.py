@@ -180,13 +180,17 @@ class ParquetSource:
         self.image_column, self.caption_column = image_column, caption_column
         self.allow_outside_paths = allow_outside_paths
 
+    def check_readers(self, readers: int) -> None:
+        """Each of `readers` readers needs a row group of its own."""
+        if len(self.groups) < readers:
+            raise UserError(f"{len(self.groups)} parquet row group(s) cannot be split over {readers} readers "
+                            "(processes x data.num_workers); write smaller row groups or use fewer workers")
+
     def samples(self, order_rng: random.Random, part: int, parts: int, counts: Counter,
                 deal_rng: random.Random | None = None) -> Iterator[RawSample]:
         import pyarrow.parquet as pq
 
-        if len(self.groups) < parts:
-            raise UserError(f"{len(self.groups)} parquet row group(s) cannot be split over {parts} readers (processes "
-                            "x data.num_workers); write smaller row groups or use fewer workers")
+        self.check_readers(parts)
         for file, group in deal(self.groups, order_rng, part, parts, deal_rng):
             try:
                 rows = pq.ParquetFile(file).read_row_group(group).to_pylist()
