@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -104,17 +105,28 @@ def check_in_sync(accelerator: Accelerator, models: list[torch.nn.Module]) -> No
                 "compared by SHA-256)", main_process_only=True)
 
 
-# The Accelerators of multi-process runs that have ended, kept alive until `run_and_leave` exits (see there).
-_ENDED: list[Accelerator] = []
+# What `prepare` wrapped, per Accelerator: accelerate's own list keeps the modules inside DDP's wrappers, not the
+# wrappers, which alone hold DDP's reducer and through it gloo's process group (see `run_and_leave`).
+_PREPARED: "weakref.WeakKeyDictionary[Accelerator, list[torch.nn.Module]]" = weakref.WeakKeyDictionary()
+# The multi-process runs that have ended, their Accelerators and wrapped models, kept alive until `run_and_leave` exits.
+_ENDED: list[tuple[Accelerator, list[torch.nn.Module]]] = []
+
+
+def prepare(accelerator: Accelerator, *objects: Any) -> tuple:
+    """`accelerator.prepare(*objects)` (two or more), remembering the models as wrapped for `finish`."""
+    prepared = accelerator.prepare(*objects)
+    _PREPARED.setdefault(accelerator, []).extend(o for o in prepared if isinstance(o, torch.nn.Module))
+    return prepared
 
 
 def finish(accelerator: Accelerator) -> None:
     """End the run on every process together: a barrier, then the trackers and the process group. A run of
-    several processes keeps its Accelerator (and so DDP's or FSDP's hold on the process group) for `run_and_leave`."""
+    several processes keeps its Accelerator and the models `prepare` wrapped (DDP's or FSDP's hold on the process
+    group) for `run_and_leave`."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.num_processes > 1:
-        _ENDED.append(accelerator)
+        _ENDED.append((accelerator, _PREPARED.get(accelerator, [])))
 
 
 def run_and_leave(run: Callable[[], Any]) -> None:
@@ -125,7 +137,8 @@ def run_and_leave(run: Callable[[], Any]) -> None:
     freeing the last reference (when `main` returns, or at interpreter exit) joins gloo's worker thread with the GIL
     held. When that thread is still freeing the last collective's work, which holds Python tensors, it waits for the
     GIL: both wait for ever (1 launch in 6 of a two-process loop, torch 2.13; see the reports in
-    pytorch/pytorch#190489). Files are written and closed by then; the output is flushed here."""
+    pytorch/pytorch#190489). `finish` keeps DDP's wrappers alive (accelerate keeps only the modules inside them), so
+    neither happens before this exits. Files are written and closed by then; the output is flushed here."""
     try:
         run()
     except SystemExit as error:

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from . import checkpointing, conditioning, dry_run, embeddings, hub, lora, performance, prior, sharding
+from . import checkpointing, conditioning, distributed, dry_run, embeddings, hub, lora, performance, prior, sharding
 from .arguments import parse_args
 from .cli import UserError, run
 from .config import Config, TrainConfig, config_yaml, load_config
@@ -179,7 +179,7 @@ def prepare(accelerator: Accelerator, config: Config, components: Components, tr
     sharding.keep_skeletons(accelerator, trained)  # FSDP: what validation and export gather the shards into
     names = [next(n for n in ("unet", "text_encoder", "text_encoder_2") if getattr(components, n) is m)
              for m in trained]  # (textual inversion alone trains the text encoders only)
-    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    *trained, optimizer, lr_scheduler = distributed.prepare(accelerator, *trained, optimizer, lr_scheduler)
     for name, model in zip(names, trained):
         setattr(components, name, model)
     schedule = on_device(components.scheduler, accelerator.device)
