@@ -21,7 +21,8 @@ Metrics:
              pairs at fixed timesteps with fixed noise: the same model and data give the same number, so
              checkpoints compare. For the built-in set the held-out pairs are new renderings (seed 1; training
              renders seed 0) of the same colours, shapes and caption templates: new images, not new concepts.
-             Other runs name held-out data with --data overrides of the run's data section.
+             Other runs name held-out data with --data overrides of the run's data section. An SDXL model is
+             conditioned as it trains: both encoders, the pooled embedding, each pair's size and crop.
   clip       CLIP score: 100 * max(cos(image, caption), 0) averaged over images generated from held-out captions.
   fid        Frechet distance between features of those generated images and of the held-out real images, with
              the feature model you supply (--fid-model, default --clip-model): "CLIP-feature FID", not comparable
@@ -40,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from pipelines import DDPMScheduler, TextToImageDDPMPipeline
+from pipelines import DDPMScheduler
 
 from . import class_adherence, cli, metrics
 from .cli import ToolParser, UserError
@@ -50,7 +52,8 @@ from .config import DataConfig, load_config
 from .data import build_source, entries, failed_filter, pick_caption
 from .data.shapes import DEFAULT_COLORS, HUES, SHAPES, render_sample
 from .data.tables import RawSample
-from .data.transforms import decode_rgb, to_tensor, unreadable_reason
+from .data.transforms import crop_square, decode_rgb, to_unit_range, unreadable_reason
+from .families import TwoEncodersXL, tokenize
 from .results import hide_library_progress, load_result, result_folder, run_guidance_scale
 
 EVALUATION_FILE = "evaluation.json"
@@ -86,7 +89,7 @@ def judge(image: np.ndarray, colors: tuple[str, ...] = tuple(HUES)) -> tuple[str
     return color, shape
 
 
-def evaluate_pipeline(pipeline: TextToImageDDPMPipeline, colors: tuple[str, ...] = DEFAULT_COLORS,
+def evaluate_pipeline(pipeline: DiffusionPipeline, colors: tuple[str, ...] = DEFAULT_COLORS,
                       shapes: tuple[str, ...] = SHAPES, num_images_per_prompt: int = 8,
                       num_inference_steps: int = 50, guidance_scale: float = 1.0, seed: int = 0,
                       progress: bool = False) -> dict:
@@ -196,9 +199,10 @@ def held_out_source(data: DataConfig, max_samples: int):
 
 
 def held_out_pairs(source, data: DataConfig, max_samples: int, seed: int = 0) -> tuple[list[dict], Counter]:
-    """The first `max_samples` usable pairs `{"key", "pixels" (3, H, W) in [-1, 1], "caption"}` of `source` in a
-    fixed order, passed through the data section's filters and transforms as in training; and the counts of the
-    samples left out."""
+    """The first `max_samples` usable pairs `{"key", "pixels" (3, H, W) in [-1, 1], "caption", "original_size",
+    "crop_top_left"}` of `source` in a fixed order, passed through the data section's filters and transforms as in
+    training (the size of the image file and where the crop starts, as the stream gives SDXL's micro-conditioning);
+    and the counts of the samples left out."""
     counts, rng, pairs = Counter(), random.Random(f"held-out-{seed}"), []
     for raw in source.samples(random.Random(f"order-{seed}"), 0, 1, counts):
         caption = pick_caption(raw.caption, rng)
@@ -207,13 +211,15 @@ def held_out_pairs(source, data: DataConfig, max_samples: int, seed: int = 0) ->
         if reason is None:
             try:
                 image = decode_rgb(raw.image, data.max_image_pixels, min_size=data.resolution)
-                pixels = to_tensor(image, data.resolution, center_crop=True, random_flip=False, rng=rng)
+                pixels, crop = crop_square(image, data.resolution, center_crop=True, random_flip=False, rng=rng)
             except Exception as error:  # noqa: BLE001 - an unreadable sample is left out and counted, as in training
                 reason = unreadable_reason(error)
         if reason is not None:
             counts[reason] += 1
             continue
-        pairs.append({"key": raw.key, "pixels": pixels, "caption": caption})
+        width, height = image.info["source_size"]
+        pairs.append({"key": raw.key, "pixels": to_unit_range(pixels), "caption": caption,
+                      "original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor(crop)})
         if len(pairs) == max_samples:
             break
     return pairs, counts
@@ -241,12 +247,29 @@ def clean_samples(vae, pixels: torch.Tensor) -> torch.Tensor:
     return moments.float() * vae.config.scaling_factor
 
 
-def validation_loss(pipeline: TextToImageDDPMPipeline, pairs: list[dict], timesteps: list[int], seed: int = 0,
-                    batch_size: int = 32, progress: bool = False) -> dict:
+def conditioning(pipeline, pairs: list[dict], device: torch.device) -> dict:
+    """The UNet's keyword arguments for the pairs' captions as training conditions it (`families.py`): this
+    project's pipeline's prompt encoding; for an SDXL pipeline both encoders' outputs, the pooled embedding and each
+    pair's size-and-crop time ids."""
+    captions = [p["caption"] for p in pairs]
+    if getattr(pipeline, "text_encoder_2", None) is None:
+        return {"encoder_hidden_states": pipeline.encode_prompt(captions, device)}
+    family = TwoEncodersXL(pipeline.text_encoder, pipeline.text_encoder_2, pipeline.tokenizer, pipeline.tokenizer_2,
+                           pipeline.config.get("force_zeros_for_empty_prompt", True))
+    ids = torch.cat([tokenize(pipeline.tokenizer, captions), tokenize(pipeline.tokenizer_2, captions)], dim=1)
+    sizes = {"pixel_values": torch.stack([p["pixels"] for p in pairs]),
+             **{k: torch.stack([p[k] for p in pairs]) for k in ("original_size", "crop_top_left")}}
+    with torch.no_grad():
+        return family.unet_kwargs(family.embed(ids, device), sizes, device)
+
+
+def validation_loss(pipeline, pairs: list[dict], timesteps: list[int], seed: int = 0, batch_size: int = 32,
+                    progress: bool = False) -> dict:
     """The objective's loss on `pairs` at each of `timesteps`, averaged over the pairs, and its mean over the
     timesteps. Sample i gets the noise `metrics.fixed_noise(shape, seed, i)` at every timestep, whatever the batch
     size. The objective is the model's own (its scheduler's prediction type) under this project's DDPMScheduler
-    with the model's schedule, as training uses it. `progress`: a bar counts the pairs."""
+    with the model's schedule, as training uses it, conditioned as training conditions it (this project's pipeline
+    or an SDXL one). `progress`: a bar counts the pairs."""
     if not pairs:
         raise ValueError("no held-out pairs to compute the validation loss on")
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -257,8 +280,8 @@ def validation_loss(pipeline: TextToImageDDPMPipeline, pairs: list[dict], timest
         batch = pairs[start:start + batch_size]
         samples = clean_samples(pipeline.vae, torch.stack([p["pixels"] for p in batch]).to(device))
         noise = torch.stack([metrics.fixed_noise(samples.shape[1:], seed, start + i) for i in range(len(batch))])
-        text = pipeline.encode_prompt([p["caption"] for p in batch], device)
-        losses = metrics.timestep_losses(pipeline.unet, scheduler, samples, text, noise.to(device), timesteps)
+        losses = metrics.timestep_losses(pipeline.unet, scheduler, samples, conditioning(pipeline, batch, device),
+                                         noise.to(device), timesteps)
         totals += losses * len(batch)  # each loss is a batch mean; weigh by the batch's size
         bar.update(len(batch))
     bar.close()
@@ -271,7 +294,7 @@ def validation_loss(pipeline: TextToImageDDPMPipeline, pairs: list[dict], timest
 # ---- CLIP score and FID ------------------------------------------------------------------------
 
 
-def generate_images(pipeline: TextToImageDDPMPipeline, prompts: list[str], num_inference_steps: int,
+def generate_images(pipeline: DiffusionPipeline, prompts: list[str], num_inference_steps: int,
                     guidance_scale: float, seed: int = 0, batch_size: int = 32,
                     progress: bool = False) -> list[np.ndarray]:
     """One image (RGB uint8) per prompt; image i is drawn with its own generator seeded `seed + i`, so it does not
@@ -530,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Load the model; find the held-out data and the metrics to compute; load the feature models.
     try:
-        pipeline = load_result(args.pipeline, "python -m finetune.evaluate").to(args.device)
+        pipeline = load_result(args.pipeline).to(args.device)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load {args.pipeline}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)

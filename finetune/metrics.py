@@ -45,18 +45,24 @@ def fixed_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def timestep_losses(unet, scheduler, samples: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
+def timestep_losses(unet, scheduler, samples: torch.Tensor, conditioning: dict, noise: torch.Tensor,
                     timesteps: list[int]) -> torch.Tensor:
     """The objective's loss of `unet` on one batch at each of `timesteps` (the same noise at every timestep):
     x_t = scheduler.add_noise(x_0, eps, t), target by the scheduler's prediction type, mean squared error.
-    Returns float64 losses shaped (len(timesteps),), each the batch mean."""
+    `conditioning`: the UNet's keyword arguments besides x_t and t (`encoder_hidden_states`, for SDXL also
+    `added_cond_kwargs`), cast to its dtype. Returns float64 losses shaped (len(timesteps),), each the batch mean."""
+    conditioning = _cast(conditioning, unet.dtype)
     losses = []
     for t in timesteps:
         steps = torch.full((samples.shape[0],), t, dtype=torch.long, device=samples.device)
         noisy = scheduler.add_noise(samples, noise, steps)
-        model_pred = unet(noisy.to(unet.dtype), steps, encoder_hidden_states=text.to(unet.dtype), return_dict=False)[0]
+        model_pred = unet(noisy.to(unet.dtype), steps, **conditioning, return_dict=False)[0]
         losses.append(diffusion_loss(model_pred, training_target(scheduler, samples, noise, steps)).double())
     return torch.stack(losses).cpu()
+
+
+def _cast(kwargs: dict, dtype: torch.dtype) -> dict:
+    return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in kwargs.items()}
 
 
 # ---- FID ---------------------------------------------------------------------------------------

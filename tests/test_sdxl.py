@@ -321,17 +321,74 @@ def test_sdxl_at_another_square_size_is_refused(tiny_sdxl_folder):
                 accelerator)
 
 
+def test_the_validation_loss_of_sdxl_is_conditioned_as_the_stock_pipeline_conditions(tiny_sdxl_folder):
+    """evaluate's validation loss on an SDXL pipeline, by hand one pair at a time with the stock pipeline's own
+    `encode_prompt` and `_get_add_time_ids` (each pair's original size and crop, one of them changed): the objective
+    at fixed timesteps with the pair's fixed noise. The size-and-crop ids reach the UNet: another crop, another loss."""
+    from finetune import evaluate, metrics
+    from finetune.data.shapes import DEFAULT_COLORS
+    from pipelines import DDPMScheduler
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
+    pairs = evaluate.held_out_pairs(evaluate.HeldOutShapes(3, DEFAULT_COLORS), DataConfig(resolution=16), 3)[0]
+    assert all(p["original_size"].tolist() != [16, 16] for p in pairs)  # the rendering's size, not the crop's
+    pairs[1] = {**pairs[1], "original_size": torch.tensor([40, 24]), "crop_top_left": torch.tensor([4, 0])}
+    timesteps = [10, 900]
+    report = evaluate.validation_loss(pipe, pairs, timesteps, seed=3, batch_size=2)
+
+    alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    expected = []
+    for t in timesteps:
+        errors = []
+        for i, pair in enumerate(pairs):
+            with torch.no_grad():
+                x0 = pipe.vae.encode(pair["pixels"][None]).latent_dist.mean * pipe.vae.config.scaling_factor
+                eps = metrics.fixed_noise(x0.shape[1:], 3, i)[None]
+                x_t = alphas_cumprod[t].sqrt() * x0 + (1 - alphas_cumprod[t]).sqrt() * eps
+                embeds, _, pooled, _ = pipe.encode_prompt(pair["caption"], device="cpu",
+                                                          do_classifier_free_guidance=False)
+                time_ids = pipe._get_add_time_ids(tuple(pair["original_size"].tolist()),
+                                                  tuple(pair["crop_top_left"].tolist()), (16, 16), embeds.dtype,
+                                                  text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+                pred = pipe.unet(x_t, torch.tensor([t]), encoder_hidden_states=embeds,
+                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            errors.append(float(((pred - eps) ** 2).mean()))  # (the tiny base's prediction type: epsilon)
+        expected.append(np.mean(errors))
+    assert report["prediction_type"] == "epsilon"
+    assert list(report["per_timestep"].values()) == pytest.approx(expected, rel=1e-5)
+    cropped = [{**pairs[0], "crop_top_left": torch.tensor([8, 8])}]
+    assert evaluate.validation_loss(pipe, cropped, timesteps)["mean"] != \
+        evaluate.validation_loss(pipe, pairs[:1], timesteps)["mean"]
+
+
 @pytest.mark.slow
-def test_sample_takes_an_sdxl_run_and_the_other_tools_say_they_do_not_yet(tiny_sdxl_folder, tmp_path):
+def test_sample_and_evaluate_take_an_sdxl_run_and_visualize_says_it_does_not_yet(tiny_sdxl_folder, tmp_path):
+    """An SDXL LoRA run with validation.loss_samples logs the held-out loss at its end; `python -m finetune.evaluate`
+    measures adherence and the same validation loss on the run's output (the base with the adapters); `sample`
+    draws from it; `visualize` says in one line that it does not take SDXL models yet."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "run"
-    _train(tmp_path, *XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "lora.enabled=true",
-           "train.max_train_steps=1", f"train.output_dir={out}")
+    result = _train(tmp_path, *XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "lora.enabled=true",
+                    "train.max_train_steps=1", "validation.loss_samples=4", f"train.output_dir={out}")
+    assert "step 1: validation loss " in result.stderr and "not measured" not in result.stderr, result.stderr[-2000:]
+    logged = {}
+    for events in (out / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events)).Reload()
+        if "validation_loss" in accumulator.Tags()["scalars"]:
+            logged.update({e.step: e.value for e in accumulator.Scalars("validation_loss")})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     sampled = launch.run([sys.executable, "-m", "finetune.sample", str(out), "a red circle",
                           "--num-inference-steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert sampled.returncode == 0 and (out / "samples" / "sampled" / "grid.png").is_file(), sampled.stderr[-2000:]
-    for tool in ("evaluate", "visualize"):
-        result = launch.run([sys.executable, "-m", f"finetune.{tool}", str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert f"is an SDXL model, and python -m finetune.{tool} does not take SDXL models yet" in result.stderr
+    evaluated = launch.run([sys.executable, "-m", "finetune.evaluate", str(out), "--colors", "red",
+                            "--num-images-per-prompt", "1", "--num-inference-steps", "2", "--max-samples", "4",
+                            "--json", str(tmp_path / "report.json")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_images"] == 3 and 0 <= report["metrics"]["color_accuracy"] <= 1
+    assert report["metrics"]["validation_loss"] == pytest.approx(logged[1], rel=1e-5)
+    result = launch.run([sys.executable, "-m", "finetune.visualize", str(out)], cwd=ROOT, env=env,
+                        capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "is an SDXL model, and python -m finetune.visualize does not take SDXL models yet" in result.stderr
