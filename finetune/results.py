@@ -71,14 +71,6 @@ def hide_library_progress() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def _base_or_output(folder: str) -> str:
-    """The pipeline folder behind a run's output: its base for a LoRA or textual-inversion run (the run's
-    config.yaml names it)."""
-    if on_a_base(folder):
-        return base_folder(load_config(Path(folder) / "config.yaml").model)
-    return folder
-
-
 def on_a_base(folder: str | Path) -> bool:
     """Whether `folder` holds what loads onto a base (LoRA adapters, or a textual-inversion run's embedding files),
     not a pipeline."""
@@ -100,14 +92,9 @@ def pipeline_class(path: str, revision: str | None = None) -> type:
     return sdxl_pipeline_class() if index.get("text_encoder_2") else TextToImageDDPMPipeline
 
 
-def load_result(folder: str, command: str | None = None) -> DiffusionPipeline:
+def load_result(folder: str) -> DiffusionPipeline:
     """The pipeline a run wrote to `folder`; for a LoRA or textual-inversion run, its base (from the run's
-    config.yaml) with the adapters and embeddings loaded. An SDXL one is diffusers' own pipeline, which `command`
-    (a tool that needs this project's pipeline) refuses in one line."""
-    if command and pipeline_class(_base_or_output(folder)) is not TextToImageDDPMPipeline:
-        raise UserError(f"{folder} is an SDXL model, and {command} does not take SDXL models yet; draw images with "
-                        f"python -m finetune.sample {folder} \"PROMPT\", or load it in diffusers "
-                        "(StableDiffusionXLPipeline)")
+    config.yaml) with the adapters and embeddings loaded. An SDXL one is diffusers' own pipeline."""
     if not on_a_base(folder):
         return pipeline_class(folder).from_pretrained(folder, use_safetensors=True)
     config = load_config(Path(folder) / "config.yaml")

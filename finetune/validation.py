@@ -76,7 +76,7 @@ def log_validation(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, 
     log_scalars(trackers, gaps, step)
     if gaps:
         logger.info("step %d: %s", step, conditioning.describe(gaps))
-    if config.process_strips and isinstance(pipeline, TextToImageDDPMPipeline):  # (the SDXL pipeline's: not yet)
+    if config.process_strips:
         try:  # pictures for people: a failure here (say, an unreadable first training image) must not end the run
             log_process(pipeline, config, step, Path(output_dir) / "samples" / "process", trackers)
         except Exception as error:  # noqa: BLE001
@@ -129,7 +129,8 @@ def log_process(pipeline: TextToImageDDPMPipeline, config: ValidationConfig, ste
     log_image(trackers, "process/reverse", reverse, step)
     if not (folder / "forward.png").is_file():
         image, _ = visualize.training_image(folder.parent.parent, visualize.pixel_size(pipeline))
-        forward, _ = visualize.forward_strip(pipeline.scheduler, image, vae=getattr(pipeline, "vae", None))
+        forward, _ = visualize.forward_strip(visualize.forward_scheduler(pipeline), image,
+                                             vae=getattr(pipeline, "vae", None))
         forward.save(folder / "forward.png")
         log_image(trackers, "process/forward", forward, step)
 

@@ -14,7 +14,10 @@ checkpoint, the folder is its export, `checkpoint-N/pipeline`).
   for a folder without config.yaml), or `--image`, centre-cropped and resized as training does.
 - Reverse process for a prompt: top row x_t from pure noise x_T to the final image, bottom row the model's
   predicted x_0 at each shown step (the `pred_original_sample` the scheduler derives from x_t and the model's
-  output); the final image is the pipeline's own output for the same seed and settings.
+  output); the final image is the pipeline's own output for the same seed and settings. An SDXL model's run goes
+  through diffusers' own pipeline with its own sampler (Euler for SDXL base): its x_t are shown as the UNet takes
+  them, in DDPM's scaling (Euler's own samples are x_0 + sigma_t eps), and its forward process is training's, this
+  project's DDPMScheduler with the model's schedule.
 
 Latent-space models (a pipeline with a VAE): the forward process runs on the image's latent (the mean of the VAE's
 posterior, times its scaling factor, as training scales it) and every x_t and predicted x_0 is decoded by the VAE
@@ -28,18 +31,20 @@ than `cell_size` are enlarged by a whole factor with nearest-neighbour resamplin
 """
 
 import argparse
+import contextlib
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines import TextToImageDDPMPipeline
+from pipelines import DDPMScheduler, TextToImageDDPMPipeline
 
 from .cli import ToolParser, UserError, run
 from .config import ValidationConfig, load_config
@@ -137,10 +142,14 @@ def reverse_frames(pipeline: TextToImageDDPMPipeline, prompt: str, num_inference
                    steps: list[int] | None = None) -> ReverseProcess:
     """Sample `prompt` once (CPU generator seeded `seed`, as `pipeline(..., generator=...)` would) and keep the
     x_t and predicted x_0 at `steps` (indices into the chain 0..num_inference_steps; default all). Only the kept
-    ones are decoded. The last frame's image is the pipeline's output itself."""
-    out = pipeline(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed), output_type="pil",
-                   return_trajectory=True)
+    ones are decoded. The last frame's image is the pipeline's output itself. This project's pipeline or a
+    diffusers one (SDXL's: `stock_trajectory`)."""
+    call = dict(negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed), output_type="pil")
+    if isinstance(pipeline, TextToImageDDPMPipeline):
+        out = pipeline(prompt, **call, return_trajectory=True)
+    else:
+        out = stock_trajectory(pipeline, prompt, **call)
     last = num_inference_steps
     steps = sorted(set(range(last + 1) if steps is None else steps))
     if any(not 0 <= s <= last for s in steps):
@@ -167,6 +176,59 @@ def reverse_frames(pipeline: TextToImageDDPMPipeline, prompt: str, num_inference
         predicted.append(Frame("predicted x_0\n(none: done)", None, None))
     return ReverseProcess(steps=steps, timesteps=[timesteps[s] for s in steps], noisy=noisy, predicted=predicted,
                           image=out.images[0])
+
+
+def stock_trajectory(pipeline, prompt: str, **call) -> SimpleNamespace:
+    """`pipeline(prompt, **call)` for a diffusers pipeline (SDXL's), with what this project's pipeline returns with
+    `return_trajectory=True`: `trajectory`, x_t before each step and the final x_0, and `pred_original_samples`, the
+    scheduler's predicted x_0 at each step (None where it gives none), of the first image; `timesteps`; `images`.
+    The x_t are the UNet's inputs (`scale_model_input`'s), so in DDPM's scaling, sqrt(alpha_bar_t) x_0 +
+    sqrt(1 - alpha_bar_t) eps, also under a sigma-scaled sampler such as SDXL's Euler (its own samples are
+    x_0 + sigma_t eps). The scheduler is itself again afterwards."""
+    scheduler = pipeline.scheduler
+    trajectory, predictions, final = [], [], []
+    scale, step = scheduler.scale_model_input, scheduler.step
+
+    def recorded_scale(sample, *args, **kwargs):
+        scaled = scale(sample, *args, **kwargs)
+        trajectory.append(scaled[:1])  # (with guidance the batch is the same x_t twice)
+        return scaled
+
+    def recorded_step(*args, return_dict: bool = True, **kwargs):
+        out = step(*args, return_dict=True, **kwargs)
+        predictions.append(getattr(out, "pred_original_sample", None))
+        final[:] = [out.prev_sample[:1]]
+        return out if return_dict else out.to_tuple()
+
+    with _instead(scheduler, scale_model_input=recorded_scale, step=recorded_step):
+        images = pipeline(prompt, **call).images
+    steps = call["num_inference_steps"]
+    if len(trajectory) != steps or len(predictions) != steps:
+        raise ValueError(f"{type(scheduler).__name__} calls the model {len(trajectory)} times in {steps} steps; the "
+                         "reverse-process strips need a scheduler with one call a step (Euler, DDPM, DDIM, ...)")
+    return SimpleNamespace(images=images, trajectory=[*trajectory, *final], pred_original_samples=predictions,
+                           timesteps=[int(round(float(t))) for t in scheduler.timesteps])
+
+
+@contextlib.contextmanager
+def _instead(obj, **methods):
+    """`obj`'s methods replaced by `methods` on the instance for the duration, then its own again."""
+    for name, method in methods.items():
+        setattr(obj, name, method)
+    try:
+        yield
+    finally:
+        for name in methods:
+            vars(obj).pop(name, None)
+
+
+def forward_scheduler(pipeline):
+    """The forward process's scheduler: the pipeline's own for this project's pipeline; for a diffusers one
+    (SDXL's Euler adds noise at its sampling sigmas, not at training timesteps) this project's DDPMScheduler with
+    the model's schedule, which is how training noised the images."""
+    if isinstance(pipeline, TextToImageDDPMPipeline):
+        return pipeline.scheduler
+    return DDPMScheduler.from_config(pipeline.scheduler.config)
 
 
 def render_strip(rows: list[list[Frame]], title: str | None = None, cell_size: int = 128) -> Image.Image:
@@ -332,7 +394,7 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--num-shown must be >= 2 and --cell-size >= 1, got {args.num_shown} and {args.cell_size}")
     args.folder = str(result_folder(args.folder))  # a checkpoint: its export
     try:
-        pipeline = load_result(args.folder, "python -m finetune.visualize")
+        pipeline = load_result(args.folder)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load {args.folder}: {error}") from error
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -363,8 +425,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     out = Path(args.output_dir) if args.output_dir else Path(args.folder) / "samples" / "process"
     out.mkdir(parents=True, exist_ok=True)
-    strip, frames = forward_strip(pipeline.scheduler, image, timesteps, args.seed, pipeline.vae, args.cell_size,
-                                  gif_timesteps=default_timesteps(T, 20))
+    strip, frames = forward_strip(forward_scheduler(pipeline), image, timesteps, args.seed, pipeline.vae,
+                                  args.cell_size, gif_timesteps=default_timesteps(T, 20))
     strip.save(out / "forward.png")
     save_gif(frames, out / "forward.gif", duration_ms=250)
     strip, frames = reverse_strip(pipeline, prompt, args.num_inference_steps, guidance, args.seed, args.num_shown,

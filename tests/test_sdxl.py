@@ -361,17 +361,42 @@ def test_the_validation_loss_of_sdxl_is_conditioned_as_the_stock_pipeline_condit
         evaluate.validation_loss(pipe, pairs[:1], timesteps)["mean"]
 
 
+def test_the_reverse_process_of_sdxl_is_the_stock_pipelines_own_run(tiny_sdxl_folder):
+    """visualize's reverse process on an SDXL pipeline (Euler): its image is the stock pipeline's for the seed; x_T is
+    the pipeline's own noise in DDPM's scaling (Euler starts from sigma_max times it); the prediction at the last
+    step is the final x_0 (Euler's last step lands on it); the scheduler is itself again afterwards."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from finetune import visualize
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
+    pipe.set_progress_bar_config(disable=True)
+    process = visualize.reverse_frames(pipe, "a red circle", 4, 2.0, seed=3)
+    assert not {"step", "scale_model_input"} & set(vars(pipe.scheduler))
+    image = pipe("a red circle", num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(3),
+                 output_type="pil").images[0]
+    assert np.array_equal(np.asarray(process.image), np.asarray(image))
+    assert process.steps == [0, 1, 2, 3, 4] and process.timesteps[-1] == -1
+    assert process.timesteps[:4] == [int(t) for t in pipe.scheduler.timesteps]
+    noise = randn_tensor(process.noisy[0].sample[None].shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(process.noisy[0].sample[None], noise, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(process.predicted[3].sample, process.noisy[4].sample, rtol=1e-5, atol=1e-5)
+    assert process.predicted[4].sample is None and process.noisy[4].label == "x_0\nfinal image"
+
+
 @pytest.mark.slow
-def test_sample_and_evaluate_take_an_sdxl_run_and_visualize_says_it_does_not_yet(tiny_sdxl_folder, tmp_path):
-    """An SDXL LoRA run with validation.loss_samples logs the held-out loss at its end; `python -m finetune.evaluate`
-    measures adherence and the same validation loss on the run's output (the base with the adapters); `sample`
-    draws from it; `visualize` says in one line that it does not take SDXL models yet."""
+def test_sample_evaluate_and_visualize_take_an_sdxl_run(tiny_sdxl_folder, tmp_path):
+    """An SDXL LoRA run with validation.loss_samples logs the held-out loss and draws the process strips at its end;
+    `python -m finetune.evaluate` measures adherence and the same validation loss on the run's output (the base with
+    the adapters); `sample` draws from it; `visualize` draws the forward and reverse processes."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     result = _train(tmp_path, *XL, f"model.pretrained_model_name_or_path={tiny_sdxl_folder}", "lora.enabled=true",
                     "train.max_train_steps=1", "validation.loss_samples=4", f"train.output_dir={out}")
     assert "step 1: validation loss " in result.stderr and "not measured" not in result.stderr, result.stderr[-2000:]
+    assert "not drawn" not in result.stderr, result.stderr[-2000:]
+    assert {p.name for p in (out / "samples" / "process").iterdir()} == {"forward.png", "reverse-step-1.png"}
     logged = {}
     for events in (out / "logs").rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events)).Reload()
@@ -388,7 +413,8 @@ def test_sample_and_evaluate_take_an_sdxl_run_and_visualize_says_it_does_not_yet
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["num_images"] == 3 and 0 <= report["metrics"]["color_accuracy"] <= 1
     assert report["metrics"]["validation_loss"] == pytest.approx(logged[1], rel=1e-5)
-    result = launch.run([sys.executable, "-m", "finetune.visualize", str(out)], cwd=ROOT, env=env,
-                        capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "is an SDXL model, and python -m finetune.visualize does not take SDXL models yet" in result.stderr
+    drawn = launch.run([sys.executable, "-m", "finetune.visualize", str(out), "--num-inference-steps", "3",
+                        "--output-dir", str(tmp_path / "process")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "process").iterdir()} == {"forward.png", "forward.gif", "reverse.png",
+                                                                   "reverse.gif"}
