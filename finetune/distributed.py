@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import traceback
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -105,50 +104,55 @@ def check_in_sync(accelerator: Accelerator, models: list[torch.nn.Module]) -> No
                 "compared by SHA-256)", main_process_only=True)
 
 
-# What `prepare` wrapped, per Accelerator: accelerate's own list keeps the modules inside DDP's wrappers, not the
-# wrappers, which alone hold DDP's reducer and through it gloo's process group (see `run_and_leave`).
-_PREPARED: "weakref.WeakKeyDictionary[Accelerator, list[torch.nn.Module]]" = weakref.WeakKeyDictionary()
-# The multi-process runs that have ended, their Accelerators and wrapped models, kept alive until `run_and_leave` exits.
-_ENDED: list[tuple[Accelerator, list[torch.nn.Module]]] = []
+# Runs of several processes: each Accelerator that `prepare` wrapped models for, with the models as it returned them
+# (accelerate's own list keeps the modules inside DDP's wrappers, not the wrappers, which alone hold DDP's reducer and
+# through it gloo's process group), kept alive until `run_and_leave` exits; and those that `finish`ed.
+_HELD: list[tuple[Accelerator, list[torch.nn.Module]]] = []
+_FINISHED: list[Accelerator] = []
 
 
-def prepare(accelerator: Accelerator, *objects: Any) -> tuple:
-    """`accelerator.prepare(*objects)` (two or more), remembering the models as wrapped for `finish`."""
+def prepare(accelerator: Accelerator, *objects: Any) -> Any:
+    """`accelerator.prepare(*objects)`; for a run of several processes, its Accelerator and the wrapped models are
+    kept for `run_and_leave`."""
     prepared = accelerator.prepare(*objects)
-    _PREPARED.setdefault(accelerator, []).extend(o for o in prepared if isinstance(o, torch.nn.Module))
+    if accelerator.num_processes > 1:
+        returned = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+        _HELD.append((accelerator, [o for o in returned if isinstance(o, torch.nn.Module)]))
     return prepared
 
 
 def finish(accelerator: Accelerator) -> None:
     """End the run on every process together: a barrier, then the trackers and the process group. A run of
-    several processes keeps its Accelerator and the models `prepare` wrapped (DDP's or FSDP's hold on the process
-    group) for `run_and_leave`."""
+    several processes keeps its Accelerator for `run_and_leave`."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.num_processes > 1:
-        _ENDED.append((accelerator, _PREPARED.get(accelerator, [])))
+        _HELD.append((accelerator, []))
+        _FINISHED.append(accelerator)
 
 
 def run_and_leave(run: Callable[[], Any]) -> None:
-    """`run()`; then, if it `finish`ed a run of several processes, exit at once with its status, without Python's
-    teardown (also when it raised after `finish`: a failed push to the Hub, a bug in the summary).
+    """`run()`; then, once it has wrapped the models of a run of several processes (`prepare`) or ended one
+    (`finish`), exit at once with its status, without Python's teardown: when it returns, and when it raises (a
+    failed push to the Hub, a damaged checkpoint found on resume, a non-finite loss with `on_nonfinite: error`: the
+    traceback or message is printed first, and a run that did not reach `finish` has its trackers finished).
 
     destroy_process_group drops the registry's reference only; DDP's reducer still holds gloo's process group, and
     freeing the last reference (when `main` returns, or at interpreter exit) joins gloo's worker thread with the GIL
     held. When that thread is still freeing the last collective's work, which holds Python tensors, it waits for the
     GIL: both wait for ever (1 launch in 6 of a two-process loop, torch 2.13; see the reports in
-    pytorch/pytorch#190489). `finish` keeps DDP's wrappers alive (accelerate keeps only the modules inside them), so
+    pytorch/pytorch#190489). `prepare` keeps DDP's wrappers alive (accelerate keeps only the modules inside them), so
     neither happens before this exits. Files are written and closed by then; the output is flushed here."""
     try:
         run()
     except SystemExit as error:
         code = error.code
-        if _ENDED and not isinstance(code, int) and code is not None:
+        if _HELD and not isinstance(code, int) and code is not None:
             print(code, file=sys.stderr)  # what Python prints for sys.exit("text")
         _leave(code if isinstance(code, int) else int(code is not None))
         raise
     except BaseException:
-        if _ENDED:
+        if _HELD:
             traceback.print_exc()
         _leave(1)
         raise
@@ -156,8 +160,15 @@ def run_and_leave(run: Callable[[], Any]) -> None:
 
 
 def _leave(status: int) -> None:
-    if not _ENDED:
+    if not _HELD:
         return
+    for accelerator, _ in _HELD:
+        if not any(accelerator is done for done in _FINISHED):  # (raised before `finish`): the trackers' last values
+            for tracker in accelerator.trackers:
+                try:
+                    tracker.finish()
+                except Exception as error:  # noqa: BLE001 - leaving anyway; say why a tracker may lack its end
+                    print(f"could not finish the {tracker.name} tracker: {error}", file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -131,43 +131,60 @@ def test_a_multi_process_run_leaves_without_teardown_and_loses_no_output(tmp_pat
 
 
 HELD = """
-import gc, sys
+import atexit, gc, sys
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from finetune import distributed
 
-accelerator = Accelerator(cpu=True)
+logs = ProjectConfiguration(project_dir=sys.argv[2])
+accelerator = Accelerator(cpu=True, log_with="tensorboard", project_config=logs)
+accelerator.init_trackers("held")
 leave = distributed._leave
 
 def main():
     model = torch.nn.Linear(4, 2)
     model, optimizer = distributed.prepare(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1))
     model(torch.ones(3, 4)).sum().backward()
+    accelerator.log({"loss": 1.5}, step=1)
+    if sys.argv[1] == "raised":
+        raise FloatingPointError("a non-finite loss at step 1")
     distributed.finish(accelerator)
 
 def counted_leave(status):  # main's frame is freed by now
+    gc.collect()
     alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
     print(f"process {accelerator.process_index}: {alive} DDP wrapper(s) alive", flush=True)
     leave(status)
 
+atexit.register(lambda: print("teardown", flush=True))  # (never: the run leaves without Python's teardown)
 distributed._leave = counted_leave
 distributed.run_and_leave(main)
 """
 
 
 @pytest.mark.slow
-def test_the_ddp_wrappers_outlive_main_until_the_run_leaves(tmp_path):
+@pytest.mark.parametrize("ending", ["finished", "raised"])
+def test_the_ddp_wrappers_outlive_main_until_the_run_leaves(tmp_path, ending):
     """Two gloo processes: the DDP wrapper that `distributed.prepare` returned (accelerate's own list keeps only the
-    module inside it) is still alive when `run_and_leave` exits, after main's frame, which held it, was freed; freeing
-    it frees DDP's reducer and gloo's process group, which hung about 1 exit in 6 (the slurm test below, in CI)."""
+    module inside it) is still alive when `run_and_leave` exits, after main's frame, which held it, was freed (freeing
+    it frees DDP's reducer and gloo's process group, which hung about 1 exit in 6: the slurm test below, in CI), and
+    the process exits without Python's teardown; also when main raises before `finish` (status 1, the traceback
+    printed), whose tracker still gets its last value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     script = tmp_path / "held.py"
     script.write_text(HELD)
-    result = subprocess.run([*_two_process_launcher(), str(script)], cwd=tmp_path,
+    result = subprocess.run([*_two_process_launcher(), str(script), ending, str(tmp_path / "logs")], cwd=tmp_path,
                             env=_env(tmp_path, {"ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}),
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == (0 if ending == "finished" else 1), result.stdout[-2000:] + result.stderr[-4000:]
     for process in (0, 1):
         assert f"process {process}: 1 DDP wrapper(s) alive" in result.stdout, result.stdout
+    assert "teardown" not in result.stdout
+    assert ("FloatingPointError: a non-finite loss at step 1" in result.stderr) == (ending == "raised")
+    (events,) = (tmp_path / "logs").rglob("events.out.tfevents.*")
+    assert [(e.step, e.value) for e in EventAccumulator(str(events)).Reload().Scalars("loss")] == [(1, 1.5)]
 
 
 @pytest.mark.slow
