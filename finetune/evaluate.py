@@ -247,18 +247,17 @@ def clean_samples(vae, pixels: torch.Tensor) -> torch.Tensor:
     return moments.float() * vae.config.scaling_factor
 
 
-def conditioning(pipeline, pairs: list[dict], device: torch.device) -> dict:
+def conditioning(pipeline, family: TwoEncodersXL | None, pairs: list[dict], pixels: torch.Tensor,
+                 device: torch.device) -> dict:
     """The UNet's keyword arguments for the pairs' captions as training conditions it (`families.py`): this
-    project's pipeline's prompt encoding; for an SDXL pipeline both encoders' outputs, the pooled embedding and each
-    pair's size-and-crop time ids."""
+    project's pipeline's prompt encoding; for an SDXL pipeline (`family`, its two encoders) both encoders' outputs,
+    the pooled embedding and each pair's size-and-crop time ids (the target size: `pixels`')."""
     captions = [p["caption"] for p in pairs]
-    if getattr(pipeline, "text_encoder_2", None) is None:
+    if family is None:
         return {"encoder_hidden_states": pipeline.encode_prompt(captions, device)}
-    family = TwoEncodersXL(pipeline.text_encoder, pipeline.text_encoder_2, pipeline.tokenizer, pipeline.tokenizer_2,
-                           pipeline.config.get("force_zeros_for_empty_prompt", True))
     ids = torch.cat([tokenize(pipeline.tokenizer, captions), tokenize(pipeline.tokenizer_2, captions)], dim=1)
-    sizes = {"pixel_values": torch.stack([p["pixels"] for p in pairs]),
-             **{k: torch.stack([p[k] for p in pairs]) for k in ("original_size", "crop_top_left")}}
+    sizes = {"pixel_values": pixels, **{k: torch.stack([p[k] for p in pairs]) for k in ("original_size",
+                                                                                         "crop_top_left")}}
     with torch.no_grad():
         return family.unet_kwargs(family.embed(ids, device), sizes, device)
 
@@ -274,14 +273,19 @@ def validation_loss(pipeline, pairs: list[dict], timesteps: list[int], seed: int
         raise ValueError("no held-out pairs to compute the validation loss on")
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     device = pipeline.unet.device
+    family = None if getattr(pipeline, "text_encoder_2", None) is None else TwoEncodersXL(
+        pipeline.text_encoder, pipeline.text_encoder_2, pipeline.tokenizer, pipeline.tokenizer_2,
+        pipeline.config.get("force_zeros_for_empty_prompt", True))
     totals = torch.zeros(len(timesteps), dtype=torch.float64)
     bar = tqdm(total=len(pairs), desc="validation loss", unit="pair", disable=not progress)
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
-        samples = clean_samples(pipeline.vae, torch.stack([p["pixels"] for p in batch]).to(device))
+        pixels = torch.stack([p["pixels"] for p in batch])
+        samples = clean_samples(pipeline.vae, pixels.to(device))
         noise = torch.stack([metrics.fixed_noise(samples.shape[1:], seed, start + i) for i in range(len(batch))])
-        losses = metrics.timestep_losses(pipeline.unet, scheduler, samples, conditioning(pipeline, batch, device),
-                                         noise.to(device), timesteps)
+        losses = metrics.timestep_losses(pipeline.unet, scheduler, samples,
+                                         conditioning(pipeline, family, batch, pixels, device), noise.to(device),
+                                         timesteps)
         totals += losses * len(batch)  # each loss is a batch mean; weigh by the batch's size
         bar.update(len(batch))
     bar.close()

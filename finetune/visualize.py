@@ -186,6 +186,10 @@ def stock_trajectory(pipeline, prompt: str, **call) -> SimpleNamespace:
     sqrt(1 - alpha_bar_t) eps, also under a sigma-scaled sampler such as SDXL's Euler (its own samples are
     x_0 + sigma_t eps). The scheduler is itself again afterwards."""
     scheduler = pipeline.scheduler
+    if getattr(scheduler, "order", 1) != 1:
+        raise UserError(f"{type(scheduler).__name__} calls the model {scheduler.order} times a step; the "
+                        "reverse-process strips need a scheduler with one call a step (Euler, DDPM, DDIM, DPM-Solver, "
+                        "...)")
     trajectory, predictions, final = [], [], []
     scale, step = scheduler.scale_model_input, scheduler.step
 
@@ -196,23 +200,25 @@ def stock_trajectory(pipeline, prompt: str, **call) -> SimpleNamespace:
 
     def recorded_step(*args, return_dict: bool = True, **kwargs):
         out = step(*args, return_dict=True, **kwargs)
-        predictions.append(getattr(out, "pred_original_sample", None))
+        predicted = getattr(out, "pred_original_sample", None)
+        predictions.append(None if predicted is None else predicted[:1])
         final[:] = [out.prev_sample[:1]]
         return out if return_dict else out.to_tuple()
 
     with _instead(scheduler, scale_model_input=recorded_scale, step=recorded_step):
         images = pipeline(prompt, **call).images
     steps = call["num_inference_steps"]
-    if len(trajectory) != steps or len(predictions) != steps:
-        raise ValueError(f"{type(scheduler).__name__} calls the model {len(trajectory)} times in {steps} steps; the "
-                         "reverse-process strips need a scheduler with one call a step (Euler, DDPM, DDIM, ...)")
+    if len(trajectory) != steps or len(predictions) != steps:  # (a pipeline that steps otherwise)
+        raise ValueError(f"{type(pipeline).__name__} called the model {len(trajectory)} times in {steps} steps")
     return SimpleNamespace(images=images, trajectory=[*trajectory, *final], pred_original_samples=predictions,
                            timesteps=[int(round(float(t))) for t in scheduler.timesteps])
 
 
 @contextlib.contextmanager
 def _instead(obj, **methods):
-    """`obj`'s methods replaced by `methods` on the instance for the duration, then its own again."""
+    """`obj`'s methods replaced by `methods` on the instance for the duration, then as they were (the class's, or
+    what the instance itself held)."""
+    held = {name: vars(obj)[name] for name in methods if name in vars(obj)}
     for name, method in methods.items():
         setattr(obj, name, method)
     try:
@@ -220,6 +226,7 @@ def _instead(obj, **methods):
     finally:
         for name in methods:
             vars(obj).pop(name, None)
+        vars(obj).update(held)
 
 
 def forward_scheduler(pipeline):

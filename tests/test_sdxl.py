@@ -2,6 +2,7 @@
 SDXL pipeline conditions, and outputs that stock diffusers loads. The base is built from SDXL base 1.0's own configs
 (tests/conftest.py, `build_tiny_sdxl_pipeline`), shrunk in size only."""
 
+import functools
 import json
 import os
 import random
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, HeunDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -382,6 +383,31 @@ def test_the_reverse_process_of_sdxl_is_the_stock_pipelines_own_run(tiny_sdxl_fo
     torch.testing.assert_close(process.noisy[0].sample[None], noise, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(process.predicted[3].sample, process.noisy[4].sample, rtol=1e-5, atol=1e-5)
     assert process.predicted[4].sample is None and process.noisy[4].label == "x_0\nfinal image"
+
+    scheduler = pipe.scheduler  # a step of the instance's own is put back as it was
+    own = functools.partial(type(scheduler).step, scheduler)
+    scheduler.step = own
+    assert np.array_equal(np.asarray(visualize.reverse_frames(pipe, "a red circle", 4, 2.0, seed=3).image),
+                          np.asarray(image))
+    assert vars(scheduler)["step"] is own and "scale_model_input" not in vars(scheduler)
+    pipe.scheduler = HeunDiscreteScheduler.from_config(scheduler.config)  # two model calls a step: refused first
+    with pytest.raises(UserError, match="HeunDiscreteScheduler calls the model 2 times a step"):
+        visualize.reverse_frames(pipe, "a red circle", 4, 2.0)
+
+
+def test_the_forward_process_of_sdxl_is_trainings_noising(xl, tiny_sdxl_folder):
+    """visualize's forward process on an SDXL pipeline noises with the schedule training noises with (the
+    trainer's scheduler), not with the pipeline's Euler sampler."""
+    from finetune import visualize
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
+    noising = visualize.forward_scheduler(pipe)
+    assert type(noising) is type(xl.scheduler) and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert torch.equal(noising.alphas_cumprod, xl.scheduler.alphas_cumprod)
+    frames = visualize.forward_frames(noising, torch.zeros(3, 16, 16), [500], seed=0, vae=pipe.vae)
+    x0, x500, noise = frames[1].sample, frames[2].sample, frames[3].sample
+    alpha_bar = xl.scheduler.alphas_cumprod[500]
+    torch.testing.assert_close(x500, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
 
 
 @pytest.mark.slow
