@@ -2,10 +2,11 @@
 
 Both train the same tiny SD-1.x-shaped base (`bench_all.build_tiny_sd`) on the same 512 images of 128 px (the
 built-in shapes drawn at 64 px and upscaled, an imagefolder with metadata.jsonl), batch 8, LoRA rank 4 (alpha 4) on
-to_q, to_k, to_v, to_out.0, fp32, random flips, centre crops, no checkpoints or validation (ours draws its grids
-once, in 2 steps), one process each, torch's threads as they come. Ours is `configs/sd15-lora-laion.yaml` with data
-and size overrides only (source, path, caption column, resolution, the size filters and buckets that 128 px images
-fail, workers, batch, rank, steps, fp32 where the recipe says bf16), run as shipped (no cache) and with
+to_q, to_k, to_v, to_out.0, fp32 (or both bf16 mixed precision, as the recipe ships, with --precision bf16), random
+flips, centre crops, no checkpoints or validation (ours draws its grids once, in 2 steps), one process each, torch's
+threads as they come. Ours is `configs/sd15-lora-laion.yaml` with data and size overrides only (source, path,
+caption column, resolution, the size filters and buckets that 128 px images fail, workers, batch, rank, steps, and
+the precision: fp32 unless --precision bf16), run as shipped (no cache) and with
 `data.cache=true`. A step's time is the difference of two whole runs of different lengths over the step
 difference, so start-up, loading and saving cancel:
 - the example: 16 and 64 steps (every step encodes the images and captions);
@@ -13,7 +14,8 @@ difference, so start-up, loading and saving cancel:
 - ours with the cache, later epochs: 80 and 160 steps (every step between is in epoch 2 or 3).
 Each repeat runs every configuration once, the sides alternating; the medians over repeats are reported.
 
-    python benchmarks/bench_recipe.py --example train_text_to_image_lora.py [--repeats 2] [--json OUT]
+    python benchmarks/bench_recipe.py --example train_text_to_image_lora.py [--repeats 2] [--precision bf16] \
+        [--json OUT]
 
 The example imports torchvision: run this in an environment that has it, both sides in that one (on this project's
 machines, a new venv with `pip install torch==2.14.1 torchvision==0.29.1`, then `pip install -e . datasets pytest`).
@@ -57,23 +59,25 @@ def write_images(folder: Path) -> Path:
     return folder
 
 
-def ours(base: Path, images: Path, out: Path, steps: int, cache: bool) -> list[str]:
+def ours(base: Path, images: Path, out: Path, steps: int, cache: bool, precision: str) -> list[str]:
     return [sys.executable, str(ROOT / "finetune" / "train.py"), "--config", str(RECIPE),
             f"model.pretrained_model_name_or_path={base}", "data.source=imagefolder", f"data.path={images}",
             "data.resampled=false", "data.caption_column=text", f"data.resolution={RESOLUTION}",
             "data.buckets=false", "data.filters.min_width=null", "data.filters.min_height=null",
             "data.filters.on_missing=keep", "data.num_samples=null", "data.num_workers=0",
             "data.persistent_workers=false", f"data.cache={str(cache).lower()}", f"train.train_batch_size={BATCH}",
-            f"lora.rank={RANK}", f"lora.alpha={RANK}", f"train.max_train_steps={steps}", "train.mixed_precision=no",
-            "train.checkpointing_steps=0", "validation.validation_steps=0", "validation.num_inference_steps=2",
+            f"lora.rank={RANK}", f"lora.alpha={RANK}", f"train.max_train_steps={steps}",
+            f"train.mixed_precision={precision}", "train.checkpointing_steps=0", "validation.validation_steps=0",
+            "validation.num_inference_steps=2",
             f"train.output_dir={out}"]
 
 
-def example(script: Path, base: Path, images: Path, out: Path, steps: int, cache: Path) -> list[str]:
+def example(script: Path, base: Path, images: Path, out: Path, steps: int, cache: Path, precision: str) -> list[str]:
     return [sys.executable, str(script), f"--pretrained_model_name_or_path={base}", f"--train_data_dir={images}",
             f"--resolution={RESOLUTION}", "--center_crop", "--random_flip", f"--train_batch_size={BATCH}",
             f"--rank={RANK}", f"--max_train_steps={steps}", "--learning_rate=1e-4", "--checkpointing_steps=1000000",
-            "--seed=0", "--dataloader_num_workers=0", f"--output_dir={out}", f"--cache_dir={cache}"]
+            "--seed=0", "--dataloader_num_workers=0", f"--output_dir={out}", f"--cache_dir={cache}",
+            f"--mixed_precision={precision}"]
 
 
 def timed(command: list[str], env: dict, log: Path) -> float:
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", type=Path, required=True, help="diffusers' train_text_to_image_lora.py")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precision", choices=["no", "bf16"], default="no",
+                        help="both sides: fp32 (no), or bf16 mixed precision as the recipe ships")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -99,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def command(name: str, steps: int, out: Path) -> list[str]:
         if name == "example":
-            return example(args.example, base, images, out, steps, work / "datasets-cache")
-        return ours(base, images, out, steps, cache="cached" in name)
+            return example(args.example, base, images, out, steps, work / "datasets-cache", args.precision)
+        return ours(base, images, out, steps, "cached" in name, args.precision)
 
     timed(command("example", 2, work / "warm"), env, work / "warm-example.log")  # (datasets' arrow cache)
     timed(command("ours as shipped", 2, work / "warm"), env, work / "warm-ours.log")
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     step = {name: statistics.median(values) for name, values in seconds.items()}
     report = {
         "what": __doc__.split("\n")[0], "images": IMAGES, "resolution": RESOLUTION, "batch": BATCH, "rank": RANK,
+        "precision": args.precision,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "example": str(args.example), "seconds_per_step": {k: [round(v, 4) for v in vs] for k, vs in seconds.items()},
