@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None):
               + (f" (did you mean {close[0]}?)" if close else ""), file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]] if argv[0] != "data" else "finetune.data.__main__")
+    if argv[0] == "train":  # as finetune/train.py: a run of several processes leaves without teardown (gloo)
+        from . import distributed
+
+        distributed.run_and_leave(lambda: run(module.main, argv[1:]))
+        return 0
     result = run(module.main, argv[1:])
     return result if isinstance(result, int) else 0
 

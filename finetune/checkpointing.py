@@ -277,8 +277,8 @@ def trained_model_count(path: str | os.PathLike) -> int:
 
 def model_weights(path: str | os.PathLike, index: int) -> dict[str, torch.Tensor]:
     """The weights accelerate saved for the `index`-th trained model (`model.safetensors`, `model_1.safetensors`, ...),
-    named as the model itself names them (a multi-process run saves them with DDP's `module.` in front); of a
-    sharded run, its shards stitched whole."""
+    named as the model itself names them (a `module.` in front, as DDP's wrapper names them, is removed; accelerate
+    saves the module inside the wrapper, so its checkpoints have none); of a sharded run, its shards stitched whole."""
     if sharding.is_sharded_checkpoint(Path(path)):
         return sharding.stitch(Path(path), f"model_{index}")
     with safe_open(str(Path(path) / f"model{f'_{index}' if index else ''}.safetensors"), framework="pt") as f:

@@ -57,7 +57,8 @@ def make_accelerator(run: Config) -> Accelerator:
             raise UserError("train.mixed_precision=fp16 needs a GPU; on CPU use no (fp32), or bf16 where the CPU has "
                             "AMX (without it bf16 is slower than fp32), or auto to choose")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(config.cpu_threads or max(1, cores // accelerator.state.num_processes))
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.state.num_processes))  # (this machine's share)
+        torch.set_num_threads(config.cpu_threads or max(1, cores // here))
     return accelerator
 
 
@@ -137,12 +138,13 @@ def run_and_leave(run: Callable[[], Any]) -> None:
     failed push to the Hub, a damaged checkpoint found on resume, a non-finite loss with `on_nonfinite: error`: the
     traceback or message is printed first, and a run that did not reach `finish` has its trackers finished).
 
-    destroy_process_group drops the registry's reference only; DDP's reducer still holds gloo's process group, and
-    freeing the last reference (when `main` returns, or at interpreter exit) joins gloo's worker thread with the GIL
-    held. When that thread is still freeing the last collective's work, which holds Python tensors, it waits for the
-    GIL: both wait for ever (1 launch in 6 of a two-process loop, torch 2.13; see the reports in
-    pytorch/pytorch#190489). `prepare` keeps DDP's wrappers alive (accelerate keeps only the modules inside them), so
-    neither happens before this exits. Files are written and closed by then; the output is flushed here."""
+    destroy_process_group shuts the backends down and drops the registry's reference, but DDP's reducer still holds
+    gloo's process group, and freeing the last reference (when `main` returns, or at interpreter exit) joins gloo's
+    worker thread with the GIL held. When that thread is still freeing the last collective's work, which holds
+    Python tensors, it waits for the GIL: both wait for ever (2 launches in 12 of a two-process loop, torch 2.13; see
+    pytorch/pytorch#56297 and #190489). `prepare` keeps DDP's wrappers alive (accelerate keeps only the modules
+    inside them), so neither happens before this exits. Files are written and closed by then; the output is
+    flushed here."""
     try:
         run()
     except SystemExit as error:

@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
-from finetune import checkpointing, lora
+from finetune import checkpointing, distributed, lora
 from finetune.config import LoraConfig
 from finetune.distributed import check_in_sync, weight_digests
 
@@ -185,6 +185,40 @@ def test_the_ddp_wrappers_outlive_main_until_the_run_leaves(tmp_path, ending):
     assert ("FloatingPointError: a non-finite loss at step 1" in result.stderr) == (ending == "raised")
     (events,) = (tmp_path / "logs").rglob("events.out.tfevents.*")
     assert [(e.step, e.value) for e in EventAccumulator(str(events)).Reload().Scalars("loss")] == [(1, 1.5)]
+
+
+def test_finetune_train_leaves_as_train_py_does(monkeypatch):
+    """`python -m finetune train` goes through `run_and_leave` as `finetune/train.py` does (a multi-process run
+    started that way would otherwise free gloo's process group at exit: the hang above)."""
+    import finetune.__main__ as front
+    import finetune.train
+
+    calls = []
+    monkeypatch.setattr(finetune.train, "main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(distributed, "run_and_leave", lambda run: calls.append(("left", run())))
+    assert front.main(["train", "--config", "x.yaml"]) == 0
+    assert calls == [["--config", "x.yaml"], ("left", None)]
+
+
+@pytest.mark.parametrize("local", [None, "2"])
+def test_cpu_threads_are_the_cores_over_this_machines_processes(monkeypatch, local):
+    """On a CPU torch's threads are the cores this process may use over the processes on this machine (torch
+    elastic's LOCAL_WORLD_SIZE), not over every machine's: a run of one process on each of two machines keeps every
+    core of each."""
+    from finetune.config import load_config
+    from finetune.distributed import make_accelerator
+
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    before = torch.get_num_threads()
+    try:
+        make_accelerator(load_config(None, ["train.mixed_precision=no"]))
+        cores = len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == max(1, cores // int(local or 1))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow
