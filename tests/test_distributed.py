@@ -5,9 +5,11 @@ import copy
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,6 +221,31 @@ def test_cpu_threads_are_the_cores_over_this_machines_processes(monkeypatch, loc
         assert torch.get_num_threads() == max(1, cores // int(local or 1))
     finally:
         torch.set_num_threads(before)
+
+
+IGNORES_SIGTERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print("got SIGTERM", flush=True))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_a_one_process_accelerate_launch_kills_the_trainer_5_s_after_sigterm(tmp_path):
+    """What the README warns of under Preemption: `accelerate launch` with one process passes SIGTERM on and kills
+    its child about 5 s later, whatever the child is still writing (here a child that ignores the signal)."""
+    script = tmp_path / "slow.py"
+    script.write_text(IGNORES_SIGTERM)
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", str(script)], cwd=tmp_path,
+                                env=_env(tmp_path, {"ACCELERATE_USE_CPU": "1"}), stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout.readline() == "ready\n"
+    launcher.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    out, _ = launcher.communicate(timeout=60)
+    waited = time.monotonic() - start
+    assert "got SIGTERM" in out and 4 <= waited <= 15, (out, waited)
 
 
 @pytest.mark.slow
