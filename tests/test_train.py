@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from finetune import checkpointing
 from finetune.cli import UserError
+from finetune.data import shapes
 from pipelines import TextToImageDDPMPipeline
 
 from . import launch
@@ -111,6 +112,39 @@ def test_two_processes_on_cpu_train_together_and_resume_exactly(tmp_path):
         a, b = load_file(full / "checkpoint-12" / name), load_file(resumed / "checkpoint-12" / name)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_in_different_epochs_resume_exactly(tmp_path):
+    """Shards of unequal size give the processes epochs of unequal length: with 16 and 8 samples at batch 4, one
+    process starts its next epoch while the other is still in this one. Each writes where it is in its own stream
+    (`data_state_<rank>.json`), and a run resumed from a checkpoint taken when they are in different epochs ends
+    bit-identical to the uninterrupted one."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name, count in (("a", 16), ("b", 8)):
+        shapes.write_shards(tmp_path / name, count)
+        (tmp_path / name / "00000.tar").rename(shards / f"{name}.tar")
+    common = ["data.source=webdataset", f"data.path={shards}/{{a,b}}.tar", "data.num_samples=null",
+              "data.shuffle_buffer=4", "train.max_train_steps=12", "train.checkpointing_steps=3",
+              "train.checkpoints_total_limit=null"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    env = {"ACCELERATE_USE_CPU": "1"}
+    _train(tmp_path, *common, f"train.output_dir={full}", launcher=_two_process_launcher(), env=env)
+    states = [checkpointing.read_data_state(full / "checkpoint-3", rank) for rank in (0, 1)]
+    assert states[0]["epoch"] != states[1]["epoch"], states
+
+    resumed.mkdir()
+    os.symlink(full / "checkpoint-3", resumed / "checkpoint-3")
+    _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest",
+           launcher=_two_process_launcher(), env=env)
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a, b = load_file(full / "checkpoint-12" / name), load_file(resumed / "checkpoint-12" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    for rank in (0, 1):  # and each process is where the uninterrupted one was in its stream
+        assert (checkpointing.read_data_state(resumed / "checkpoint-12", rank)
+                == checkpointing.read_data_state(full / "checkpoint-12", rank))
 
 
 def _weights(folder):
