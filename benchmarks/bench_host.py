@@ -10,6 +10,7 @@ training process (`data.num_workers` 0, as on a CPU), where bench_gpu_trainer.py
 for finding and checking host-side costs between GPU sessions. It runs on the CPU, also where there is a GPU.
 
     python benchmarks/bench_host.py [--steps 150] [--floor-steps 60] [--threads N] [--workers N] [--logging-steps N]
+                                    [--samples N] [section.key=value ...]
 """
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_all import LORA_BATCH, LORA_WARMUP, SD_UNET, build_tiny_sd, lora_overrides, run_trainer  # noqa: E402
+from bench_all import LORA_BATCH, LORA_SAMPLES, LORA_WARMUP, SD_UNET, build_tiny_sd, lora_overrides, run_trainer  # noqa: E402
 from bench_step import Floor, trainer_args  # noqa: E402
 
 from finetune.config import load_config  # noqa: E402
@@ -41,24 +42,32 @@ def main() -> None:
     parser.add_argument("--logging-steps", type=int, default=1,
                         help="train.logging_steps; the step time is then each window's mean (the recipes log every "
                              "10 or 20 steps)")
+    parser.add_argument("--samples", type=int, default=LORA_SAMPLES,
+                        help="data.num_samples: the epoch is samples / 8 steps; the first fills the cache and is not "
+                             "timed")
+    parser.add_argument("overrides", nargs="*", help="more section.key=value overrides, for the trainer and the "
+                                                     "floor alike (train.compile=true: both compiled)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-host-") as work:
         folder = build_tiny_sd(Path(work) / "base", unet=HOST_UNET)
         overrides = [*lora_overrides(folder, "no", args.threads), f"data.resolution={RESOLUTION}",
-                     f"data.num_workers={args.workers}"]
+                     f"data.num_workers={args.workers}", f"data.num_samples={args.samples}", *args.overrides]
+        warmup = max(LORA_WARMUP, args.samples // LORA_BATCH + 2)  # (the first epoch encodes what it caches)
         floor = Floor(load_config(None, overrides))
         before = statistics.median(floor.times(args.floor_steps))
         out = Path(work) / "trainer"
-        argv = [*trainer_args(None, overrides, args.steps + LORA_WARMUP, str(out)),
+        argv = [*trainer_args(None, overrides, args.steps + warmup, str(out)),
                 f"train.logging_steps={args.logging_steps}"]
-        trainer = run_trainer(argv, out, -(-LORA_WARMUP // args.logging_steps),  # (the windows the warm-up touches)
+        trainer = run_trainer(argv, out, -(-warmup // args.logging_steps),  # (the windows the warm-up touches)
                               env={"CUDA_VISIBLE_DEVICES": ""})  # the floor runs on the CPU too
         after = statistics.median(floor.times(args.floor_steps))
     step, floor_s = statistics.median(trainer["times"]), min(before, after)
+    extra = "".join(f", {override}" for override in args.overrides)
     print("\n| job | trainer step | floor step | trainer - floor | ratio |\n|---|---|---|---|---|")
     print(f"| SD-1.x-structured LoRA, UNet 8-16-16-16 wide, batch {LORA_BATCH}, {RESOLUTION} px, fp32, data.cache, "
-          f"{args.threads} threads, {args.workers} workers, logging every {args.logging_steps} "
+          f"{args.threads} threads, {args.workers} workers, logging every {args.logging_steps}, "
+          f"{args.samples} samples{extra} "
           f"| {step * 1000:.1f} ms | {floor_s * 1000:.1f} ms (before {before * 1000:.1f}, "
           f"after {after * 1000:.1f}) | {(step - floor_s) * 1000:.1f} ms | {step / floor_s:.3f} |")
 

@@ -141,15 +141,20 @@ def test_the_logged_loss_is_the_mean_over_processes():
 
 
 @pytest.mark.parametrize("max_norm", [0.05, math.inf])
-def test_direct_clipping_and_step_are_accelerates_bit_for_bit(monkeypatch, max_norm):
+@pytest.mark.parametrize("dtypes", ["one", "mixed"])
+def test_direct_clipping_and_step_are_accelerates_bit_for_bit(monkeypatch, max_norm, dtypes):
     """`performance.clip_grad_norm` and `step_optimizer` call torch directly under a plain engine (accelerate's
     wrappers cost host time there, benchmarks/README.md): the same norms, and the same weights after three clipped
-    steps, as through accelerate; the direct path is the one taken (accelerate's parts raise if reached)."""
+    steps, as through accelerate; the direct path is the one taken (accelerate's parts raise if reached). Gradients
+    of one dtype take the foreach kernels without torch's wrapping, mixed ones torch's own functions (`mixed`: the
+    last layer's weights in float64)."""
     accelerator = Accelerator(cpu=True)
     runs = []
     for direct in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        if dtypes == "mixed":
+            model = torch.nn.Sequential(model[0], model[1], _To(torch.float64), model[2].double(), _To(torch.float32))
         optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
         params, norms = list(model.parameters()), []
         with contextlib.ExitStack() as stack:
@@ -170,3 +175,14 @@ def test_direct_clipping_and_step_are_accelerates_bit_for_bit(monkeypatch, max_n
     (norms, weights), (direct_norms, direct_weights) = runs
     assert norms.min() > 0.05  # (so the clipping acts)
     assert torch.equal(norms, direct_norms) and torch.equal(weights, direct_weights)
+
+
+class _To(torch.nn.Module):
+    """Its input in `dtype`."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
