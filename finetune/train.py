@@ -56,7 +56,7 @@ from .objective import (
     training_target,
 )
 from .output_lock import OutputLock
-from .preemption import StopOnSignal
+from .preemption import StopOnSignal, shielded_workers
 from .progress import StepLogger, print_summary, run_summary, tracker_settings
 from .quantization import quantize_base
 
@@ -168,7 +168,8 @@ def build_data(config: Config, components: Components, source, accelerator: Acce
     loader = torch.utils.data.DataLoader(dataset, batch_size=None if buckets else batch, drop_last=not buckets,
                                          num_workers=workers, pin_memory=accelerator.device.type == "cuda",
                                          persistent_workers=config.data.persistent_workers and workers > 0,
-                                         generator=torch.Generator().manual_seed(config.train.seed))
+                                         generator=torch.Generator().manual_seed(config.train.seed),
+                                         **shielded_workers(workers))  # (a SIGTERM for the run is the loop's)
     return dataset, loader
 
 
