@@ -176,6 +176,23 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(exported[key], again[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("persistent", ["false", "true"])
+def test_resume_with_dataloader_workers_continues_exactly(tmp_path, persistent):
+    """Mid-epoch, with two dataloader workers (each reading one of the 2 shards; the loader takes their batches
+    in turn): the resumed run skips the same batches and ends with the uninterrupted run's weights."""
+    common = ["data.num_samples=2000", "data.num_workers=2", f"data.persistent_workers={persistent}",
+              "train.max_train_steps=12", "train.checkpointing_steps=5"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _train(tmp_path, *common, f"train.output_dir={full}")
+    assert checkpointing.read_data_state(full / "checkpoint-5", 0) == {"epoch": 0, "batches_in_epoch": 5}
+    resumed.mkdir()
+    os.symlink(full / "checkpoint-5", resumed / "checkpoint-5")
+    _train(tmp_path, *common, f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest")
+    a, b = _weights(full / "checkpoint-10"), _weights(resumed / "checkpoint-10")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def test_the_export_holds_an_ema_that_follows_the_trained_weights(tmp_path):
     """With a decay capped at 0.001 the EMA is the last step's training weights up to ~1e-7, so the exported UNet
     matches the last checkpoint's training weights; an EMA that stopped following the weights would export the
