@@ -48,22 +48,30 @@ class StopOnSignal:
 
 def shielded_workers(workers: int, method: str | None = None) -> dict:
     """The DataLoader's arguments that keep its `workers` worker processes alive through the run's signals, started
-    by `method` (multiprocessing's default when None). None where the platform cannot tell who sent a signal
+    by `method` (by default the one multiprocessing would use, without fixing it). The workers need to start with
+    the signals blocked in their every thread, which fork and spawn pass on; a forkserver passes on its own mask,
+    set when it started, for every process it forks: workers that would start from one start by spawn instead
+    (which a forkserver exists to be as safe as). Nothing where a process cannot tell who sent a signal
     (`sigwaitinfo`: Linux and most Unix systems, not macOS or Windows): there the workers are torch's own."""
     if not workers or not hasattr(signal, "sigwaitinfo"):
         return {}
-    return {"multiprocessing_context": _SHIELDED[method or multiprocessing.get_start_method()](),
+    method = method or multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return {"multiprocessing_context": _SHIELDED["spawn" if method == "forkserver" else method](),
             "worker_init_fn": shield_worker}
 
 
+SHIELDED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _starts_shielded(kind: type) -> type:
-    """`kind` of process, started with SIGTERM blocked in the starting thread, so that the new process and every
-    thread it starts have it blocked (a mask is inherited through fork and exec): in a worker, threads start before
-    `worker_init_fn` runs, and a SIGTERM for the run would reach one of them otherwise. The blocking lasts for the
-    start only in this process (a signal meanwhile waits, then reaches the run's handler)."""
+    """`kind` of process, started with SIGTERM and SIGINT blocked in the starting thread, so that the new process
+    and every thread it starts have them blocked (a mask is inherited through fork and exec, and Python leaves it
+    as it finds it): in a worker, threads start before `worker_init_fn` runs, and a signal for the run would reach
+    one of them otherwise. The blocking lasts for the start only in this process (a signal meanwhile waits, then
+    reaches the run's handler)."""
 
     def start(self) -> None:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED_SIGNALS)
         try:
             kind.start(self)
         finally:
@@ -72,17 +80,14 @@ def _starts_shielded(kind: type) -> type:
     return type(f"Shielded{kind.__name__}", (kind,), {"start": start, "__module__": __name__})
 
 
-# Module-level classes, so that spawn and forkserver can pickle a process by its class's name.
+# Module-level classes, so that spawn can pickle a process by its class's name.
 if hasattr(signal, "sigwaitinfo"):
     ShieldedForkProcess = _starts_shielded(multiprocessing.context.ForkProcess)
     ShieldedSpawnProcess = _starts_shielded(multiprocessing.context.SpawnProcess)
-    ShieldedForkServerProcess = _starts_shielded(multiprocessing.context.ForkServerProcess)
     _SHIELDED = {
         "fork": type("ShieldedForkContext", (multiprocessing.context.ForkContext,), {"Process": ShieldedForkProcess}),
         "spawn": type("ShieldedSpawnContext", (multiprocessing.context.SpawnContext,),
                       {"Process": ShieldedSpawnProcess}),
-        "forkserver": type("ShieldedForkServerContext", (multiprocessing.context.ForkServerContext,),
-                           {"Process": ShieldedForkServerProcess}),
     }
 
 
@@ -90,17 +95,19 @@ def shield_worker(worker_id: int) -> None:
     """`DataLoader(worker_init_fn=...)`, with `shielded_workers`: this worker keeps serving batches through a
     SIGINT or SIGTERM meant for the run, until the trainer has written its checkpoint and shuts the loader down.
     SIGINT is ignored (nothing else sends a worker one). SIGTERM, blocked since the worker started, is taken by a
-    thread, which ends the worker only when its parent sent it, as torch's own handler for workers does (exit
-    status 0, so that the parent's loader does not report a dead worker): torch's clean-up terminates a worker
-    that does not stop when asked, and still can. From anyone else torch's handler dies of it; this one leaves it
-    to the trainer. A worker whose parent has gone stops by torch's watchdog, signal or not."""
+    thread, which ends the worker when the trainer that started it sent it, as torch's own handler for workers
+    does (exit status 0, so that the trainer's loader does not report a dead worker; torch's clean-up terminates a
+    worker that does not stop when asked), or when that trainer has gone (checked every second). From anyone else
+    torch's handler dies of it; this one leaves it to the trainer. (Processes a worker starts, such as a `pipe:`
+    shard's command, inherit the blocked SIGTERM and the ignored SIGINT; they end when their pipe closes.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (already, when started shielded)
-    parent = os.getppid()
+    trainer = multiprocessing.parent_process()  # (the process that started this one)
 
     def wait() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass
-        os._exit(0)
+        while True:
+            sent = signal.sigtimedwait({signal.SIGTERM}, 1.0)
+            if (sent.si_pid == trainer.pid) if sent else not trainer.is_alive():
+                os._exit(0)
 
-    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+    threading.Thread(target=wait, name="sigterm-from-trainer", daemon=True).start()
