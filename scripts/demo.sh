@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, from a fresh checkout: install, write the built-in dataset, train the default model
-# (about 11 minutes on two CPU cores, docs/results/demos.json), sample and score it, and say where everything went.
+# (about 14 minutes on two CPU cores, docs/results/demos.json), sample and score it, and say where everything went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
