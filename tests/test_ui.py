@@ -23,7 +23,7 @@ from finetune.config import ModelConfig, config_yaml, load_config  # noqa: E402
 from finetune.data import shapes  # noqa: E402
 from finetune.models import build_components  # noqa: E402
 from finetune.output_lock import LOCK_FILE  # noqa: E402
-from finetune.ui import check_exposure, server  # noqa: E402
+from finetune.ui import check_exposure, launcher, server  # noqa: E402
 from finetune.ui import runs as ui_runs  # noqa: E402
 from finetune.ui.security import TOKEN_HEADER, inside  # noqa: E402
 from finetune.ui.server import create_app  # noqa: E402
@@ -156,6 +156,17 @@ def test_a_launch_that_died_before_training_shows_its_error(tmp_path):
     status = ui_runs.status(folder)
     assert status["state"] == "crashed" and "exit code 2" in status["detail"]
     assert "no such folder /nowhere" in status["log"]
+
+
+@pytest.mark.parametrize("code, expected", [("raise SystemExit(3)", 3),
+                                            ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", -15)])
+def test_a_launched_process_has_its_exit_code_read_before_it_is_reaped(code, expected):
+    """The launcher learns the code (as Popen gives it: minus the signal that ended it) while the process is still
+    there to be seen; reaping it afterwards gives the same code."""
+    process = subprocess.Popen([sys.executable, "-c", code])
+    assert launcher.exit_code(process) == expected
+    assert ui_runs.exists(process.pid) and not ui_runs.alive(process.pid)  # exited, not reaped
+    assert process.wait() == expected and not ui_runs.exists(process.pid)
 
 
 def test_a_fine_tunes_base_grid_is_sent_beside_the_newest_grid(tmp_path):
@@ -601,9 +612,18 @@ def test_stop_and_resume_name_a_run_under_the_root(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_that_fails_at_start_shows_why_instead_of_starting(tmp_path):
+def test_a_run_that_fails_at_start_shows_why_instead_of_starting(tmp_path, monkeypatch):
     """A launched run that ends before training (here: its resume target does not exist) is crashed, with the
-    trainer's own error from ui-launch.log, and its exit code."""
+    trainer's own error from ui-launch.log, and its exit code: also when the status is read while the code is being
+    written (slowed here; CI once read it in that moment and got a crash without its code)."""
+    write_json = launcher._write_json
+
+    def slow_write_json(path, data):
+        if data.get("returncode") is not None:
+            time.sleep(1.0)
+        write_json(path, data)
+
+    monkeypatch.setattr(launcher, "_write_json", slow_write_json)
     root = tmp_path / "outputs"
     client = _client(root)
     response = _post(client, "/api/start", {"config": "shapes.yaml", "overrides": [

@@ -133,12 +133,13 @@ class Launcher:
         return folder
 
     def _wait(self, folder: Path, process: subprocess.Popen, record: dict) -> None:
-        """Reap the process and record its exit code beside its output."""
-        record["returncode"] = process.wait()
-        if self.processes.get(folder) is process:
-            del self.processes[folder]
+        """Record the process's exit code beside its output, then reap it."""
+        record["returncode"] = exit_code(process)
         if runs.read_launch(folder).get("pid") == process.pid:  # not a later launch's record
             _write_json(folder / runs.LAUNCH_FILE, record)
+        process.wait()
+        if self.processes.get(folder) is process:
+            del self.processes[folder]
 
     def stop(self, folder: Path) -> str:
         """SIGTERM to the run in `folder`: to the process holding its lock (any run on this machine), else to a
@@ -161,6 +162,19 @@ class Launcher:
 
     def close(self) -> None:
         """Nothing to do: launched runs go on without the server (stop them from the page or with SIGTERM)."""
+
+
+def exit_code(process: subprocess.Popen) -> int:
+    """Wait for `process` to end and return its exit code as Popen gives it (minus the signal's number when a signal
+    ended it), leaving it unreaped: a status read while its code is being written finds the process still there
+    (runs.status), never gone without a code."""
+    if not hasattr(os, "waitid"):  # Windows
+        return process.wait()
+    try:
+        info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped already (Popen.poll, in stop)
+        return process.wait()
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -48,9 +48,9 @@ def list_runs(root: Path, depth: int = 3) -> list[str]:
     return found
 
 
-def alive(pid) -> bool:
-    """Whether process `pid` exists on this machine and has not exited (a zombie waiting to be reaped has). Anything
-    but a positive whole number is no process (`os.kill` would take 0 and -1 as groups)."""
+def exists(pid) -> bool:
+    """Whether process `pid` exists on this machine: running, or exited and not reaped yet. Anything but a positive
+    whole number is no process (`os.kill` would take 0 and -1 as groups)."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
@@ -59,6 +59,13 @@ def alive(pid) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
+    return True
+
+
+def alive(pid) -> bool:
+    """Whether process `pid` exists on this machine and has not exited (a zombie waiting to be reaped has)."""
+    if not exists(pid):
+        return False
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):  # no /proc (macOS): os.kill said enough
@@ -135,7 +142,9 @@ def status(folder: Path) -> dict:
         return {"state": "running",
                 "detail": f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}"}
     launched_after_lock = bool(launch) and launch["started"] > _mtime(folder / LOCK_FILE)
-    if launched_after_lock and launch.get("returncode") is None and alive(launch.get("pid")):
+    # the launching server writes the exit code before it reaps the process (launcher.exit_code): one that has
+    # exited but is not reaped yet is about to have its code written, and shows as starting until then
+    if launched_after_lock and launch.get("returncode") is None and exists(launch.get("pid")):
         return {"state": "starting", "detail": "launched; loading the data and models", "log": log_tail(folder)}
     if launched_after_lock:  # it ended before it took the lock
         code = launch.get("returncode")
