@@ -67,6 +67,12 @@ class HubPushError(RuntimeError):
     was, apart from its regenerated README.md."""
 
 
+class NotPushable(HubPushError):
+    """A push refused before any request, for what the user fixes in the folder or the settings (no result, no
+    repository named): `python -m finetune.hub` exits 2 for it, as every command does for a mistake, and 1 when the
+    Hub refuses or cannot be reached."""
+
+
 # ---- the model card ----------------------------------------------------------------------------------------------
 
 def model_card(output_dir: str | os.PathLike, repo_id: str, *, revision: str | None = None,
@@ -415,20 +421,20 @@ def push_checkpoint(output_dir: str | os.PathLike, step: int, hub: HubConfig) ->
 
 
 def finished_output(output_dir: str | os.PathLike) -> Path:
-    """The output folder of a run that exported its result, or HubPushError saying what is missing."""
+    """The output folder of a run that exported its result, or NotPushable saying what is missing."""
     folder = Path(output_dir)
     if not (folder / "config.yaml").is_file():
-        raise HubPushError(f"{folder} is not an output folder of finetune/train.py: it has no config.yaml")
+        raise NotPushable(f"{folder} is not an output folder of finetune/train.py: it has no config.yaml")
     if (folder / LYCORIS_WEIGHTS).is_file():
-        raise HubPushError(f"{folder} holds LoHa / LoKr adapters, which stock diffusers cannot load, so a model card "
+        raise NotPushable(f"{folder} holds LoHa / LoKr adapters, which stock diffusers cannot load, so a model card "
                            "with diffusers code would not work; share lora_kohya.safetensors (the LyCORIS file "
                            "ComfyUI, AUTOMATIC1111 and Forge load) with `hf upload`")
     if load_config(folder / "config.yaml").textual_inversion.enabled:
-        raise HubPushError(f"{folder} holds textual-inversion embeddings, which the model card does not describe yet "
+        raise NotPushable(f"{folder} holds textual-inversion embeddings, which the model card does not describe yet "
                            "(its code would load the LoRA or pipeline alone); share them with `hf upload` (each "
                            "<token>.safetensors loads with load_textual_inversion(path, token=...))")
     if not (folder / "model_index.json").is_file() and not (folder / LORA_WEIGHTS).is_file():
-        raise HubPushError(f"{folder} holds no result yet (no model_index.json, no {LORA_WEIGHTS}): the run has not "
+        raise NotPushable(f"{folder} holds no result yet (no model_index.json, no {LORA_WEIGHTS}): the run has not "
                            "finished; let it finish (resume it with train.resume_from_checkpoint=latest), or push a "
                            "checkpoint with push_checkpoint")
     return folder
@@ -451,7 +457,7 @@ def create(api: HfApi, hub: HubConfig) -> str:
 
 def _repo_id(hub: HubConfig) -> str:
     if not hub.hub_model_id:
-        raise HubPushError("no repository to push to: set hub.hub_model_id (e.g. your-name/shapes-ddpm)")
+        raise NotPushable("no repository to push to: set hub.hub_model_id (e.g. your-name/shapes-ddpm)")
     return hub.hub_model_id
 
 
@@ -527,10 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         folder = finished_output(args.output_dir)
         run = load_config(folder / "config.yaml").hub
         if not (args.hub_model_id or run.hub_model_id):
-            raise HubPushError(f"no repository to push {folder} to: give --hub-model-id (e.g. your-name/shapes-ddpm) "
+            raise NotPushable(f"no repository to push {folder} to: give --hub-model-id (e.g. your-name/shapes-ddpm) "
                                "or set hub.hub_model_id in the run's config")
         commit = push(folder, hub_settings(run, args))
-    except (HubPushError, ConfigError) as e:
+    except (NotPushable, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except HubPushError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"pushed {folder} to {commit.repo_url} (commit {commit.oid})")

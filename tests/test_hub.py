@@ -415,7 +415,21 @@ def test_defaults_come_from_the_run_config(hub, tmp_path):
 
     unnamed = _made_output(tmp_path / "unnamed")
     result = _push(hub, unnamed)
-    assert result.returncode == 1 and "give --hub-model-id" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "give --hub-model-id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_folder_with_nothing_to_push_is_a_mistake_without_a_request(hub, made_output, tmp_path):
+    """What the user fixes in the folder exits 2 with one line, as every command's mistakes do (README), and
+    asks the Hub nothing; a push the Hub refuses exits 1 (test_a_failed_push_says_why_and_how_to_fix_it)."""
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((made_output / "config.yaml").read_text())
+    before = len(hub.requests)
+    for folder, says in [(tmp_path / "nowhere", "is not an output folder"), (unfinished, "holds no result yet")]:
+        result = _push(hub, folder, "--hub-model-id", "alice/nothing")
+        [message] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 2 and says in message and "Traceback" not in result.stderr, result.stderr
+    assert len(hub.requests) == before and "alice/nothing" not in hub.repos
 
 
 def _closed_port() -> int:
