@@ -5,6 +5,7 @@ SIGTERM, sampling. The page itself, in Chromium: tests/test_ui_browser.py."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -156,6 +157,22 @@ def test_a_launch_that_died_before_training_shows_its_error(tmp_path):
     status = ui_runs.status(folder)
     assert status["state"] == "crashed" and "exit code 2" in status["detail"]
     assert "no such folder /nowhere" in status["log"]
+
+
+def test_a_launch_reaped_between_the_reads_still_shows_its_exit_code(tmp_path, monkeypatch):
+    """status reads the record (no code yet), then finds the process gone: the launcher wrote the code and reaped
+    it in between, so the record is read again rather than showing a crash without its code."""
+    folder = _run(tmp_path, "run")
+    record = {"pid": 2**22 + 1, "started": time.time(), "returncode": None}
+    (folder / ui_runs.LAUNCH_FILE).write_text(json.dumps(record))
+
+    def written_and_reaped(pid):
+        (folder / ui_runs.LAUNCH_FILE).write_text(json.dumps({**record, "returncode": 2}))
+        return False
+
+    monkeypatch.setattr(ui_runs, "exists", written_and_reaped)
+    status = ui_runs.status(folder)
+    assert status["state"] == "crashed" and "exit code 2" in status["detail"], status
 
 
 @pytest.mark.parametrize("code, expected", [("raise SystemExit(3)", 3),
@@ -598,6 +615,21 @@ def test_stop_sends_sigterm_to_the_lock_holder(tmp_path, holder):
     assert ui_runs.status(folder)["state"] != "running"
     response = _post(_client(tmp_path), "/api/stop", {"run": "run"})
     assert response.status_code == 409 and "is not running" in response.json()["error"]
+
+
+def test_stop_ends_a_launch_still_starting_and_its_exit_code_shows(tmp_path):
+    """Before the trainer takes the lock the page signals the process it launched; the crash shows the signal's
+    exit code."""
+    root = tmp_path / "outputs"
+    client = _client(root)
+    assert _post(client, "/api/start", {"config": "shapes.yaml",
+                                        "overrides": [f"train.output_dir={root / 'run'}"]}).status_code == 200
+    response = _post(client, "/api/stop", {"run": "run"})
+    assert response.status_code == 200 and "before it began training" in response.json()["message"], response.json()
+    deadline = time.monotonic() + 60
+    while (status := ui_runs.status(root / "run"))["state"] == "starting" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status["state"] == "crashed" and f"exit code {-signal.SIGTERM}" in status["detail"], status
 
 
 def test_stop_and_resume_name_a_run_under_the_root(tmp_path):

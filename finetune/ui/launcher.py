@@ -155,8 +155,9 @@ class Launcher:
             os.kill(pid, signal.SIGTERM)
             return f"asked pid {pid} to stop: it writes a checkpoint and exits"
         process = self.processes.get(folder)
-        if process is not None and process.poll() is None:
-            process.terminate()
+        # not Popen.poll or terminate: they would reap it before its waiter wrote its exit code (exit_code)
+        if process is not None and process.returncode is None and runs.alive(process.pid):
+            os.kill(process.pid, signal.SIGTERM)
             return f"stopped pid {process.pid} before it began training"
         raise Refused(f"{folder.name} is not running")
 
@@ -172,7 +173,7 @@ def exit_code(process: subprocess.Popen) -> int:
         return process.wait()
     try:
         info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
-    except ChildProcessError:  # reaped already (Popen.poll, in stop)
+    except ChildProcessError:  # reaped already, elsewhere
         return process.wait()
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 

@@ -148,6 +148,9 @@ def status(folder: Path) -> dict:
         return {"state": "starting", "detail": "launched; loading the data and models", "log": log_tail(folder)}
     if launched_after_lock:  # it ended before it took the lock
         code = launch.get("returncode")
+        if code is None:  # gone, with no code when read above: the code is written before the reaping, so it is
+            again = read_launch(folder)  # on disk by now (unless the launching server is gone and nobody wrote one)
+            code = again.get("returncode") if again.get("pid") == launch.get("pid") else None
         return {"state": "crashed", "detail": "ended before training began" + (f" (exit code {code})" if code else ""),
                 "log": log_tail(folder)}
     if lock == "abandoned":
