@@ -373,6 +373,16 @@ def test_data_that_yields_no_batch_is_an_error(tmp_path):
     assert "gave no full batch" in result.stderr and "dropped by min_width" in result.stderr
 
 
+def _wait_for_logged_steps(out: Path, count: int, timeout: float = 180) -> None:
+    """Wait until the run in `out` has logged `count` losses: it is training, past its start-up (the signal
+    handler is installed just before the loop; a signal sent on an earlier sign, as the tracker's file, could
+    meet a trainer that had none yet on a slow machine)."""
+    deadline, metrics = time.monotonic() + timeout, out / "metrics.jsonl"
+    while not metrics.is_file() or metrics.read_text().count('"loss"') < count:
+        assert time.monotonic() < deadline, f"{out} logged fewer than {count} losses in {timeout} s"
+        time.sleep(0.2)
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     """A SIGTERM mid-run stops at the next step boundary with a checkpoint there, exits 0 well within the 30 s
     that torch elastic allows, and the run continues from that checkpoint."""
@@ -383,10 +393,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
                                           f"train.output_dir={out}"])
     process = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list((out / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)  # some steps into training
+    _wait_for_logged_steps(out, 5)  # some steps into training: the handler is in place
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
@@ -417,9 +424,7 @@ def test_a_signal_to_the_whole_process_group_stops_a_run_with_workers_at_a_check
                                           f"train.output_dir={out}"])
     process = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # (its own group)
-    deadline, metrics = time.monotonic() + 120, out / "metrics.jsonl"
-    while time.monotonic() < deadline and (not metrics.is_file() or metrics.read_text().count('"loss"') < 5):
-        time.sleep(0.2)
+    _wait_for_logged_steps(out, 5)
     workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     assert len(workers) == 1, workers  # (the dataloader's worker, serving)
     os.killpg(process.pid, getattr(signal, signum))
@@ -443,10 +448,7 @@ def test_sigterm_to_a_two_process_launch(tmp_path):
     command = _command(_two_process_launcher(), [*common, "train.max_train_steps=100000", f"train.output_dir={out}"])
     process = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path, {"ACCELERATE_USE_CPU": "1"}),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list((out / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)
+    _wait_for_logged_steps(out, 5)  # a logged step went through both processes: both handlers are in place
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
