@@ -231,6 +231,12 @@ time.sleep(60)
 """
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (its SigCgt mask in /proc)."""
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
+
+
 @pytest.mark.slow
 def test_a_one_process_accelerate_launch_kills_the_trainer_5_s_after_sigterm(tmp_path):
     """What the README warns of under Preemption: `accelerate launch` with one process passes SIGTERM on and kills
@@ -241,6 +247,10 @@ def test_a_one_process_accelerate_launch_kills_the_trainer_5_s_after_sigterm(tmp
                                  "--mixed_precision", "no", "--dynamo_backend", "no", str(script)], cwd=tmp_path,
                                 env=_env(tmp_path, {"ACCELERATE_USE_CPU": "1"}), stdout=subprocess.PIPE, text=True)
     assert launcher.stdout.readline() == "ready\n"
+    deadline = time.monotonic() + 30  # accelerate installs its handler just after starting the child
+    while not _catches(launcher.pid, signal.SIGTERM):
+        assert time.monotonic() < deadline, "accelerate launch never caught SIGTERM"
+        time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
     start = time.monotonic()
     out, _ = launcher.communicate(timeout=60)

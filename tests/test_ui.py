@@ -285,15 +285,22 @@ def test_the_stream_over_http(tmp_path, monkeypatch):
     assert 'event: metrics\ndata: {"reset":false,"records":[{"step":2,"loss":0.125}]}' in body
 
 
-def test_a_run_logging_many_lines_a_second_is_read_at_most_every_quarter_second(tmp_path):
+def test_a_run_logging_many_lines_a_second_is_read_at_most_every_quarter_second(tmp_path, monkeypatch):
     """Each line wakes the stream, but the folder is read no more often than every GAP_SECONDS: a run logging at
-    every step (here 200 lines a second) costs the server no more than the polling of before."""
+    every step (here 200 lines a second) costs the server no more than the polling of before. (Each read is timed
+    where the stream arms its watch, on the event loop, just before it hands the read to a thread: a thread that
+    starts late would shift the times the test sees, not the stream's spacing.)"""
     import anyio
 
     folder = _run(tmp_path, "run", metrics__jsonl="")
     watcher, polls, sent = ui_runs.RunWatcher(tmp_path, folder), [], []
-    real = watcher.poll
-    watcher.poll = lambda full=True: polls.append(time.monotonic()) or real(full)
+
+    class TimedChanges(server.FolderChanges):
+        def arm(self):
+            polls.append(time.monotonic())
+            super().arm()
+
+    monkeypatch.setattr(server, "FolderChanges", TimedChanges)
 
     async def follow():
         async with anyio.create_task_group() as group:
@@ -311,7 +318,7 @@ def test_a_run_logging_many_lines_a_second_is_read_at_most_every_quarter_second(
 
     anyio.run(follow)
     gaps = [later - earlier for earlier, later in zip(polls, polls[1:])]
-    assert len(polls) >= 4 and min(gaps) >= server.GAP_SECONDS - 0.01, gaps
+    assert len(polls) >= 4 and min(gaps) >= server.GAP_SECONDS - 1e-6, gaps
     steps = [record["step"] for event in sent if event.startswith("event: metrics")
              for record in json.loads(event.split("data: ", 1)[1])["records"]]
     assert steps == list(range(300))  # (every line, in order, in fewer messages)
@@ -331,7 +338,7 @@ def test_folder_changes_wake_the_stream_and_the_launch_log_does_not(tmp_path):
         changes.arm()
         change()
         start = time.monotonic()
-        await changes.wait(1.0)
+        await changes.wait(3.0)  # (long beside a wake-up, even on a loaded machine)
         return time.monotonic() - start
 
     def append(name, text="x"):
@@ -352,10 +359,10 @@ def test_folder_changes_wake_the_stream_and_the_launch_log_does_not(tmp_path):
         changes.close()
         kept_open.close()
     if not sys.platform.startswith("linux"):  # (no inotify: every wait is its timeout, the polling of before)
-        assert min(woken.values()) >= 0.9
+        assert min(woken.values()) >= 2.9
         return
-    assert woken.pop("launch log") >= 0.9 and woken.pop("a file kept open") >= 0.9, woken
-    assert max(woken.values()) < 0.5, woken
+    assert woken.pop("launch log") >= 2.9 and woken.pop("a file kept open") >= 2.9, woken
+    assert max(woken.values()) < 1.5, woken
 
 
 class _Done(Exception):
@@ -451,7 +458,9 @@ def test_paths_out_of_the_root_over_a_real_socket(served):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
+        deadline = time.monotonic() + 60
         while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
         for target in ("/files/../secret.txt", "/files/%2e%2e/secret.txt", "/files/run/%2E%2E/%2E%2E/secret.txt",
                        "/files/%2e%2e%2fsecret.txt", "/files/run/samples/step-1.png"):
@@ -539,7 +548,7 @@ def test_the_server_looks_for_a_stop_once_a_second(monkeypatch):
     monkeypatch.setattr(quiet, "on_tick", on_tick)
     asyncio.run(quiet.main_loop())
     assert [counter % 10 for counter, _ in ticks] == [0, 0, 0]
-    assert all(0.95 < later - earlier < 1.5 for (_, earlier), (_, later) in zip(ticks, ticks[1:]))
+    assert all(0.95 < later - earlier < 1.9 for (_, earlier), (_, later) in zip(ticks, ticks[1:]))
 
 
 def test_a_taken_port_is_an_error_and_sigterm_stops_the_server(tmp_path):
@@ -557,7 +566,7 @@ def test_a_taken_port_is_an_error_and_sigterm_stops_the_server(tmp_path):
         serving.terminate()
         start = time.monotonic()
         serving.wait(timeout=10)
-        assert time.monotonic() - start < 3
+        assert time.monotonic() - start < 6  # (it looks for a stop once a second)
     finally:
         serving.kill()
 
