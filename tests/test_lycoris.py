@@ -163,6 +163,10 @@ def test_each_type_trains_and_this_project_draws_the_run_s_grid_again(kind, tiny
     (["lora.type=loha", "lora.use_dora=true"], "lora.use_dora: DoRA is its own lora.type"),
     (["lora.lokr_factor=0"], "lora.lokr_factor: got 0"),
     (["lora.type=lycoris"], "lora.type"),
+    (["lora.type=loha", "hub.push_to_hub=true", "hub.hub_model_id=a/b"], "hub.push_to_hub: loha adapters load in"),
+    (["lora.type=lokr", "hub.push_to_hub=true", "hub.hub_model_id=a/b"], "hub.push_to_hub: lokr adapters load in"),
+    (["textual_inversion.placeholder_tokens=[<sks>]", "textual_inversion.initializer_tokens=[dog]",
+      "hub.push_to_hub=true", "hub.hub_model_id=a/b"], "hub.push_to_hub: the model card does not describe textual"),
 ])
 def test_adapter_settings_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

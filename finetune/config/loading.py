@@ -50,6 +50,10 @@ class Config:
         if self.textual_inversion.enabled and self.hub.push_to_hub:
             problems.append("hub.push_to_hub: the model card does not describe textual-inversion embeddings yet; set "
                             "it to false and share <token>.safetensors with `hf upload`")
+        if self.lora.enabled and self.lora.type in ("loha", "lokr") and self.hub.push_to_hub:
+            problems.append(f"hub.push_to_hub: {self.lora.type} adapters load in ComfyUI, AUTOMATIC1111 and Forge, not "
+                            "in stock diffusers, so the model card's code would not work; set it to false and share "
+                            "lora_kohya.safetensors with `hf upload`")
         if self.textual_inversion.enabled and not self.lora.enabled and self.train.use_ema:
             problems.append("train.use_ema: textual inversion alone keeps no EMA of its embeddings; set it to false")
         if self.prior.mode != "none" and not self.model.pretrained_model_name_or_path:
