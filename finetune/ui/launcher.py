@@ -133,13 +133,16 @@ class Launcher:
         return folder
 
     def _wait(self, folder: Path, process: subprocess.Popen, record: dict) -> None:
-        """Record the process's exit code beside its output, then reap it."""
+        """Record the process's exit code beside its output, then reap it (also when the record cannot be written:
+        a full disk must not leave it showing as starting)."""
         record["returncode"] = exit_code(process)
-        if runs.read_launch(folder).get("pid") == process.pid:  # not a later launch's record
-            _write_json(folder / runs.LAUNCH_FILE, record)
-        process.wait()
-        if self.processes.get(folder) is process:
-            del self.processes[folder]
+        try:
+            if runs.read_launch(folder).get("pid") == process.pid:  # not a later launch's record
+                _write_json(folder / runs.LAUNCH_FILE, record)
+        finally:
+            process.wait()
+            if self.processes.get(folder) is process:
+                del self.processes[folder]
 
     def stop(self, folder: Path) -> str:
         """SIGTERM to the run in `folder`: to the process holding its lock (any run on this machine), else to a
@@ -155,9 +158,11 @@ class Launcher:
             os.kill(pid, signal.SIGTERM)
             return f"asked pid {pid} to stop: it writes a checkpoint and exits"
         process = self.processes.get(folder)
-        # not Popen.poll or terminate: they would reap it before its waiter wrote its exit code (exit_code)
-        if process is not None and process.returncode is None and runs.alive(process.pid):
-            os.kill(process.pid, signal.SIGTERM)
+        if process is not None and _running(process):
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:  # it ended (and was reaped) just now
+                raise Refused(f"{folder.name} is not running") from None
             return f"stopped pid {process.pid} before it began training"
         raise Refused(f"{folder.name} is not running")
 
@@ -165,17 +170,30 @@ class Launcher:
         """Nothing to do: launched runs go on without the server (stop them from the page or with SIGTERM)."""
 
 
+# os.waitid: Linux; macOS from Python 3.13; not Windows. Without it a status read between the reaping and the writing
+# of the code shows a crash without its code until the next read.
+READ_BEFORE_REAPING = hasattr(os, "waitid")
+
+
 def exit_code(process: subprocess.Popen) -> int:
     """Wait for `process` to end and return its exit code as Popen gives it (minus the signal's number when a signal
-    ended it), leaving it unreaped: a status read while its code is being written finds the process still there
-    (runs.status), never gone without a code."""
-    if not hasattr(os, "waitid"):  # Windows
+    ended it), leaving it unreaped where the platform allows (READ_BEFORE_REAPING): a status read while its code is
+    being written finds the process still there (runs.status), never gone without a code."""
+    if not READ_BEFORE_REAPING:
         return process.wait()
     try:
         info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
     except ChildProcessError:  # reaped already, elsewhere
         return process.wait()
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _running(process: subprocess.Popen) -> bool:
+    """Whether `process` has not ended, without reaping it where its waiter reads its code first (Popen.poll would
+    reap it before the code was written)."""
+    if READ_BEFORE_REAPING:
+        return process.returncode is None and runs.alive(process.pid)
+    return process.poll() is None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -142,8 +142,8 @@ def status(folder: Path) -> dict:
         return {"state": "running",
                 "detail": f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}"}
     launched_after_lock = bool(launch) and launch["started"] > _mtime(folder / LOCK_FILE)
-    # the launching server writes the exit code before it reaps the process (launcher.exit_code): one that has
-    # exited but is not reaped yet is about to have its code written, and shows as starting until then
+    # the launching server writes the exit code before it reaps the process (launcher.exit_code, where the platform
+    # allows): one that has exited but is not reaped yet is about to have its code written, and shows as starting
     if launched_after_lock and launch.get("returncode") is None and exists(launch.get("pid")):
         return {"state": "starting", "detail": "launched; loading the data and models", "log": log_tail(folder)}
     if launched_after_lock:  # it ended before it took the lock
@@ -151,7 +151,8 @@ def status(folder: Path) -> dict:
         if code is None:  # gone, with no code when read above: the code is written before the reaping, so it is
             again = read_launch(folder)  # on disk by now (unless the launching server is gone and nobody wrote one)
             code = again.get("returncode") if again.get("pid") == launch.get("pid") else None
-        return {"state": "crashed", "detail": "ended before training began" + (f" (exit code {code})" if code else ""),
+        return {"state": "crashed", "detail": "ended before training began"
+                                              + (f" (exit code {code})" if code is not None else ""),
                 "log": log_tail(folder)}
     if lock == "abandoned":
         return {"state": "crashed", "detail": f"the run (pid {holder.get('pid', '?')}, since {since}) ended without "
