@@ -68,9 +68,9 @@ class HubPushError(RuntimeError):
 
 
 class NotPushable(HubPushError):
-    """A push refused before any request, for what the user fixes in the folder or the settings (no result, no
-    repository named): `python -m finetune.hub` exits 2 for it, as every command does for a mistake, and 1 when the
-    Hub refuses or cannot be reached."""
+    """A push refused before any request, for what the user fixes in the output folder or the command's arguments
+    (no result, no repository named): `python -m finetune.hub` exits 2 for it, as every command does for a mistake,
+    and 1 when the push fails (refused by the Hub, unreachable, HF_HUB_OFFLINE set)."""
 
 
 # ---- the model card ----------------------------------------------------------------------------------------------
