@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE, as finetune/lora.py writes it
 LYCORIS_WEIGHTS = "lycoris_adapters.safetensors"  # a LoHa / LoKr run's (finetune/lora.py)
+KOHYA_WEIGHTS = "lora_kohya.safetensors"  # the kohya layout of the same adapters (finetune/kohya.py)
 # A checkpoint still being written (checkpointing.py renames it into place when complete) is never uploaded.
 IN_PROGRESS = ".tmp-checkpoint-*"
 CHECKPOINTS = "checkpoint-*"
@@ -90,7 +91,7 @@ def model_card(output_dir: str | os.PathLike, repo_id: str, *, revision: str | N
     index = base_index(model) if lora.enabled and single_file.is_single_file(loaded[0]) else read_model_index(*loaded)
     body = "\n\n".join(part for part in [
         f"# {repo_id.split('/')[-1]}",
-        describe(model, lora),
+        describe(model, lora, kohya=(folder / KOHYA_WEIGHTS).is_file()),
         samples_section(final_grid(folder), config.validation),
         usage_section(repo_id, revision, model, lora, config.validation, index, config.train.mixed_precision),
         training_section(config.train, config.data, model, lora, num_processes or recorded_num_processes(folder)),
@@ -120,8 +121,8 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
 
 
-def describe(model: ModelConfig, lora: LoraConfig) -> str:
-    """One paragraph: what was trained, from what."""
+def describe(model: ModelConfig, lora: LoraConfig, kohya: bool = False) -> str:
+    """One paragraph: what was trained, from what (with `kohya`: the adapters' file for other tools too)."""
     what = "A text-to-image denoising diffusion model (DDPM): a text-conditioned UNet noise predictor"
     base = model.pretrained_model_name_or_path
     if base is None:
@@ -131,8 +132,9 @@ def describe(model: ModelConfig, lora: LoraConfig) -> str:
                 f"{lora.text_encoder_alpha or lora.text_encoder_rank:g})" if lora.train_text_encoder else "")
         return (f"LoRA adapters for {_base_reference(base)}: rank {lora.rank}, alpha {lora.alpha or lora.rank:g}, on "
                 f"the UNet's {', '.join(f'`{m}`' for m in lora.target_modules)}{text}"
-                f"{' (DoRA)' if lora.use_dora else ''}. This repository holds the adapters only (`{LORA_WEIGHTS}`); "
-                "they load onto the base.")
+                f"{' (DoRA)' if lora.use_dora else ''}. This repository holds the adapters only (`{LORA_WEIGHTS}`"
+                + (f"; the same adapters in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load: "
+                   f"`{KOHYA_WEIGHTS}`" if kohya else "") + "); they load onto the base.")
     frozen = "" if model.train_text_encoder else " (the text encoder frozen)"
     return f"{what}, fine-tuned in full from {_base_reference(base)}{frozen}."
 

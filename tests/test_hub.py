@@ -142,6 +142,13 @@ def _python_block(card: str) -> str:
 
 # ---- the model card ----------------------------------------------------------------------------------------------
 
+def test_the_file_names_the_push_knows_are_the_ones_the_trainer_writes():
+    from finetune import hub, kohya, lora
+
+    assert (hub.LORA_WEIGHTS, hub.LYCORIS_WEIGHTS, hub.KOHYA_WEIGHTS) == (lora.WEIGHT_NAME, lora.LYCORIS_WEIGHTS,
+                                                                          kohya.WEIGHT_NAME)
+
+
 def test_model_card_of_a_pipeline_trained_from_scratch(made_output):
     card = model_card(made_output, "alice/tiny-ddpm", license="apache-2.0")
     meta = ModelCard(card).data.to_dict()
@@ -184,7 +191,12 @@ def test_model_card_of_a_lora_on_a_hub_base_with_an_evaluation(tmp_path, monkeyp
     for name in ("checkpoint-2", "checkpoint-4"):
         (folder / name / "manifest.json").write_text(json.dumps({"step": 2, "world_size": 3}))
 
+    assert "kohya" not in model_card(folder, "alice/tiny-lora")  # (no such file here)
+    (folder / "lora_kohya.safetensors").write_bytes(b"")  # (as lora.save_format auto writes on SD bases)
     card = model_card(folder, "alice/tiny-lora", revision="v2")
+    assert ("This repository holds the adapters only (`pytorch_lora_weights.safetensors`; the same adapters in the "
+            "kohya layout that ComfyUI, AUTOMATIC1111 and Forge load: `lora_kohya.safetensors`); they load onto the "
+            "base.") in card
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta == {"library_name": "diffusers", "pipeline_tag": "text-to-image", "base_model": "someone/base-ddpm",
                     "datasets": ["someone/captions"],
