@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines import TextToImageDDPMPipeline
 
-from . import conditioning, visualize
+from . import conditioning, heldout, metrics, visualize
 from .config import DataConfig, ValidationConfig, held_out_section
 
 logger = logging.getLogger(__name__)
@@ -97,16 +97,14 @@ def log_held_out_loss(pipeline: TextToImageDDPMPipeline, data: DataConfig, confi
     them). A failure is a warning: it must not end the run."""
     if not config.loss_samples:
         return None
-    from . import evaluate, metrics  # (the evaluator's imports are needed only here)
-
     try:
-        held_out = evaluate.read_in_order(held_out_section(data, config.loss_data))
+        held_out = heldout.read_in_order(held_out_section(data, config.loss_data))
         key = json.dumps([dataclasses.asdict(held_out), config.loss_samples], sort_keys=True, default=str)
         if key not in _held_out:
-            source = evaluate.held_out_source(held_out, config.loss_samples)
-            _held_out[key] = evaluate.held_out_pairs(source, held_out, config.loss_samples)[0]
+            source = heldout.held_out_source(held_out, config.loss_samples)
+            _held_out[key] = heldout.held_out_pairs(source, held_out, config.loss_samples)[0]
         timesteps = metrics.loss_timesteps(pipeline.scheduler.config.num_train_timesteps)
-        report = evaluate.validation_loss(pipeline, _held_out[key], timesteps, batch_size=batch_size)
+        report = heldout.validation_loss(pipeline, _held_out[key], timesteps, batch_size=batch_size)
     except Exception as error:  # noqa: BLE001 - a measurement for people: it must not end the run
         logger.warning("step %d: the validation loss was not measured (%s: %s)", step, type(error).__name__, error)
         return None

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from finetune import evaluate, lora, metrics
+from finetune import evaluate, heldout, lora, metrics
 from finetune.cli import run
 from finetune.config import DataConfig, LoraConfig, ModelConfig, load_config, save_config
 from finetune.data import build_source, shapes
@@ -73,7 +73,7 @@ def test_guidance_defaults_to_the_runs(tiny_pipeline, tmp_path):
 
 
 def _pairs(count, resolution=8):
-    pairs, skipped = evaluate.held_out_pairs(evaluate.HeldOutShapes(count, shapes.DEFAULT_COLORS),
+    pairs, skipped = heldout.held_out_pairs(heldout.HeldOutShapes(count, shapes.DEFAULT_COLORS),
                                              DataConfig(resolution=resolution), count)
     assert len(pairs) == count and not skipped
     return pairs
@@ -84,7 +84,7 @@ def test_held_out_shapes_are_new_renderings_of_the_training_concepts(tiny_shards
     shape they show is one training shows: new renderings, not new concepts."""
     source = build_source(DataConfig(source="webdataset", path=shapes.shard_pattern(tiny_shards, 64)), 0)
     training = list(source.samples(random.Random(0), 0, 1, Counter()))
-    held_out = list(evaluate.HeldOutShapes(64, shapes.DEFAULT_COLORS).samples(random.Random(0), 0, 1, Counter()))
+    held_out = list(heldout.HeldOutShapes(64, shapes.DEFAULT_COLORS).samples(random.Random(0), 0, 1, Counter()))
     assert len(training) == len(held_out) == 64
     assert not {s.key for s in training} & {s.key for s in held_out}
     training_pixels = {np.asarray(Image.open(io.BytesIO(s.image))).tobytes() for s in training}
@@ -110,7 +110,7 @@ def test_validation_loss_is_the_objective_at_fixed_timesteps(tiny_pipeline, pred
     pipe = tiny_pipeline
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pairs, timesteps = _pairs(5), [0, 500, 999]
-    report = evaluate.validation_loss(pipe, pairs, timesteps, seed=3, batch_size=2)  # batches of 2, 2 and 1
+    report = heldout.validation_loss(pipe, pairs, timesteps, seed=3, batch_size=2)  # batches of 2, 2 and 1
 
     expected = []
     for t in timesteps:
@@ -135,26 +135,26 @@ def test_validation_loss_is_deterministic_and_tells_models_apart(tiny_pipeline):
     from finetune.models import build_components
 
     pairs, timesteps = _pairs(6), metrics.loss_timesteps(1000, 4)
-    first = evaluate.validation_loss(tiny_pipeline, pairs, timesteps)
+    first = heldout.validation_loss(tiny_pipeline, pairs, timesteps)
     torch.randn(10)  # the global RNG plays no part
-    assert evaluate.validation_loss(tiny_pipeline, pairs, timesteps) == first
-    by_three = evaluate.validation_loss(tiny_pipeline, pairs, timesteps, batch_size=3)["mean"]
+    assert heldout.validation_loss(tiny_pipeline, pairs, timesteps) == first
+    by_three = heldout.validation_loss(tiny_pipeline, pairs, timesteps, batch_size=3)["mean"]
     assert by_three == pytest.approx(first["mean"], rel=1e-5)  # the batch size does not change the noise
     torch.manual_seed(1)
     other = build_components(ModelConfig(**TINY_MODEL), resolution=8, caption_texts=shapes.all_captions()).pipeline()
-    assert abs(evaluate.validation_loss(other, pairs, timesteps)["mean"] - first["mean"]) > 1e-3
-    assert evaluate.validation_loss(tiny_pipeline, pairs, timesteps, seed=1)["mean"] != first["mean"]
+    assert abs(heldout.validation_loss(other, pairs, timesteps)["mean"] - first["mean"]) > 1e-3
+    assert heldout.validation_loss(tiny_pipeline, pairs, timesteps, seed=1)["mean"] != first["mean"]
 
 
 def test_validation_loss_of_a_latent_pipeline(tiny_sd_folder):
     pipe = evaluate.load_result(str(tiny_sd_folder))
     pairs = _pairs(3, resolution=16)  # 16 px images, 8 px latents
-    x0 = evaluate.clean_samples(pipe.vae, torch.stack([p["pixels"] for p in pairs]))
+    x0 = heldout.clean_samples(pipe.vae, torch.stack([p["pixels"] for p in pairs]))
     with torch.no_grad():
         mean = pipe.vae.encode(torch.stack([p["pixels"] for p in pairs])).latent_dist.mean
     assert x0.shape == (3, 4, 8, 8) and torch.equal(x0, mean * pipe.vae.config.scaling_factor)
-    report = evaluate.validation_loss(pipe, pairs, [10, 900])
-    assert np.isfinite(report["mean"]) and evaluate.validation_loss(pipe, pairs, [10, 900]) == report
+    report = heldout.validation_loss(pipe, pairs, [10, 900])
+    assert np.isfinite(report["mean"]) and heldout.validation_loss(pipe, pairs, [10, 900]) == report
 
 
 def _lora_run(base, folder, resolution):
@@ -178,9 +178,9 @@ def test_validation_loss_of_a_lora_output_on_a_latent_base(tiny_sd_folder, tmp_p
     report = evaluate.main([str(folder), "--metrics", "loss", "--max-samples", "3", "--num-loss-timesteps", "2"])
     assert set(report["metrics"]) == {"validation_loss", "validation_loss_t250", "validation_loss_t750"}
     pairs = _pairs(3, resolution=16)
-    adapted = evaluate.validation_loss(evaluate.load_result(str(folder)), pairs, [250, 750])
+    adapted = heldout.validation_loss(evaluate.load_result(str(folder)), pairs, [250, 750])
     assert report["metrics"]["validation_loss"] == pytest.approx(adapted["mean"], rel=1e-6)
-    base = evaluate.validation_loss(evaluate.load_result(str(tiny_sd_folder)), pairs, [250, 750])
+    base = heldout.validation_loss(evaluate.load_result(str(tiny_sd_folder)), pairs, [250, 750])
     assert abs(base["mean"] - adapted["mean"]) > 1e-4
 
 
@@ -297,7 +297,7 @@ def test_held_out_data_of_a_resampled_run_is_read_once(tmp_path):
 
     recipe = Path(__file__).resolve().parent.parent / "configs" / "sd15-lora-laion.yaml"
     save_config(load_config(recipe), tmp_path / "config.yaml")
-    run, held_out = evaluate.held_out_data(str(tmp_path), ["data.path=val/{000..001}.tar"], 512)
+    run, held_out = heldout.held_out_data(str(tmp_path), ["data.path=val/{000..001}.tar"], 512)
     assert run.resampled and not held_out.resampled and held_out.num_samples is None
 
 

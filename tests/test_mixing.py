@@ -279,7 +279,7 @@ def test_evaluate_takes_held_out_data_beside_a_mix(tmp_path):
     """`finetune.evaluate --data` on a mixed run: the overrides name held-out data of their own; a mixed run
     without them, or with one of its own datasets, has no held-out data."""
     from finetune.config import config_yaml
-    from finetune.evaluate import held_out_data, is_training_data
+    from finetune.heldout import held_out_data, is_training_data
 
     a, val = _folder(tmp_path / "a", 2), _folder(tmp_path / "val", 2)
     (tmp_path / "config.yaml").write_text(config_yaml(load_config(None, [

@@ -326,16 +326,16 @@ def test_the_validation_loss_of_sdxl_is_conditioned_as_the_stock_pipeline_condit
     """evaluate's validation loss on an SDXL pipeline, by hand one pair at a time with the stock pipeline's own
     `encode_prompt` and `_get_add_time_ids` (each pair's original size and crop, one of them changed): the objective
     at fixed timesteps with the pair's fixed noise. The size-and-crop ids reach the UNet: another crop, another loss."""
-    from finetune import evaluate, metrics
+    from finetune import heldout, metrics
     from finetune.data.shapes import DEFAULT_COLORS
     from pipelines import DDPMScheduler
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
-    pairs = evaluate.held_out_pairs(evaluate.HeldOutShapes(3, DEFAULT_COLORS), DataConfig(resolution=16), 3)[0]
+    pairs = heldout.held_out_pairs(heldout.HeldOutShapes(3, DEFAULT_COLORS), DataConfig(resolution=16), 3)[0]
     assert all(p["original_size"].tolist() != [16, 16] for p in pairs)  # the rendering's size, not the crop's
     pairs[1] = {**pairs[1], "original_size": torch.tensor([40, 24]), "crop_top_left": torch.tensor([4, 0])}
     timesteps = [10, 900]
-    report = evaluate.validation_loss(pipe, pairs, timesteps, seed=3, batch_size=2)
+    report = heldout.validation_loss(pipe, pairs, timesteps, seed=3, batch_size=2)
 
     alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
     expected = []
@@ -358,8 +358,8 @@ def test_the_validation_loss_of_sdxl_is_conditioned_as_the_stock_pipeline_condit
     assert report["prediction_type"] == "epsilon"
     assert list(report["per_timestep"].values()) == pytest.approx(expected, rel=1e-5)
     cropped = [{**pairs[0], "crop_top_left": torch.tensor([8, 8])}]
-    assert evaluate.validation_loss(pipe, cropped, timesteps)["mean"] != \
-        evaluate.validation_loss(pipe, pairs[:1], timesteps)["mean"]
+    assert heldout.validation_loss(pipe, cropped, timesteps)["mean"] != \
+        heldout.validation_loss(pipe, pairs[:1], timesteps)["mean"]
 
 
 def test_the_reverse_process_of_sdxl_is_the_stock_pipelines_own_run(tiny_sdxl_folder):

@@ -184,7 +184,7 @@ def test_the_validation_loss_is_logged_over_the_run_as_the_evaluator_measures_it
     pipeline on the same pairs."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from finetune import evaluate, metrics
+    from finetune import heldout, metrics
     from pipelines import TextToImageDDPMPipeline
 
     from .test_train import _train
@@ -202,8 +202,8 @@ def test_the_validation_loss_is_logged_over_the_run_as_the_evaluator_measures_it
     assert set(logged) == {2, 4}
 
     config = load_config(out / "config.yaml")
-    held_out = evaluate.read_in_order(config.data)
-    pairs = evaluate.held_out_pairs(evaluate.held_out_source(held_out, 8), held_out, 8)[0]
+    held_out = heldout.read_in_order(config.data)
+    pairs = heldout.held_out_pairs(heldout.held_out_source(held_out, 8), held_out, 8)[0]
     pipe = TextToImageDDPMPipeline.from_pretrained(out)
-    report = evaluate.validation_loss(pipe, pairs, metrics.loss_timesteps(pipe.scheduler.config.num_train_timesteps))
+    report = heldout.validation_loss(pipe, pairs, metrics.loss_timesteps(pipe.scheduler.config.num_train_timesteps))
     assert logged[4] == pytest.approx(report["mean"], rel=1e-5)
