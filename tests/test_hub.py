@@ -29,7 +29,8 @@ from PIL import Image
 
 from finetune.config import HubConfig, ModelConfig, config_yaml, load_config
 from finetune.data import shapes
-from finetune.hub import HubPushError, model_card, push
+from finetune.hub import HubPushError, push
+from finetune.model_card import model_card
 from finetune.models import build_components
 
 from . import launch
@@ -143,10 +144,10 @@ def _python_block(card: str) -> str:
 # ---- the model card ----------------------------------------------------------------------------------------------
 
 def test_the_file_names_the_push_knows_are_the_ones_the_trainer_writes():
-    from finetune import hub, kohya, lora
+    from finetune import kohya, lora, model_card
 
-    assert (hub.LORA_WEIGHTS, hub.LYCORIS_WEIGHTS, hub.KOHYA_WEIGHTS) == (lora.WEIGHT_NAME, lora.LYCORIS_WEIGHTS,
-                                                                          kohya.WEIGHT_NAME)
+    assert (model_card.LORA_WEIGHTS, model_card.LYCORIS_WEIGHTS, model_card.KOHYA_WEIGHTS) == (
+        lora.WEIGHT_NAME, lora.LYCORIS_WEIGHTS, kohya.WEIGHT_NAME)
 
 
 def test_model_card_of_a_pipeline_trained_from_scratch(made_output):

@@ -63,7 +63,7 @@ def _run(hub: FakeHub, home, script: str, *args: str, token: str | None = TOKEN,
 
 # ---- the card says trust_remote_code=True only for this project's code -------------------------------------------
 
-CARD = "import sys; from finetune.hub import model_card; print(model_card(sys.argv[1], 'alice/lora'))"
+CARD = "import sys; from finetune.model_card import model_card; print(model_card(sys.argv[1], 'alice/lora'))"
 
 
 def _lora_card(hub: FakeHub, tmp_path, base: str, endpoint: str | None = None) -> str:

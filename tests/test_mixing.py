@@ -291,7 +291,7 @@ def test_evaluate_takes_held_out_data_beside_a_mix(tmp_path):
 
 
 def test_the_model_card_names_each_hub_dataset_of_a_mix(tmp_path):
-    from finetune.hub import card_metadata
+    from finetune.model_card import card_metadata
 
     config = load_config(None, ["data.sources=[{source: hf, path: someone/dogs}, {source: imagefolder, path: "
                                 f"{tmp_path}}}]"])

@@ -30,8 +30,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from finetune import single_file
 from finetune.cli import UserError
 from finetune.config import ConfigError, ModelConfig, load_config
-from finetune.hub import model_card
 from finetune.lora import WEIGHT_NAME as LORA
+from finetune.model_card import model_card
 from finetune.models import load_components
 from finetune.results import load_result
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finetune.config import ConfigError, ValidationConfig, ValidationPrompt, load_config
-from finetune.hub import sampling_code
+from finetune.model_card import sampling_code
 from finetune.validation import log_validation, sample_grid
 
 ROWS = ['validation.prompts=[{prompt: "a red circle", seed: 5, guidance_scale: 2.0, '
@@ -79,7 +79,7 @@ def test_plain_prompts_are_still_one_call(tiny_pipeline):
 
 @pytest.mark.parametrize("overrides", [ROWS, PLAIN])
 def test_the_model_cards_code_draws_the_grid(tiny_pipeline, overrides):
-    """`hub.sampling_code`, the model card's sampling lines, run as written: the grid's images, row by row."""
+    """`model_card.sampling_code`, the model card's sampling lines, run as written: the grid's images, row by row."""
     config = load_config(None, overrides).validation
     scope = {"torch": torch, "pipe": tiny_pipeline}
     exec(sampling_code(config), scope)
