@@ -323,9 +323,10 @@ def test_sdxl_at_another_square_size_is_refused(tiny_sdxl_folder):
 
 
 def test_the_validation_loss_of_sdxl_is_conditioned_as_the_stock_pipeline_conditions(tiny_sdxl_folder):
-    """evaluate's validation loss on an SDXL pipeline, by hand one pair at a time with the stock pipeline's own
-    `encode_prompt` and `_get_add_time_ids` (each pair's original size and crop, one of them changed): the objective
-    at fixed timesteps with the pair's fixed noise. The size-and-crop ids reach the UNet: another crop, another loss."""
+    """The validation loss (heldout.py: evaluate's and the trainer's) on an SDXL pipeline, by hand one pair at a time
+    with the stock pipeline's own `encode_prompt` and `_get_add_time_ids` (each pair's original size and crop, one of
+    them changed): the objective at fixed timesteps with the pair's fixed noise. The size-and-crop ids reach the
+    UNet: another crop, another loss."""
     from finetune import heldout, metrics
     from finetune.data.shapes import DEFAULT_COLORS
     from pipelines import DDPMScheduler
