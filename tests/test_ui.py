@@ -567,7 +567,11 @@ def test_posts_need_the_token_and_json(tmp_path):
     form = client.post("/api/start", data={"config": "shapes.yaml"}, headers={TOKEN_HEADER: TOKEN})
     assert form.status_code == 403 and "application/json" in form.json()["error"]
     assert _post(client, "/api/start", body).status_code == 400  # through the guard: the config is checked
-    assert TOKEN in client.get("/").text  # the page carries it
+    page = client.get("/")
+    assert TOKEN in page.text  # the page carries it
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == policy["script-src"] == policy["connect-src"] == "'self'"  # (no inline script)
+    assert "<script>" not in page.text  # (its script is a file the policy allows)
 
 
 def test_a_remote_server_needs_the_token_for_every_request(tmp_path):
@@ -693,12 +697,40 @@ def test_stop_ends_a_launch_still_starting_and_its_exit_code_shows(tmp_path):
     client = _client(root)
     assert _post(client, "/api/start", {"config": "shapes.yaml",
                                         "overrides": [f"train.output_dir={root / 'run'}"]}).status_code == 200
+    pid = ui_runs.read_launch(root / "run")["pid"]
+    assert os.getsid(pid) == pid  # its own session: stopping the page does not stop it
     response = _post(client, "/api/stop", {"run": "run"})
     assert response.status_code == 200 and "before it began training" in response.json()["message"], response.json()
     deadline = time.monotonic() + 60
     while (status := ui_runs.status(root / "run"))["state"] == "starting" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert status["state"] == "crashed" and f"exit code {-signal.SIGTERM}" in status["detail"], status
+
+
+def test_stop_refuses_a_run_it_may_not_signal(tmp_path, holder, monkeypatch):
+    """Another user's run (os.kill says so), a lock naming another host, or one naming pid 1: refused, named, not
+    signalled and no server error."""
+    folder = _run(tmp_path, "run")
+    process = holder(folder)
+    kill = os.kill
+
+    def not_yours(pid, signum):
+        if signum == signal.SIGTERM:
+            raise PermissionError(1, "Operation not permitted")
+        return kill(pid, signum)
+
+    monkeypatch.setattr(os, "kill", not_yours)
+    response = _post(_client(tmp_path), "/api/stop", {"run": "run"})
+    assert response.status_code == 409 and f"(pid {process.pid}) belongs to another user" in response.json()["error"]
+    monkeypatch.setattr(os, "kill", kill)
+    assert process.poll() is None
+    for pid, host, says in [(process.pid, "elsewhere.example", "runs on elsewhere.example, not on this machine"),
+                            (1, socket.gethostname(), "names pid 1, which is no run this page can stop")]:
+        monkeypatch.setattr(ui_runs, "lock_state", lambda folder, pid=pid, host=host: ("held", {"pid": pid,
+                                                                                               "host": host}))
+        response = _post(_client(tmp_path), "/api/stop", {"run": "run"})
+        assert response.status_code == 409 and says in response.json()["error"], response.json()
+    assert process.poll() is None
 
 
 def test_stop_and_resume_name_a_run_under_the_root(tmp_path):

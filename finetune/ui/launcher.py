@@ -155,7 +155,11 @@ class Launcher:
                               "there")
             if not runs.alive(pid) or pid in (1, os.getpid()):
                 raise Refused(f"the lock of {folder.name} names pid {pid}, which is no run this page can stop")
-            os.kill(pid, signal.SIGTERM)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except PermissionError:
+                raise Refused(f"the run in {folder.name} (pid {pid}) belongs to another user; stop it as that user "
+                              f"(kill -TERM {pid})") from None
             return f"asked pid {pid} to stop: it writes a checkpoint and exits"
         process = self.processes.get(folder)
         if process is not None and _running(process):
