@@ -558,6 +558,30 @@ def test_a_host_header_not_naming_this_server_is_refused(tmp_path, host, allowed
         assert "is not this server's name" in response.json()["error"]
 
 
+def test_allowed_host_names_another_name_the_page_answers_to(tmp_path, monkeypatch):
+    """`--allowed-host` reaches the Host check: that name is served, any other still refused."""
+    import finetune.ui
+
+    served = []
+
+    class Recorded:  # (uvicorn's server, not started: the app it was given is kept)
+        started = True
+
+        def __init__(self, config):
+            served.append(config.app)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(server, "QuietServer", Recorded)
+    finetune.ui.serve(["--root", str(tmp_path), "--port", str(PORT), "--allowed-host", "Box.Lan"])
+    [app] = served
+    assert TestClient(app, base_url=f"http://box.lan:{PORT}").get("/").status_code == 200
+    assert TestClient(app, base_url=f"http://127.0.0.1:{PORT}").get("/").status_code == 200
+    refused = TestClient(app, base_url=f"http://other.lan:{PORT}").get("/")
+    assert refused.status_code != 200 and "is not this server's name" in refused.text
+
+
 def test_posts_need_the_token_and_json(tmp_path):
     client = _client(tmp_path)
     body = {"config": "shapes.yaml", "overrides": ["train.max_train_step=1"]}
@@ -699,6 +723,8 @@ def test_stop_ends_a_launch_still_starting_and_its_exit_code_shows(tmp_path):
                                         "overrides": [f"train.output_dir={root / 'run'}"]}).status_code == 200
     pid = ui_runs.read_launch(root / "run")["pid"]
     assert os.getsid(pid) == pid  # its own session: stopping the page does not stop it
+    again = _post(client, "/api/start", {"config": "shapes.yaml", "overrides": [f"train.output_dir={root / 'run'}"]})
+    assert again.status_code == 409 and "is in use by another run (starting)" in again.json()["error"], again.json()
     response = _post(client, "/api/stop", {"run": "run"})
     assert response.status_code == 200 and "before it began training" in response.json()["message"], response.json()
     deadline = time.monotonic() + 60
@@ -731,6 +757,25 @@ def test_stop_refuses_a_run_it_may_not_signal(tmp_path, holder, monkeypatch):
         response = _post(_client(tmp_path), "/api/stop", {"run": "run"})
         assert response.status_code == 409 and says in response.json()["error"], response.json()
     assert process.poll() is None
+
+
+def test_resume_starts_the_run_again_from_its_saved_config_at_its_latest_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "outputs"
+    folder = _run(root, "run")
+    (folder / "checkpoint-4").mkdir()
+    commands, popen = [], subprocess.Popen
+
+    def recorded(command, **kwargs):  # (the trainer's command recorded; a process that ends at once runs instead)
+        commands.append(command)
+        return popen([sys.executable, "-c", "pass"], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recorded)
+    response = _post(_client(root), "/api/resume", {"run": "run"})
+    assert response.status_code == 200 and response.json()["run"] == "run", response.json()
+    [command] = commands
+    assert command[1:4] == ["-m", "finetune.train", "--config"] and Path(command[4]).resolve() == (
+        folder / "config.yaml").resolve()
+    assert command[5:] == [f"train.output_dir={folder.resolve()}", "train.resume_from_checkpoint=latest"]
 
 
 def test_stop_and_resume_name_a_run_under_the_root(tmp_path):
@@ -800,6 +845,27 @@ def test_sampling_draws_images_into_the_run_folder_with_progress(trained_root):
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
     settings = json.loads((trained_root / "tiny" / "samples" / "ui" / "settings.json").read_text())
     assert settings["scheduler"] == "DDIMScheduler" and settings["seed"] == 5
+
+
+def test_a_second_sampling_job_waits_for_the_first(trained_root, monkeypatch):
+    from finetune.ui import sampling
+
+    drawing, done = threading.Event(), threading.Event()
+
+    def held(self, job, folder, request):
+        drawing.set()
+        assert done.wait(30)
+        return {}
+
+    monkeypatch.setattr(sampling.Sampler, "_draw", held)
+    client = _client(trained_root)
+    request = {"run": "tiny", "prompt": "a red circle", "num_inference_steps": 3}
+    try:
+        assert _post(client, "/api/sample", request).status_code == 200 and drawing.wait(30)
+        second = _post(client, "/api/sample", request)
+        assert second.status_code == 409 and "a sampling job is running" in second.json()["error"], second.json()
+    finally:
+        done.set()
 
 
 @pytest.mark.parametrize("change, message", [({"prompt": ""}, "prompt"), ({"num_inference_steps": 0}, "num_inference"),
